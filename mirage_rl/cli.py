@@ -1,0 +1,86 @@
+"""The ``mirage-rl`` command: ``build-data``, ``create-model``, ``sft``, ``eval``.
+
+Every sub-command is parsed by ``trl.TrlParser``: ``--config file.yaml`` sets values, the command line
+overrides them, an unknown key is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+
+USAGE = """usage: mirage-rl <command> [--config FILE.yaml] [--key value ...]
+
+commands:
+  build-data    render the VSP training set (Mirage train maps + generated maps) to a datasets folder
+  create-model  build the tiny offline Qwen2.5-VL (tokenizer, image processor, latent tokens)
+  sft           train Mirage stage 1 or stage 2 (or Direct SFT / dummy latents) from a recipe
+  eval          evaluate a checkpoint on a VSP folder (report.json, samples.jsonl, plot)
+"""
+
+
+@dataclass
+class CreateModelArguments:
+    """Arguments of ``mirage-rl create-model``."""
+
+    output_dir: str = field(default="outputs/models/tiny-qwen2.5-vl", metadata={"help": "Where to save."})
+    latent_size: int = field(default=4, metadata={"help": "Latent size k recorded in the config."})
+    hidden_size: int = field(default=128, metadata={"help": "Text hidden size."})
+    num_layers: int = field(default=4, metadata={"help": "Decoder layers."})
+    vocab_size: int = field(default=2048, metadata={"help": "Upper bound of the BPE vocabulary."})
+    seed: int = field(default=0, metadata={"help": "Seed of the random weights."})
+
+
+def _parse(types, argv):
+    from trl import TrlParser
+
+    return TrlParser(types).parse_args_and_config(args=argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if cmd == "build-data":
+        from .data.build import BuildDataArguments, build_vsp_dataset
+
+        (args,) = _parse((BuildDataArguments,), rest)
+        _, counts = build_vsp_dataset(args)
+        print(json.dumps({"output_dir": args.output_dir, **counts}))
+    elif cmd == "create-model":
+        from .modeling import create_tiny_model
+
+        (args,) = _parse((CreateModelArguments,), rest)
+        model, processor = create_tiny_model(args.output_dir, latent_size=args.latent_size, hidden_size=args.hidden_size,
+                                             num_layers=args.num_layers, vocab_size=args.vocab_size, seed=args.seed)
+        n = sum(p.numel() for p in model.parameters())
+        print(json.dumps({"output_dir": args.output_dir, "parameters": n, "vocab": len(processor.tokenizer),
+                          "latent_token_ids": model.config.latent_token_ids}))
+    elif cmd == "sft":
+        from trl import ModelConfig
+
+        from .sft import SFTScriptArguments, run_sft
+        from .trainers import MirageSFTConfig
+
+        script_args, training_args, model_args = _parse((SFTScriptArguments, MirageSFTConfig, ModelConfig), rest)
+        run_sft(script_args, training_args, model_args)
+    elif cmd == "eval":
+        from .evaluation import EvalArguments, evaluate, format_table
+
+        (args,) = _parse((EvalArguments,), rest)
+        report = evaluate(args)
+        print(format_table(report))
+        print(f"wrote {args.output_dir}/report.json, samples.jsonl, accuracy_by_level.png")
+    else:
+        print(f"unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

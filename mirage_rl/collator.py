@@ -1,0 +1,160 @@
+"""The latent-aware collator: the one place that lays out a batch.
+
+Layout: ``[left pad][chat prompt with image tokens][answer ...<|latent_start|> k x <|latent_pad|>
+<|latent_end|>...][<|im_end|>][right pad]``. Rows are left-padded so that the first latent slot of
+every row sits in the same column (Coconut's trick): the cached latent fill then costs k single-column
+steps for the whole batch. Rows with several latent blocks, or none, are valid too (the fill handles
+any layout, just with more steps).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .data.vsp import LATENT_MARKER
+from .modeling import LatentTokens
+
+logger = logging.getLogger(__name__)
+
+LATENT_MODES = ("hidden", "dummy", "none")
+
+
+def answer_text(answer: str, tokens: LatentTokens | None, latent_mode: str) -> str:
+    """Expand every ``<output_image>`` marker into the latent block, or drop it (``latent_mode="none"``)."""
+    if latent_mode == "none":
+        return answer.replace(LATENT_MARKER, "")
+    if tokens is None:
+        raise ValueError("latent_mode needs latent tokens (LatentTokens) to expand the <output_image> marker")
+    return answer.replace(LATENT_MARKER, tokens.block())
+
+
+@dataclass
+class LatentCollator:
+    """Collate rows with ``prompt`` (conversational), ``image`` and ``answer`` (+ ``helper_image`` for stage 1).
+
+    Args:
+        processor: a Qwen2.5-VL processor (tokenizer + image processor).
+        latent_tokens: ids and k (from the model config); None only with ``latent_mode="none"``.
+        latent_mode: ``"hidden"`` / ``"dummy"`` keep the latent block, ``"none"`` drops it (Direct SFT).
+        stage: 1 adds ``helper_pixel_values``/``helper_image_grid_thw`` (one helper image per latent block).
+        max_length: a longer row raises (no silent truncation of image tokens or the latent block).
+        with_answer: False collates prompts only (for generation), with the generation prompt appended.
+
+    Returns (``__call__``) a dict of tensors: ``input_ids`` (B, L) long, ``attention_mask`` (B, L) long,
+    ``mm_token_type_ids`` (B, L) int, ``pixel_values`` (P, D) float, ``image_grid_thw`` (N, 3) long,
+    ``latent_mask`` (B, L) bool, and with answers ``labels`` (B, L) long (-100 on prompt, padding, latent
+    slots and the forced ``<|latent_end|>``).
+    """
+
+    processor: object
+    latent_tokens: LatentTokens | None
+    latent_mode: str = "hidden"
+    stage: int = 2
+    max_length: int | None = None
+    with_answer: bool = True
+
+    def __post_init__(self):
+        if self.latent_mode not in LATENT_MODES:
+            raise ValueError(f"latent_mode must be one of {LATENT_MODES}, got {self.latent_mode!r}")
+        if self.stage == 1 and self.latent_mode == "none":
+            raise ValueError("stage 1 needs latent tokens: use latent_mode 'hidden'")
+        tok = self.processor.tokenizer
+        self.pad_id = tok.pad_token_id
+        self.im_end = tok.convert_tokens_to_ids("<|im_end|>")
+
+    def encode(self, example: dict, index: int = 0) -> dict:
+        """Tokenize one row (no padding). Raises ``ValueError`` naming the row and key on bad input."""
+        for key in ("prompt", "image") + (("answer",) if self.with_answer else ()):
+            if key not in example or example[key] is None:
+                raise ValueError(f"row {index}: missing {key!r} (expected keys prompt, image, answer"
+                                 f"{', helper_image' if self.stage == 1 else ''})")
+        prompt = self.processor.apply_chat_template(example["prompt"], add_generation_prompt=True, tokenize=False)
+        text = prompt
+        if self.with_answer:
+            answer = answer_text(example["answer"], self.latent_tokens, self.latent_mode)
+            text = prompt + answer + "<|im_end|>"
+        images = example["image"] if isinstance(example["image"], list) else [example["image"]]
+        enc = self.processor(text=[text], images=[im.convert("RGB") for im in images], return_tensors="pt")
+        ids = enc["input_ids"][0]
+        out = {"input_ids": ids, "mm_token_type_ids": enc["mm_token_type_ids"][0],
+               "pixel_values": enc["pixel_values"], "image_grid_thw": enc["image_grid_thw"]}
+        if self.max_length is not None and len(ids) > self.max_length:
+            raise ValueError(f"row {index}: {len(ids)} tokens > max_length={self.max_length}; image tokens and the "
+                             "latent block are never cut: raise max_length or shrink the image budget")
+        lt = self.latent_tokens
+        latent = (ids == lt.pad) if (lt is not None and self.latent_mode != "none") else torch.zeros_like(ids, dtype=torch.bool)
+        out["latent_mask"] = latent
+        if self.with_answer:
+            n_prompt = self._prompt_len(ids)
+            labels = ids.clone()
+            labels[:n_prompt] = -100
+            if lt is not None:
+                labels[(ids == lt.pad) | (ids == lt.end)] = -100
+            out["labels"] = labels
+            n_blocks = int((ids == lt.start).sum()) if lt is not None and self.latent_mode != "none" else 0
+            if self.stage == 1:
+                helpers = example.get("helper_image")
+                helpers = [] if helpers is None else (helpers if isinstance(helpers, list) else [helpers])
+                if len(helpers) != n_blocks:
+                    raise ValueError(f"row {index}: {n_blocks} latent block(s) but {len(helpers)} helper image(s); "
+                                     "stage 1 needs one 'helper_image' per <output_image> marker")
+                if helpers:
+                    h = self.processor.image_processor(images=[im.convert("RGB") for im in helpers], return_tensors="pt")
+                    out["helper_pixel_values"], out["helper_image_grid_thw"] = h["pixel_values"], h["image_grid_thw"]
+        return out
+
+    def _prompt_len(self, ids: torch.Tensor) -> int:
+        # the answer starts after the last "<|im_start|>assistant\n"
+        header = self._header_ids()
+        n = len(header)
+        starts = (ids == header[0]).nonzero().flatten().tolist()
+        for s in reversed(starts):
+            if ids[s : s + n].tolist() == header:
+                return s + n
+        raise ValueError("no assistant header in the chat template output")
+
+    def _header_ids(self) -> list[int]:
+        if not hasattr(self, "_header"):
+            self._header = self.processor.tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+        return self._header
+
+    def __call__(self, examples: list[dict]) -> dict:
+        rows = [self.encode(ex, i) for i, ex in enumerate(examples)]
+        return self.pad(rows)
+
+    def pad(self, rows: list[dict]) -> dict:
+        """Pad encoded rows: left padding aligns the first latent slot, right padding fills the rest."""
+        anchors = [int(r["latent_mask"].nonzero()[0]) if r["latent_mask"].any() else None for r in rows]
+        top = max((a for a in anchors if a is not None), default=0)
+        if not self.with_answer:  # prompts only: plain left padding (generation appends on the right)
+            lefts = [max(len(r["input_ids"]) for r in rows) - len(r["input_ids"]) for r in rows]
+        else:
+            lefts = [top - a if a is not None else 0 for a in anchors]
+        L = max(lp + len(r["input_ids"]) for lp, r in zip(lefts, rows))
+        B = len(rows)
+        batch = {
+            "input_ids": torch.full((B, L), self.pad_id, dtype=torch.long),
+            "attention_mask": torch.zeros((B, L), dtype=torch.long),
+            "mm_token_type_ids": torch.zeros((B, L), dtype=rows[0]["mm_token_type_ids"].dtype),
+            "latent_mask": torch.zeros((B, L), dtype=torch.bool),
+        }
+        if self.with_answer:
+            batch["labels"] = torch.full((B, L), -100, dtype=torch.long)
+        for i, (lp, r) in enumerate(zip(lefts, rows)):
+            n = len(r["input_ids"])
+            sl = slice(lp, lp + n)
+            batch["input_ids"][i, sl] = r["input_ids"]
+            batch["attention_mask"][i, sl] = 1
+            batch["mm_token_type_ids"][i, sl] = r["mm_token_type_ids"]
+            batch["latent_mask"][i, sl] = r["latent_mask"]
+            if self.with_answer:
+                batch["labels"][i, sl] = r["labels"]
+        batch["pixel_values"] = torch.cat([r["pixel_values"] for r in rows])
+        batch["image_grid_thw"] = torch.cat([r["image_grid_thw"] for r in rows])
+        if any("helper_pixel_values" in r for r in rows):
+            batch["helper_pixel_values"] = torch.cat([r["helper_pixel_values"] for r in rows if "helper_pixel_values" in r])
+            batch["helper_image_grid_thw"] = torch.cat([r["helper_image_grid_thw"] for r in rows if "helper_image_grid_thw" in r])
+        return batch

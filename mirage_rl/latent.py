@@ -1,0 +1,192 @@
+"""The latent core: input embeddings, mRoPE positions, helper-image targets and the latent fill.
+
+Everything that trains or decodes with latent tokens calls these functions (one concept, one place).
+Shapes: ``B`` batch, ``L`` sequence length, ``H`` hidden size, ``k`` latent size.
+
+Source: Mirage (arXiv 2506.17218), section 3: stage 1 teacher-forces the k latent slots with the
+helper image's pooled visual embeddings; stage 2 feeds, at every latent slot, the model's own last
+hidden state of the previous position (Coconut-style recurrence, arXiv 2412.06769).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+COMPRESS_MODES = ("average", "grid")
+
+
+def language_model(model):
+    """The decoder stack (``Qwen2_5_VLTextModel``) of a Qwen2.5-VL model, PEFT-wrapped or not."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.model.language_model
+
+
+def vision_tower(model):
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.model
+
+
+def embed_inputs(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                 image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+    """Token embeddings with the image features scattered into the image-token positions.
+
+    Args:
+        input_ids: ``(B, L)`` long.
+        pixel_values: ``(P, C*T*p*p)`` float, the processor's flattened patches of all images, or None.
+        image_grid_thw: ``(N_images, 3)`` long.
+    Returns:
+        ``(B, L, H)`` in the embedding dtype. The vision tower runs without gradients (it is frozen).
+    Raises:
+        ValueError: if the number of image tokens does not match the image features (a truncated prompt).
+    """
+    embeds = model.get_input_embeddings()(input_ids)
+    if pixel_values is None:
+        return embeds
+    inner = vision_tower(model)
+    with torch.no_grad():
+        feats = inner.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output
+    feats = torch.cat(feats, 0).to(embeds.dtype)
+    mask = input_ids == inner.config.image_token_id
+    if int(mask.sum()) != feats.shape[0]:
+        raise ValueError(f"{int(mask.sum())} image tokens in input_ids but {feats.shape[0]} image features: "
+                         "was the prompt truncated? Raise max_length.")
+    return embeds.masked_scatter(mask.unsqueeze(-1), feats)
+
+
+def position_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 mm_token_type_ids: torch.Tensor | None = None,
+                 image_grid_thw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """3-D mRoPE position ids and the next text position of every row.
+
+    Returns:
+        ``(position_ids (3, B, L) long, next_position (B,) long)``; ``next_position`` is the position the
+        next generated token takes (Qwen2.5-VL's ``rope_deltas`` made explicit, so decode loops never rely
+        on ``model.model.rope_deltas`` state).
+    """
+    if image_grid_thw is not None:
+        pos, deltas = vision_tower(model).get_rope_index(
+            input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw,
+            attention_mask=attention_mask)
+        nxt = attention_mask.sum(-1) + deltas.view(-1).to(attention_mask.device)
+        return pos, nxt.long()
+    pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return pos.unsqueeze(0).expand(3, -1, -1), attention_mask.long().sum(-1)
+
+
+def helper_targets(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, latent_size: int,
+                   compress: str = "average") -> torch.Tensor:
+    """Stage-1 targets: each helper image through the frozen vision tower, pooled into ``k`` vectors.
+
+    Args:
+        pixel_values, image_grid_thw: the processor's output for the helper images (one per latent block).
+        latent_size: k.
+        compress: ``"average"`` (the paper: the merged visual tokens, in raster order, split into k
+            contiguous groups and averaged) or ``"grid"`` (adaptive 2-D average pooling of the merged token
+            grid to a ``a x b`` grid with ``a * b = k``, ``a`` the largest divisor of k <= sqrt(k); keeps the
+            spatial layout).
+    Returns:
+        ``(N_images, k, H)`` float, no gradient.
+    Raises:
+        ValueError: unknown ``compress`` or an image with fewer visual tokens than k.
+    """
+    if compress not in COMPRESS_MODES:
+        raise ValueError(f"compress must be one of {COMPRESS_MODES}, got {compress!r}")
+    inner = vision_tower(model)
+    merge = inner.config.vision_config.spatial_merge_size
+    with torch.no_grad():
+        feats = inner.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output
+    out = []
+    for f, (t, h, w) in zip(feats, image_grid_thw.tolist()):
+        if f.shape[0] < latent_size:
+            raise ValueError(f"a helper image has {f.shape[0]} visual tokens, fewer than latent_size={latent_size}")
+        if compress == "average":
+            out.append(torch.stack([c.mean(0) for c in torch.tensor_split(f, latent_size)]))
+        else:
+            a = max(d for d in range(1, int(math.isqrt(latent_size)) + 1) if latent_size % d == 0)
+            grid = f.view(t, h // merge, w // merge, -1).mean(0).permute(2, 0, 1)
+            out.append(F.adaptive_avg_pool2d(grid.float(), (a, latent_size // a)).flatten(1).T.to(f.dtype))
+    return torch.stack(out)
+
+
+def _lm_forward(lm, embeds, pos, attention_mask, cache=None):
+    return lm(inputs_embeds=embeds, position_ids=pos, attention_mask=attention_mask, past_key_values=cache,
+              use_cache=cache is not None).last_hidden_state
+
+
+def latent_fill(model, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                latent_mask: torch.Tensor, method: str = "auto") -> torch.Tensor:
+    """Run the decoder where every latent slot's input is the last hidden state of the previous position.
+
+    Args:
+        inputs_embeds: ``(B, L, H)`` token (and image) embeddings; latent slots hold anything (replaced).
+        position_ids: ``(3, B, L)`` mRoPE positions. attention_mask: ``(B, L)``, 1 for real tokens.
+        latent_mask: ``(B, L)`` bool, True at latent slots. A slot may not sit in column 0.
+        method: ``"cached"`` (a KV cache; the sequence is cut at every column that holds a slot in any
+            row, so aligned batches cost k single-column steps), ``"multipass"`` (no cache: full forwards
+            repeated until every slot is exact; cost ~ (slots per row + 1) forwards; needed under gradient
+            checkpointing, which drops the cache) or ``"auto"`` (multipass when gradient checkpointing is on
+            in training, else cached). Both give the same values and gradients (tested).
+    Returns:
+        ``(B, L, H)`` last-layer hidden states (after the final norm), differentiable.
+    """
+    lm = language_model(model)
+    if not bool(latent_mask.any()):
+        return _lm_forward(lm, inputs_embeds, position_ids, attention_mask)
+    if bool(latent_mask[:, 0].any()):
+        raise ValueError("a latent slot sits in column 0: it has no previous hidden state")
+    if method == "auto":
+        method = "multipass" if (lm.gradient_checkpointing and lm.training) else "cached"
+    if method == "cached":
+        return _fill_cached(lm, inputs_embeds, position_ids, attention_mask, latent_mask)
+    if method == "multipass":
+        return _fill_multipass(lm, inputs_embeds, position_ids, attention_mask, latent_mask)
+    raise ValueError(f"latent fill method must be 'auto', 'cached' or 'multipass', got {method!r}")
+
+
+def _fill_cached(lm, embeds, pos, attention_mask, latent_mask):
+    L = embeds.shape[1]
+    cols = latent_mask.any(0).nonzero().flatten().tolist()
+    starts, ends = [0] + cols, cols + [L]
+    cache = DynamicCache(config=lm.config)
+    outs: list[torch.Tensor] = []
+    for s, e in zip(starts, ends):
+        if e <= s:
+            continue
+        chunk = embeds[:, s:e]
+        if s > 0 and s in cols:  # this chunk starts at a latent column: feed the previous hidden state there
+            first = torch.where(latent_mask[:, s, None], outs[-1][:, -1], chunk[:, 0])
+            chunk = torch.cat([first[:, None], chunk[:, 1:]], 1)
+        outs.append(_lm_forward(lm, chunk, pos[..., s:e], attention_mask[:, :e], cache))
+    return torch.cat(outs, 1)
+
+
+def _fill_multipass(lm, embeds, pos, attention_mask, latent_mask):
+    passes = int(latent_mask.sum(1).max())
+    last = int(latent_mask.any(0).nonzero().max())  # columns after the last slot never feed a slot
+    cur = embeds
+    mask3 = latent_mask[..., None]
+    for _ in range(passes):
+        hidden = _lm_forward(lm, cur[:, :last], pos[..., :last], attention_mask[:, :last])
+        shifted = torch.cat([hidden[:, :1], hidden], 1)  # shifted[:, j] = hidden[:, j - 1] for j >= 1
+        cur = torch.cat([torch.where(mask3[:, :last + 1], shifted, embeds[:, :last + 1]), embeds[:, last + 1:]], 1)
+    return _lm_forward(lm, cur, pos, attention_mask)
+
+
+def teacher_forced(inputs_embeds: torch.Tensor, latent_mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Stage 1: put the helper-image targets into the latent slots.
+
+    Args:
+        inputs_embeds: ``(B, L, H)``. latent_mask: ``(B, L)`` bool with ``N * k`` True entries.
+        targets: ``(N, k, H)``, one row per latent block in reading order (row-major over the batch).
+    Raises:
+        ValueError: if the number of slots differs from the number of target vectors.
+    """
+    flat = targets.reshape(-1, targets.shape[-1]).to(inputs_embeds.dtype)
+    if int(latent_mask.sum()) != flat.shape[0]:
+        raise ValueError(f"{int(latent_mask.sum())} latent slots but {flat.shape[0]} target vectors: every latent "
+                         "block needs one helper image")
+    return inputs_embeds.masked_scatter(latent_mask[..., None], flat)

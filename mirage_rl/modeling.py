@@ -1,0 +1,247 @@
+"""Models, processors and the latent tokens: the one place that knows their ids.
+
+* :class:`LatentTokens` reads the ids of ``<|latent_start|>``, ``<|latent_pad|>``, ``<|latent_end|>``
+  from ``model.config.latent_token_ids``; no id is hard-coded anywhere in the project.
+* :func:`add_latent_tokens` adds the three tokens to any Qwen2.5-VL checkpoint (tiny or 7B) if they
+  are missing, resizes the embeddings and records ids and latent size in the config.
+* :func:`create_tiny_model` builds the offline default: a Qwen2.5-VL of a few million parameters from
+  a config, a byte-level BPE tokenizer trained on the task text, and an image processor that turns
+  every VSP map into 6x6 = 36 merged visual tokens.
+
+The stock ``Qwen2_5_VLForConditionalGeneration`` class is used everywhere (a subclass would not reload
+its weights in transformers 5: checkpoint keys are renamed by class name).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+logger = logging.getLogger(__name__)
+
+LATENT_START, LATENT_PAD, LATENT_END = "<|latent_start|>", "<|latent_pad|>", "<|latent_end|>"
+LATENT_TOKENS = (LATENT_START, LATENT_PAD, LATENT_END)
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>",
+]
+# Qwen2.5-VL's chat template (system prompt added when absent, images as vision_start/image_pad/vision_end).
+QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif content['text'] is not none %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Every VSP map (192..384 px square) becomes 168x168 px = 12x12 patches = 6x6 merged visual tokens.
+TINY_MIN_PIXELS, TINY_MAX_PIXELS = 164 * 164, 172 * 172
+
+
+class MirageProcessor(Qwen2_5_VLProcessor):
+    """``Qwen2_5_VLProcessor`` without the video processor (which needs torchvision).
+
+    Loads any Qwen2.5-VL processor folder (e.g. ``Qwen/Qwen2.5-VL-7B-Instruct``) for images and text.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        # `get_attributes` reads this signature: without `video_processor` no video class is looked up
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        image_processor = AutoImageProcessor.from_pretrained(path, **kwargs)
+        template = getattr(tokenizer, "chat_template", None) or QWEN2_5_VL_CHAT_TEMPLATE
+        return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
+
+
+@dataclass(frozen=True)
+class LatentTokens:
+    """Ids of the three latent tokens and the latent size k, as stored in a model's config."""
+
+    start: int
+    pad: int
+    end: int
+    latent_size: int
+
+    @classmethod
+    def from_config(cls, config, where: str = "model") -> "LatentTokens":
+        """Read ``config.latent_token_ids`` and ``config.latent_size``.
+
+        Raises:
+            ValueError: if the checkpoint has no latent tokens (run ``mirage-rl create-model`` or stage 1
+                on it first).
+        """
+        ids = getattr(config, "latent_token_ids", None)
+        size = getattr(config, "latent_size", None)
+        if not ids or size is None:
+            raise ValueError(
+                f"{where}: the checkpoint has no latent tokens (config.latent_token_ids/latent_size missing). "
+                "Start from `mirage-rl create-model` or a stage-1 output, or call `add_latent_tokens`."
+            )
+        return cls(int(ids["start"]), int(ids["pad"]), int(ids["end"]), int(size))
+
+    def block(self) -> str:
+        """The latent block as text: start, k pads, end."""
+        return LATENT_START + LATENT_PAD * self.latent_size + LATENT_END
+
+
+def add_latent_tokens(model, processor, latent_size: int) -> LatentTokens:
+    """Add the latent tokens to ``processor.tokenizer`` if missing, resize ``model``'s embeddings and
+    record ids and ``latent_size`` in ``model.config``.
+
+    New embedding rows (input and output) are initialised to the mean of the existing rows.
+    Raises ``ValueError`` if the checkpoint already records a different latent size.
+    """
+    if latent_size < 1:
+        raise ValueError(f"latent_size must be >= 1, got {latent_size}")
+    old = getattr(model.config, "latent_size", None)
+    if old is not None and old != latent_size:
+        raise ValueError(f"the checkpoint was trained with latent_size={old}, the recipe asks for {latent_size}; "
+                         "use the checkpoint's value or start from a checkpoint without latent tokens")
+    tok = processor.tokenizer
+    missing = [t for t in LATENT_TOKENS if t not in tok.get_vocab()]
+    if missing:
+        tok.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    ids = {name: tok.convert_tokens_to_ids(t) for name, t in zip(("start", "pad", "end"), LATENT_TOKENS)}
+    n_vocab = len(tok)
+    emb = model.get_input_embeddings()
+    if emb.weight.shape[0] < n_vocab:
+        old_rows = emb.weight.shape[0]
+        model.resize_token_embeddings(n_vocab, mean_resizing=False)
+        with torch.no_grad():
+            for layer in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())}.values():
+                layer.weight[old_rows:] = layer.weight[:old_rows].mean(0, keepdim=True)
+    model.config.latent_token_ids = ids
+    model.config.latent_size = int(latent_size)
+    return LatentTokens(ids["start"], ids["pad"], ids["end"], int(latent_size))
+
+
+def load_processor(path: str | Path) -> MirageProcessor:
+    """Load a Qwen2.5-VL processor (tokenizer + image processor) from a folder or hub id."""
+    return MirageProcessor.from_pretrained(str(path))
+
+
+def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False,
+               attn_implementation: str | None = None):
+    """Load a ``Qwen2_5_VLForConditionalGeneration`` (safetensors only) and freeze its vision tower."""
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
+        attn_implementation=attn_implementation,
+    )
+    freeze_vision_tower(model)
+    return model
+
+
+def freeze_vision_tower(model) -> None:
+    """Freeze the vision encoder and merger (Mirage keeps the vision tower frozen in every stage)."""
+    for p in model.model.visual.parameters():
+        p.requires_grad_(False)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 2048):
+    """Train a byte-level BPE on ``texts`` and wrap it as a ``Qwen2Tokenizer`` with Qwen's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(QWEN_SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(texts, trainer=trainer)
+    tok = Qwen2Tokenizer(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                         additional_special_tokens=QWEN_SPECIAL_TOKENS[1:], padding_side="left")
+    tok.chat_template = QWEN2_5_VL_CHAT_TEMPLATE
+    return tok
+
+
+def tiny_corpus() -> list[str]:
+    """Task text for the tiny tokenizer: VSP prompts, plans in words and letters, and generic answers."""
+    from .data import vsp
+
+    words = ["LEFT", "RIGHT", "UP", "DOWN", "L", "R", "U", "D"]
+    plans = [", ".join(words[(i * 7 + j * 3) % 4] for j in range(i % 9 + 1)) for i in range(200)]
+    letters = [",".join(words[4 + (i + j) % 4] for j in range(i % 9 + 1)) for i in range(200)]
+    extra = ["\\boxed{A}", "\\boxed{B}", "\\boxed{C}", "The answer is", "<think> </think>", "Visualize the board"]
+    return [vsp.TRAIN_PROMPT, vsp.TEST_PROMPT] * 20 + [f"\\boxed{{{p}}}" for p in plans + letters] + extra * 10
+
+
+def tiny_config(vocab_size: int, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4,
+                num_kv_heads: int = 2, vision_hidden: int = 64, vision_depth: int = 2, token_ids: dict | None = None,
+                eos_token_id: int | None = None, pad_token_id: int | None = None):
+    """A small ``Qwen2_5_VLConfig`` (same architecture as Qwen2.5-VL-7B, other sizes)."""
+    head_dim = hidden_size // num_heads
+    half = head_dim // 2  # mrope_section must sum to head_dim / 2
+    t = half // 4
+    section = [t, (half - t) // 2, half - t - (half - t) // 2]
+    text = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 3,
+                num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                bos_token_id=None, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section})
+    vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=vision_hidden * 2,
+                  num_heads=2, out_hidden_size=hidden_size, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, window_size=112, fullatt_block_indexes=[vision_depth - 1])
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **(token_ids or {}))
+
+
+def create_tiny_model(output_dir: str | Path, latent_size: int = 4, hidden_size: int = 128, num_layers: int = 4,
+                      vocab_size: int = 2048, seed: int = 0):
+    """Build, save and return ``(model, processor)`` of the tiny offline default.
+
+    Steps: train the tokenizer on :func:`tiny_corpus`, build a Qwen2.5-VL from :func:`tiny_config`
+    with random weights (seeded), add the latent tokens through :func:`add_latent_tokens` (the same
+    call a 7B checkpoint goes through) and ``save_pretrained`` model and processor to ``output_dir``.
+    """
+    from transformers import Qwen2VLImageProcessorPil
+
+    torch.manual_seed(seed)
+    tok = train_tokenizer(tiny_corpus(), vocab_size=vocab_size)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
+    processor = MirageProcessor(image_processor=image_processor, tokenizer=tok, chat_template=QWEN2_5_VL_CHAT_TEMPLATE)
+    ids = {k: tok.convert_tokens_to_ids(v) for k, v in {
+        "image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+        "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}.items()}
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    config = tiny_config(len(tok), hidden_size=hidden_size, num_layers=num_layers, token_ids=ids,
+                         eos_token_id=im_end, pad_token_id=tok.pad_token_id)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = None, im_end, tok.pad_token_id
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = [im_end, tok.pad_token_id]
+    model.generation_config.bos_token_id = None
+    model.generation_config.pad_token_id = tok.pad_token_id
+    add_latent_tokens(model, processor, latent_size)
+    save_pretrained(model, processor, output_dir)
+    return model, processor
+
+
+def save_pretrained(model, processor, output_dir: str | Path) -> None:
+    """Save model (safetensors) and processor to ``output_dir`` atomically (temp folder + rename)."""
+    import os
+    import shutil
+
+    out = Path(output_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    processor.save_pretrained(tmp)
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,190 @@
+"""Stage-1 and stage-2 SFT trainers (Mirage, arXiv 2506.17218, section 3.2), on TRL's ``SFTTrainer``.
+
+* :class:`Stage2Trainer` (also Direct SFT with ``latent_mode: none`` and the dummy-latent control with
+  ``latent_mode: dummy``): loss = CE on the answer tokens; with ``latent_mode: hidden`` every latent
+  slot's input is the model's own previous hidden state (recurrent fill, :func:`mirage_rl.latent.latent_fill`).
+* :class:`Stage1Trainer`: the latent slots are teacher-forced with the helper image's pooled visual
+  embeddings; loss = gamma * CE + mean_t (1 - cos(h_{slot_t - 1}, target_t)).
+
+Both override only ``compute_loss`` (TRL ``SFTTrainer.compute_loss``) and install a ``forward`` on the
+model instance so that DDP/DeepSpeed wrappers run the latent computation through their own forward.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers.utils import ModelOutput
+from trl import SFTConfig, SFTTrainer
+
+from .. import latent
+from ..collator import LATENT_MODES, LatentCollator
+from ..latent import COMPRESS_MODES
+from ..modeling import LatentTokens
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MirageSFTConfig(SFTConfig):
+    """``SFTConfig`` plus the latent fields. Defaults that differ from TRL's are the ones the latent
+    collator needs (``remove_unused_columns=False``, ``skip_prepare_dataset``, ``max_length=None``).
+
+    Fields:
+        stage: 1 (teacher-forced helper-image latents + cosine loss) or 2 (recurrent latents, CE only).
+        latent_size: k, latent slots per block. Must equal the checkpoint's ``config.latent_size``.
+        latent_mode: ``hidden`` (Mirage), ``dummy`` (slots keep the fixed ``<|latent_pad|>`` embedding:
+            the control) or ``none`` (no latent block: Direct SFT).
+        compress: how stage 1 pools the helper image into k vectors: ``average`` or ``grid``.
+        gamma: weight of the CE term in stage 1 (paper: 0.1).
+        latent_fill: ``auto`` / ``cached`` / ``multipass`` (see :func:`mirage_rl.latent.latent_fill`).
+    """
+
+    stage: int = field(default=2, metadata={"help": "Mirage stage: 1 or 2."})
+    latent_size: int = field(default=4, metadata={"help": "Latent size k (slots per latent block)."})
+    latent_mode: str = field(default="hidden", metadata={"help": f"One of {LATENT_MODES}."})
+    compress: str = field(default="average", metadata={"help": f"Stage-1 pooling, one of {COMPRESS_MODES}."})
+    gamma: float = field(default=0.1, metadata={"help": "Stage-1 weight of the CE loss (paper: 0.1)."})
+    latent_fill: str = field(default="auto", metadata={"help": "auto, cached or multipass."})
+    max_length: int | None = field(default=None, metadata={"help": "Longer rows raise; never truncated."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Must be False: the collator reads the raw columns."})
+
+    def __post_init__(self):
+        if self.dataset_kwargs is None:
+            self.dataset_kwargs = {}
+        self.dataset_kwargs.setdefault("skip_prepare_dataset", True)
+        super().__post_init__()
+        if self.stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {self.stage}")
+        if self.latent_mode not in LATENT_MODES:
+            raise ValueError(f"latent_mode must be one of {LATENT_MODES}, got {self.latent_mode!r}")
+        if self.stage == 1 and self.latent_mode != "hidden":
+            raise ValueError("stage 1 teacher-forces helper-image latents: set latent_mode: hidden (or use stage: 2 "
+                             "for the Direct SFT / dummy-latent baselines)")
+        if self.compress not in COMPRESS_MODES:
+            raise ValueError(f"compress must be one of {COMPRESS_MODES}, got {self.compress!r}")
+        if self.latent_size < 1:
+            raise ValueError(f"latent_size must be >= 1, got {self.latent_size}")
+        if self.remove_unused_columns:
+            raise ValueError("remove_unused_columns must be False: the latent collator needs the raw dataset columns")
+
+
+@dataclass
+class LatentSFTOutput(ModelOutput):
+    """What the installed forward returns. ``loss`` is the training loss; the rest feed the logs."""
+
+    loss: torch.Tensor | None = None
+    ce_loss: torch.Tensor | None = None
+    cos_loss: torch.Tensor | None = None
+    n_correct: torch.Tensor | None = None
+    n_tokens: torch.Tensor | None = None
+
+
+def answer_ce(model, hidden: torch.Tensor, labels: torch.Tensor):
+    """Next-token CE on the label positions only (logits are never built for the prompt).
+
+    Args: hidden ``(B, L, H)``, labels ``(B, L)`` with -100 where ignored.
+    Returns: ``(mean CE, number of correct top-1 predictions, number of label tokens)``.
+    """
+    target = labels[:, 1:]
+    keep = target != -100
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    tgt = target[keep]
+    n = keep.sum()
+    if logits.shape[0] == 0:
+        zero = hidden.sum() * 0.0
+        return zero, n, n
+    ce = F.cross_entropy(logits, tgt)
+    return ce, (logits.argmax(-1) == tgt).sum(), n
+
+
+class Stage2Trainer(SFTTrainer):
+    """Stage 2 (recurrent latents), the dummy-latent control and Direct SFT, by ``args.latent_mode``.
+
+    Overrides ``SFTTrainer.compute_loss`` only; the collator is :class:`mirage_rl.collator.LatentCollator`.
+    Raises ``ValueError`` when the checkpoint lacks latent tokens or its latent size differs from the recipe.
+    """
+
+    stage = 2
+
+    def __init__(self, model, args: MirageSFTConfig, train_dataset=None, processing_class=None, **kwargs):
+        if args.stage != self.stage:
+            raise ValueError(f"{type(self).__name__} runs stage {self.stage}, the config says stage {args.stage}")
+        tokens = None
+        if args.latent_mode != "none":
+            tokens = LatentTokens.from_config(model.config, where=getattr(model, "name_or_path", "model"))
+            if tokens.latent_size != args.latent_size:
+                raise ValueError(f"latent_size={args.latent_size} in the recipe but {tokens.latent_size} in the checkpoint "
+                                 f"{getattr(model, 'name_or_path', '')}: set latent_size: {tokens.latent_size}")
+        self.latent_tokens = tokens
+        collator = kwargs.pop("data_collator", None) or LatentCollator(
+            processing_class, tokens, args.latent_mode, stage=self.stage, max_length=args.max_length)
+        super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
+                         data_collator=collator, **kwargs)
+        # our loss is a per-micro-batch mean: let Trainer divide by the accumulation steps
+        self.model_accepts_loss_kwargs = False
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base.forward = self._make_forward(base)
+
+    def _make_forward(self, base):
+        def forward(**batch):
+            return self.latent_forward(base, **batch)
+
+        return forward
+
+    def latent_forward(self, model, input_ids, attention_mask, labels, latent_mask, pixel_values=None,
+                       image_grid_thw=None, mm_token_type_ids=None, **extra) -> LatentSFTOutput:
+        """Embed, fill the latent slots by ``latent_mode`` and return the CE loss on the answer tokens."""
+        embeds = latent.embed_inputs(model, input_ids, pixel_values, image_grid_thw)
+        pos, _ = latent.position_ids(model, input_ids, attention_mask, mm_token_type_ids, image_grid_thw)
+        if self.args.latent_mode == "hidden":
+            hidden = latent.latent_fill(model, embeds, pos, attention_mask, latent_mask, self.args.latent_fill)
+        else:  # dummy: the slots keep the <|latent_pad|> embedding; none: there are no slots
+            hidden = latent._lm_forward(latent.language_model(model), embeds, pos, attention_mask)
+        ce, n_correct, n = answer_ce(model, hidden, labels)
+        return LatentSFTOutput(loss=ce, ce_loss=ce.detach(), n_correct=n_correct, n_tokens=n)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Run the installed latent forward and log ``ce_loss`` (+ ``cos_loss``) and ``mean_token_accuracy``."""
+        out = model(**inputs)
+        mode = "train" if self.model.training else "eval"
+        gather = self.accelerator.gather_for_metrics
+        self._metrics[mode]["ce_loss"].append(gather(out.ce_loss.detach()).mean().item())
+        if out.cos_loss is not None:
+            self._metrics[mode]["cos_loss"].append(gather(out.cos_loss.detach()).mean().item())
+        n = gather(out.n_tokens).sum()
+        self._metrics[mode]["mean_token_accuracy"].append((gather(out.n_correct).sum() / n.clamp(min=1)).item())
+        return (out.loss, out) if return_outputs else out.loss
+
+
+class Stage1Trainer(Stage2Trainer):
+    """Stage 1: helper-image latents teacher-forced into the slots; loss gamma * CE + (1 - cos).
+
+    The cosine term compares the hidden state *before* each slot (position p_t - 1) with target t, so
+    that at inference the hidden state fed into slot t approximates the helper image's t-th vector.
+    Overrides ``SFTTrainer.compute_loss`` (through :meth:`Stage2Trainer.compute_loss`).
+    """
+
+    stage = 1
+
+    def latent_forward(self, model, input_ids, attention_mask, labels, latent_mask, pixel_values=None,
+                       image_grid_thw=None, mm_token_type_ids=None, helper_pixel_values=None,
+                       helper_image_grid_thw=None, **extra) -> LatentSFTOutput:
+        if helper_pixel_values is None:
+            raise ValueError("stage 1 needs helper images: the batch has no helper_pixel_values "
+                             "(does the dataset have a 'helper_image' column?)")
+        k = self.latent_tokens.latent_size
+        targets = latent.helper_targets(model, helper_pixel_values, helper_image_grid_thw, k, self.args.compress)
+        embeds = latent.embed_inputs(model, input_ids, pixel_values, image_grid_thw)
+        embeds = latent.teacher_forced(embeds, latent_mask, targets)
+        pos, _ = latent.position_ids(model, input_ids, attention_mask, mm_token_type_ids, image_grid_thw)
+        hidden = latent._lm_forward(latent.language_model(model), embeds, pos, attention_mask)
+        ce, n_correct, n = answer_ce(model, hidden, labels)
+        before = torch.roll(latent_mask, shifts=-1, dims=1)  # position p_t - 1 of every slot p_t
+        pred = hidden[before].float()
+        cos = 1.0 - F.cosine_similarity(pred, targets.reshape(-1, targets.shape[-1]).float(), dim=-1).mean()
+        loss = self.args.gamma * ce + cos
+        return LatentSFTOutput(loss=loss, ce_loss=ce.detach(), cos_loss=cos.detach(), n_correct=n_correct, n_tokens=n)
