@@ -1,0 +1,43 @@
+# mirage-rl: `make demo` (tiny model, CPU, <= 25 min) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+CLI    := $(BIN)/mirage-rl
+RECIPES := recipes/vsp_spatial_planning
+TINY   := outputs/models/tiny-qwen2.5-vl
+# one OpenMP thread pool per process, and a malloc that does not thrash on dynamic shapes
+export OMP_NUM_THREADS ?= 2
+export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo baselines test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: an unpinned torch pulls the multi-GB CUDA build
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(CLI) build-data --config data/vsp_spatial_planning.yaml
+	$(CLI) create-model --output_dir $(TINY)
+	$(CLI) sft --config $(RECIPES)/stage1_tiny.yaml
+	$(CLI) sft --config $(RECIPES)/stage2_tiny.yaml
+	$(CLI) eval --model outputs/demo/stage2 --output_dir outputs/demo/eval
+
+# The two controls of the demo, same data and budget: Direct SFT (no latent block) and dummy latents.
+baselines: install
+	$(CLI) sft --config $(RECIPES)/direct_sft_tiny.yaml
+	$(CLI) eval --model outputs/demo/direct_sft --output_dir outputs/demo/eval_direct_sft
+	$(CLI) sft --config $(RECIPES)/dummy_latent_tiny.yaml
+	$(CLI) eval --model outputs/demo/dummy_latent --output_dir outputs/demo/eval_dummy_latent
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf outputs

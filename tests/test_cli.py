@@ -1,0 +1,42 @@
+import json
+
+import pytest
+
+from mirage_rl.cli import main
+
+
+def test_eval_writes_report_samples_and_plot(tiny_dir, vsp_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(tiny_dir), "--benchmark_dir", str(vsp_dir / "maze_planning"),
+                 "--output_dir", str(out), "--levels", "3", "6", "--limit", "150", "--max_new_tokens", "12"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) >= {"benchmark", "n", "accuracy", "accuracy_strict", "invalid_rate", "by_level"}
+    assert report["n"] == 150 and set(report["by_level"]) == {"3", "6"}
+    assert report["by_level"]["3"]["n"] == 100 and report["by_level"]["6"]["n"] == 50
+    lines = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(lines) == 150 and set(lines[0]) >= {"prompt_id", "completion", "plan", "verdict"}
+    assert (out / "accuracy_by_level.png").read_bytes()[:4] == b"\x89PNG"
+    assert "all" in capsys.readouterr().out
+
+
+def test_recipe_unknown_key_is_an_error(tmp_path):
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("stage: 2\nlatent_sise: 4\noutput_dir: x\n")
+    with pytest.raises(ValueError, match="latent_sise"):
+        main(["sft", "--config", str(cfg)])
+
+
+def test_recipes_parse(tmp_path):
+    from pathlib import Path
+
+    from trl import ModelConfig, TrlParser
+
+    from mirage_rl.sft import SFTScriptArguments
+    from mirage_rl.trainers import MirageSFTConfig
+
+    recipes = sorted(Path(__file__).resolve().parents[1].glob("recipes/**/*.yaml"))
+    assert recipes
+    for r in recipes:
+        s, t, m = TrlParser((SFTScriptArguments, MirageSFTConfig, ModelConfig)).parse_args_and_config(
+            ["--config", str(r), "--output_dir", str(tmp_path / "o")])
+        assert t.latent_size >= 1 and m.model_name_or_path

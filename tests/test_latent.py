@@ -1,0 +1,102 @@
+"""The latent fill: equivalence with a full forward, gradient parity with the multi-pass fill, layouts."""
+
+import pytest
+import torch
+
+from mirage_rl import latent
+from mirage_rl.collator import LatentCollator
+from mirage_rl.data.vsp import LATENT_MARKER
+from mirage_rl.modeling import LatentTokens
+from conftest import scramble
+
+
+def _batch(model, processor, rows, **kw):
+    c = LatentCollator(processor, LatentTokens.from_config(model.config), "hidden", **kw)
+    b = c(rows)
+    emb = latent.embed_inputs(model, b["input_ids"], b["pixel_values"], b["image_grid_thw"])
+    pos, _ = latent.position_ids(model, b["input_ids"], b["attention_mask"], b["mm_token_type_ids"], b["image_grid_thw"])
+    return b, emb, pos
+
+
+def _full_forward_with(model, emb, pos, b, hidden):
+    """One plain forward whose latent inputs are the given hidden states of the previous positions."""
+    shifted = torch.cat([hidden[:, :1], hidden[:, :-1]], 1)
+    e = torch.where(b["latent_mask"][..., None], shifted, emb)
+    return latent._lm_forward(latent.language_model(model), e, pos, b["attention_mask"])
+
+
+def _mixed_rows(small_rows):
+    """Rows with one block, two blocks, none, and different image sizes (3x3 ... 6x6 maps)."""
+    rows = [dict(small_rows[i]) for i in range(4)]
+    rows[1]["answer"] = LATENT_MARKER + "step " + LATENT_MARKER + rows[1]["solution"]
+    rows[2]["answer"] = rows[2]["solution"]
+    return rows
+
+
+@pytest.mark.parametrize("layout", ["aligned", "mixed"])
+def test_cached_fill_equals_full_forward(tiny, small_rows, layout):
+    model, processor = tiny
+    scramble(model)
+    model.eval()
+    rows = [small_rows[i] for i in range(4)] if layout == "aligned" else _mixed_rows(small_rows)
+    b, emb, pos = _batch(model, processor, rows)
+    if layout == "aligned":
+        first = [int(r.nonzero()[0]) for r in b["latent_mask"]]
+        assert len(set(first)) == 1  # left padding aligns the first slot of every row
+    with torch.no_grad():
+        h = latent.latent_fill(model, emb, pos, b["attention_mask"], b["latent_mask"], "cached")
+        full = _full_forward_with(model, emb, pos, b, h)
+    assert (h - full).abs().max() < 1e-5
+    # the latents really matter: a fill with the pad embedding differs
+    with torch.no_grad():
+        plain = latent._lm_forward(latent.language_model(model), emb, pos, b["attention_mask"])
+    assert (plain - h).abs().max() > 1e-3
+
+
+def test_cached_fill_gradients_equal_multipass(tiny, small_rows):
+    model, processor = tiny
+    scramble(model, seed=2)
+    model.train()
+    b, emb, pos = _batch(model, processor, _mixed_rows(small_rows))
+    grads = {}
+    for method in ("cached", "multipass"):
+        model.zero_grad()
+        h = latent.latent_fill(model, emb.detach(), pos, b["attention_mask"], b["latent_mask"], method)
+        (h * torch.linspace(-1, 1, h.shape[-1])).sum().backward()
+        grads[method] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["cached"].keys() == grads["multipass"].keys() and grads["cached"]
+    for n, g in grads["cached"].items():
+        ref = grads["multipass"][n]
+        assert (g - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item()), n
+
+
+def test_gradient_checkpointing_uses_the_cache_free_fill(tiny, small_rows):
+    model, processor = tiny
+    scramble(model, seed=3)
+    b, emb, pos = _batch(model, processor, [small_rows[i] for i in range(3)])
+    model.eval()
+    with torch.no_grad():
+        ref = latent.latent_fill(model, emb, pos, b["attention_mask"], b["latent_mask"], "cached")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    h = latent.latent_fill(model, emb, pos, b["attention_mask"], b["latent_mask"], "auto")
+    h.sum().backward()
+    assert (h.detach() - ref).abs().max() < 1e-5
+    assert model.model.language_model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+def test_helper_targets_average_and_grid(tiny, small_rows):
+    model, processor = tiny
+    scramble(model, seed=4)
+    c = LatentCollator(processor, LatentTokens.from_config(model.config), "hidden", stage=1)
+    b = c([small_rows[0], small_rows[1]])
+    feats = model.model.get_image_features(b["helper_pixel_values"], b["helper_image_grid_thw"]).pooler_output
+    avg = latent.helper_targets(model, b["helper_pixel_values"], b["helper_image_grid_thw"], 4, "average")
+    grid = latent.helper_targets(model, b["helper_pixel_values"], b["helper_image_grid_thw"], 4, "grid")
+    assert avg.shape == grid.shape == (2, 4, model.config.text_config.hidden_size)
+    f = feats[0]  # 36 merged tokens in raster order of a 6x6 grid
+    assert torch.allclose(avg[0, 0], f[:9].mean(0), atol=1e-6)
+    top_left = f.view(6, 6, -1)[:3, :3].reshape(9, -1).mean(0)
+    assert torch.allclose(grid[0, 0], top_left, atol=1e-5)
+    with pytest.raises(ValueError, match="compress"):
+        latent.helper_targets(model, b["helper_pixel_values"], b["helper_image_grid_thw"], 4, "max")

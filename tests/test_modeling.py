@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+from mirage_rl.modeling import (LATENT_TOKENS, LatentTokens, add_latent_tokens, create_tiny_model, load_model,
+                                load_processor, tiny_config)
+
+
+def _inputs(processor, image):
+    from mirage_rl.data import vsp
+
+    text = processor.apply_chat_template(vsp.to_messages(vsp.TEST_PROMPT), add_generation_prompt=True, tokenize=False)
+    return processor(text=[text], images=[image], return_tensors="pt")
+
+
+def test_reload_reproduces_logits(tmp_path, vsp_dir):
+    from PIL import Image
+
+    model, processor = create_tiny_model(tmp_path / "m", seed=1)
+    reloaded, proc2 = load_model(tmp_path / "m"), load_processor(tmp_path / "m")
+    enc = _inputs(proc2, Image.open(vsp_dir / "maze_planning/level4/img/3.png"))
+    assert enc["mm_token_type_ids"].sum() == 36  # a VSP map costs 6x6 merged visual tokens
+    model.eval(), reloaded.eval()
+    with torch.no_grad():
+        assert torch.equal(model(**enc).logits, reloaded(**enc).logits)
+    assert reloaded.config.latent_token_ids == model.config.latent_token_ids
+    assert sum(p.numel() for p in model.parameters()) < 5_000_000
+
+
+def test_vision_tower_is_frozen(tiny):
+    model, _ = tiny
+    assert not any(p.requires_grad for p in model.model.visual.parameters())
+    assert all(p.requires_grad for p in model.model.language_model.parameters())
+
+
+def test_add_latent_tokens_to_a_checkpoint_without_them(tiny_dir):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    processor = load_processor(tiny_dir)
+    tok = processor.tokenizer
+    # a stock checkpoint: same tokenizer minus the latent tokens, a model with the smaller vocabulary
+    base_vocab = min(tok.convert_tokens_to_ids(t) for t in LATENT_TOKENS)
+    cfg = tiny_config(base_vocab)
+    model = Qwen2_5_VLForConditionalGeneration(cfg)
+    assert getattr(model.config, "latent_token_ids", None) is None
+    with pytest.raises(ValueError, match="no latent tokens"):
+        LatentTokens.from_config(model.config)
+    tokens = add_latent_tokens(model, processor, latent_size=6)
+    assert model.get_input_embeddings().weight.shape[0] == len(tok)
+    assert [tok.convert_ids_to_tokens(i) for i in (tokens.start, tokens.pad, tokens.end)] == list(LATENT_TOKENS)
+    assert LatentTokens.from_config(model.config) == tokens
+    new_row = model.get_input_embeddings().weight[tokens.pad]
+    assert torch.allclose(new_row, model.get_input_embeddings().weight[:base_vocab].mean(0))
+    with pytest.raises(ValueError, match="latent_size=6.*asks for 4"):
+        add_latent_tokens(model, processor, latent_size=4)
