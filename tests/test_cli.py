@@ -21,7 +21,7 @@ def test_eval_writes_report_samples_and_plot(tiny_dir, vsp_dir, tmp_path, capsys
 
 def test_recipe_unknown_key_is_an_error(tmp_path):
     cfg = tmp_path / "r.yaml"
-    cfg.write_text("stage: 2\nlatent_sise: 4\noutput_dir: x\n")
+    cfg.write_text("stage: 2\nlatent_sise: 4\noutput_dir: x\nuse_cpu: true\nbf16: false\n")
     with pytest.raises(ValueError, match="latent_sise"):
         main(["sft", "--config", str(cfg)])
 
@@ -38,5 +38,5 @@ def test_recipes_parse(tmp_path):
     assert recipes
     for r in recipes:
         s, t, m = TrlParser((SFTScriptArguments, MirageSFTConfig, ModelConfig)).parse_args_and_config(
-            ["--config", str(r), "--output_dir", str(tmp_path / "o")])
+            ["--config", str(r), "--output_dir", str(tmp_path / "o"), "--use_cpu", "true", "--bf16", "false"])
         assert t.latent_size >= 1 and m.model_name_or_path

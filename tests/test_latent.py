@@ -36,7 +36,7 @@ def _mixed_rows(small_rows):
 @pytest.mark.parametrize("layout", ["aligned", "mixed"])
 def test_cached_fill_equals_full_forward(tiny, small_rows, layout):
     model, processor = tiny
-    scramble(model)
+    scramble(model, std=0.1)
     model.eval()
     rows = [small_rows[i] for i in range(4)] if layout == "aligned" else _mixed_rows(small_rows)
     b, emb, pos = _batch(model, processor, rows)
@@ -54,25 +54,27 @@ def test_cached_fill_equals_full_forward(tiny, small_rows, layout):
 
 
 def test_cached_fill_gradients_equal_multipass(tiny, small_rows):
+    # float64 separates real differences from rounding: a fill that cut the gradient through the latent
+    # inputs (e.g. a detached hidden state) differs by ~1e-2 relative here; rounding stays below 1e-7
     model, processor = tiny
-    scramble(model, seed=2)
-    model.train()
+    scramble(model, seed=2, std=0.1)
+    model.double().train()
     b, emb, pos = _batch(model, processor, _mixed_rows(small_rows))
     grads = {}
     for method in ("cached", "multipass"):
         model.zero_grad()
         h = latent.latent_fill(model, emb.detach(), pos, b["attention_mask"], b["latent_mask"], method)
-        (h * torch.linspace(-1, 1, h.shape[-1])).sum().backward()
+        (h * torch.linspace(-1, 1, h.shape[-1], dtype=h.dtype)).sum().backward()
         grads[method] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert grads["cached"].keys() == grads["multipass"].keys() and grads["cached"]
     for n, g in grads["cached"].items():
         ref = grads["multipass"][n]
-        assert (g - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item()), n
+        assert (g - ref).abs().max() <= 1e-6 * ref.abs().max().clamp(min=1e-12), n
 
 
 def test_gradient_checkpointing_uses_the_cache_free_fill(tiny, small_rows):
     model, processor = tiny
-    scramble(model, seed=3)
+    scramble(model, seed=3, std=0.1)
     b, emb, pos = _batch(model, processor, [small_rows[i] for i in range(3)])
     model.eval()
     with torch.no_grad():
