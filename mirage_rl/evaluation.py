@@ -38,7 +38,8 @@ class EvalArguments:
                                metadata={"help": "VSP folder: levelN/img/*.png + levelN/table/*.txt."})
     output_dir: str = field(default="outputs/eval", metadata={"help": "Where report.json, samples.jsonl and the plot go."})
     latent_mode: str | None = field(default=None, metadata={
-        "help": "hidden, dummy or none; default: hidden if the checkpoint has latent tokens, else none."})
+        "help": "hidden, dummy or none; default: the mode the checkpoint was trained with (config.latent_mode), "
+                "else hidden if it has latent tokens, else none."})
     levels: list[int] | None = field(default=None, metadata={"help": "Only these levels (default: all)."})
     limit: int | None = field(default=None, metadata={"help": "Only the first N maps (smoke tests)."})
     batch_size: int = field(default=32, metadata={"help": "Maps decoded together."})
@@ -112,14 +113,14 @@ def evaluate(args: EvalArguments, model=None, processor=None) -> dict:
     processor = processor if processor is not None else load_processor(args.model)
     model.eval()
     has_latent = getattr(model.config, "latent_token_ids", None) is not None
-    mode = args.latent_mode or ("hidden" if has_latent else "none")
+    mode = args.latent_mode or getattr(model.config, "latent_mode", None) or ("hidden" if has_latent else "none")
     tokens = LatentTokens.from_config(model.config, where=args.model) if mode != "none" else None
     maps = vsp.load_benchmark(args.benchmark_dir, args.levels)
     if args.limit is not None:
         maps = maps[: args.limit]
     prompt_text = vsp.TEST_PROMPT if args.prompt == "test" else vsp.TRAIN_PROMPT
     messages = vsp.to_messages(prompt_text)
-    collator = LatentCollator(processor, tokens, latent_mode=mode if mode != "none" else "none", with_answer=False)
+    collator = LatentCollator(processor, tokens, latent_mode=mode, with_answer=False)
     samples = []
     bar = tqdm(total=len(maps), desc=f"eval {Path(args.model).name} ({mode})", unit="map")
     for i in range(0, len(maps), args.batch_size):

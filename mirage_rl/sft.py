@@ -61,5 +61,8 @@ def run_sft(script_args: SFTScriptArguments, training_args: MirageSFTConfig, mod
     trainer = trainer_cls(model=model, args=training_args, train_dataset=train, processing_class=processor)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if trainer.accelerator.is_main_process:
-        save_pretrained(trainer.accelerator.unwrap_model(trainer.model), processor, training_args.output_dir)
+        final = trainer.accelerator.unwrap_model(trainer.model)
+        # evaluation decodes the way the checkpoint was trained (hidden, dummy or none) unless told otherwise
+        final.config.latent_mode = training_args.latent_mode
+        save_pretrained(final, processor, training_args.output_dir)
     return trainer

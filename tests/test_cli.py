@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +41,17 @@ def test_recipes_parse(tmp_path):
         s, t, m = TrlParser((SFTScriptArguments, MirageSFTConfig, ModelConfig)).parse_args_and_config(
             ["--config", str(r), "--output_dir", str(tmp_path / "o"), "--use_cpu", "true", "--bf16", "false"])
         assert t.latent_size >= 1 and m.model_name_or_path
+
+
+def test_sft_command_runs_a_recipe_and_records_the_latent_mode(tiny_dir, small_dataset_dir, vsp_dir, tmp_path):
+    from mirage_rl.modeling import load_model
+
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes/vsp_spatial_planning/dummy_latent_tiny.yaml")
+    out = tmp_path / "dummy"
+    assert main(["sft", "--config", recipe, "--model_name_or_path", str(tiny_dir), "--dataset_path",
+                 str(small_dataset_dir), "--output_dir", str(out), "--max_steps", "2",
+                 "--per_device_train_batch_size", "2", "--save_strategy", "no"]) == 0
+    assert load_model(out).config.latent_mode == "dummy"
+    assert main(["eval", "--model", str(out), "--benchmark_dir", str(vsp_dir / "maze_planning"),
+                 "--output_dir", str(tmp_path / "ev"), "--limit", "4", "--max_new_tokens", "4"]) == 0
+    assert json.loads((tmp_path / "ev" / "report.json").read_text())["latent_mode"] == "dummy"

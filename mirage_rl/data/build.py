@@ -10,6 +10,7 @@ Every training map equal to a test map is removed (Mirage's published split leak
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import shutil
@@ -42,12 +43,21 @@ class BuildDataArguments:
     max_train_maps: int | None = field(default=None, metadata={"help": "Keep only the first N Mirage maps (debugging)."})
 
 
+def _png(img) -> dict:
+    # encoded once here: `datasets` stores the bytes as they are, and thousands of maps never sit in
+    # memory as decoded images
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return {"bytes": buf.getvalue(), "path": None}
+
+
 def _row(map_desc, plan, level, source, map_id, prompt_text) -> dict:
     solution = vsp.plan_to_answer(plan)
     return {
-        "prompt": vsp.to_messages(prompt_text),
-        "image": vsp.render_map(map_desc),
-        "helper_image": vsp.render_helper(map_desc, plan),
+        "prompt": [{"role": m["role"], "content": [{"type": p["type"], "text": p.get("text")} for p in m["content"]]}
+                   for m in vsp.to_messages(prompt_text)],
+        "image": _png(vsp.render_map(map_desc)),
+        "helper_image": _png(vsp.render_helper(map_desc, plan)),
         "answer": vsp.LATENT_MARKER + solution,
         "solution": solution,
         "map_desc": map_desc,
@@ -102,9 +112,6 @@ def build_vsp_dataset(args: BuildDataArguments):
         "map_desc": Sequence(Sequence(Value("int32"))), "level": Value("int32"), "source": Value("string"),
         "map_id": Value("string"),
     })
-    for row in rows:  # the features need every content part to carry both keys
-        for msg in row["prompt"]:
-            msg["content"] = [{"type": p["type"], "text": p.get("text")} for p in msg["content"]]
     ds = DatasetDict({"train": Dataset.from_list(rows, features=features)})
     save_dataset_atomic(ds, args.output_dir)
     counts = {"train": len(rows), "mirage": len(rows) - len(generated), "generated": len(generated),
