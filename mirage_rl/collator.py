@@ -63,7 +63,6 @@ class LatentCollator:
             raise ValueError("stage 1 needs latent tokens: use latent_mode 'hidden'")
         tok = self.processor.tokenizer
         self.pad_id = tok.pad_token_id
-        self.im_end = tok.convert_tokens_to_ids("<|im_end|>")
 
     def encode(self, example: dict, index: int = 0) -> dict:
         """Tokenize one row (no padding). Raises ``ValueError`` naming the row and key on bad input."""

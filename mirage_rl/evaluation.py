@@ -11,15 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write_text
 from .collator import LatentCollator
 from .data import vsp
 from .generation import generate
@@ -45,20 +44,6 @@ class EvalArguments:
     batch_size: int = field(default=32, metadata={"help": "Maps decoded together."})
     max_new_tokens: int = field(default=48, metadata={"help": "Generated tokens per map, latent slots included."})
     prompt: str = field(default="test", metadata={"help": "'test' (VSP/Mirage test prompt) or 'train' (Mirage train prompt)."})
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def summarize(samples: list[dict], benchmark: str) -> dict:

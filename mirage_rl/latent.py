@@ -25,7 +25,8 @@ def language_model(model):
     return inner.model.language_model
 
 
-def vision_tower(model):
+def backbone(model):
+    """The ``Qwen2_5_VLModel`` (vision tower + decoder + mRoPE index) of a model, PEFT-wrapped or not."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return inner.model
 
@@ -46,7 +47,7 @@ def embed_inputs(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | No
     embeds = model.get_input_embeddings()(input_ids)
     if pixel_values is None:
         return embeds
-    inner = vision_tower(model)
+    inner = backbone(model)
     with torch.no_grad():
         feats = inner.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output
     feats = torch.cat(feats, 0).to(embeds.dtype)
@@ -68,7 +69,7 @@ def position_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         on ``model.model.rope_deltas`` state).
     """
     if image_grid_thw is not None:
-        pos, deltas = vision_tower(model).get_rope_index(
+        pos, deltas = backbone(model).get_rope_index(
             input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw,
             attention_mask=attention_mask)
         nxt = attention_mask.sum(-1) + deltas.view(-1).to(attention_mask.device)
@@ -95,7 +96,7 @@ def helper_targets(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tens
     """
     if compress not in COMPRESS_MODES:
         raise ValueError(f"compress must be one of {COMPRESS_MODES}, got {compress!r}")
-    inner = vision_tower(model)
+    inner = backbone(model)
     merge = inner.config.vision_config.spatial_merge_size
     with torch.no_grad():
         feats = inner.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output

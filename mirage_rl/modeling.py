@@ -231,17 +231,8 @@ def create_tiny_model(output_dir: str | Path, latent_size: int = 4, hidden_size:
 
 def save_pretrained(model, processor, output_dir: str | Path) -> None:
     """Save model (safetensors) and processor to ``output_dir`` atomically (temp folder + rename)."""
-    import os
-    import shutil
+    from .atomic import atomic_directory
 
-    out = Path(output_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    processor.save_pretrained(tmp)
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_directory(output_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)

@@ -1,31 +1,26 @@
+import pytest
 import torch
 
 from mirage_rl.collator import LatentCollator
 from mirage_rl.generation import generate
-from mirage_rl.modeling import LatentTokens, LATENT_START
+from mirage_rl.modeling import LatentTokens
 from conftest import scramble
+from test_latent import native_size_processor, rows_of_distinct_sizes
 
 
-def _prompt_rows(small_rows, n):
-    rows = []
-    for i in range(n):
-        r = dict(small_rows[i])
-        rows.append(r)
-    return rows
-
-
-def test_batched_greedy_equals_each_row_alone_with_rows_in_and_out_of_latent_mode(tiny, small_rows):
+@pytest.mark.parametrize("image_sizes", ["fixed", "native"])
+def test_batched_greedy_equals_each_row_alone_with_rows_in_and_out_of_latent_mode(tiny, small_rows, image_sizes):
     model, processor = tiny
+    if image_sizes == "native":  # maps of different sizes keep different visual-token grids in one batch
+        native_size_processor(processor)
     scramble(model, seed=5)
     model.eval()
     lt = LatentTokens.from_config(model.config)
     # make <|latent_start|> likely so rows open latent blocks on their own, at different steps
     with torch.no_grad():
         model.lm_head.weight[lt.start] *= 3.0
-    rows = _prompt_rows(small_rows, 4)
+    rows = rows_of_distinct_sizes(small_rows) if image_sizes == "native" else [small_rows[i] for i in range(4)]
     # two rows start inside a latent block (their prompt ends with <|latent_start|>), two decode text first
-    for r in rows[:2]:
-        r["prompt"] = [*r["prompt"]]
     collator = LatentCollator(processor, lt, "hidden", with_answer=False)
     enc = [collator.encode(r, i) for i, r in enumerate(rows)]
     for e in enc[:2]:
@@ -33,6 +28,8 @@ def test_batched_greedy_equals_each_row_alone_with_rows_in_and_out_of_latent_mod
         e["mm_token_type_ids"] = torch.cat([e["mm_token_type_ids"], e["mm_token_type_ids"].new_zeros(1)])
         e["latent_mask"] = torch.cat([e["latent_mask"], torch.tensor([False])])
     batch = collator.pad(enc)
+    if image_sizes == "native":
+        assert len({tuple(t) for t in batch["image_grid_thw"].tolist()}) >= 3
     out = generate(model, processor, batch, max_new_tokens=24)
     seqs = out.sequences
     starts = [(s == lt.start).nonzero().flatten().tolist() for s in seqs]

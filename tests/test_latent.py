@@ -33,13 +33,34 @@ def _mixed_rows(small_rows):
     return rows
 
 
-@pytest.mark.parametrize("layout", ["aligned", "mixed"])
+def rows_of_distinct_sizes(rows, n=4):
+    by_size = {}
+    for r in rows:
+        by_size.setdefault(len(r["map_desc"]), r)
+    assert len(by_size) >= n, sorted(by_size)
+    return [by_size[k] for k in sorted(by_size)[:n]]
+
+
+def native_size_processor(processor):
+    """A pixel budget under which maps of different sizes keep different visual-token grids."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    processor.image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=400 * 400)
+    return processor
+
+
+@pytest.mark.parametrize("layout", ["aligned", "mixed", "image_sizes"])
 def test_cached_fill_equals_full_forward(tiny, small_rows, layout):
     model, processor = tiny
     scramble(model, std=0.1)
     model.eval()
     rows = [small_rows[i] for i in range(4)] if layout == "aligned" else _mixed_rows(small_rows)
+    if layout == "image_sizes":
+        native_size_processor(processor)
+        rows = rows_of_distinct_sizes(small_rows)
     b, emb, pos = _batch(model, processor, rows)
+    if layout == "image_sizes":
+        assert len({tuple(t) for t in b["image_grid_thw"].tolist()}) >= 3, b["image_grid_thw"]
     if layout == "aligned":
         first = [int(r.nonzero()[0]) for r in b["latent_mask"]]
         assert len(set(first)) == 1  # left padding aligns the first slot of every row

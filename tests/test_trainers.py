@@ -4,7 +4,7 @@ checkpoints reload into the next stage."""
 import pytest
 import torch
 
-from mirage_rl.modeling import LatentTokens, load_model, load_processor, save_pretrained
+from mirage_rl.modeling import load_model, load_processor, save_pretrained
 from mirage_rl.trainers import MirageSFTConfig, Stage1Trainer, Stage2Trainer
 
 

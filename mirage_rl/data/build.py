@@ -13,12 +13,11 @@ from __future__ import annotations
 import io
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_directory
 from ..scoring import parse_plan, replay
 from . import vsp
 
@@ -121,17 +120,6 @@ def build_vsp_dataset(args: BuildDataArguments):
 
 
 def save_dataset_atomic(ds, output_dir: str | os.PathLike) -> None:
-    """Save a dataset to ``output_dir`` via a temporary sibling folder and a rename.
-
-    A crash mid-save leaves any previous ``output_dir`` intact.
-    """
-    out = Path(output_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    ds.save_to_disk(str(tmp))
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    """Save a dataset to ``output_dir`` atomically: a crash mid-save leaves any previous one intact."""
+    with atomic_directory(output_dir) as tmp:
+        ds.save_to_disk(str(tmp))
