@@ -47,7 +47,7 @@ def run_sft(script_args: SFTScriptArguments, training_args: MirageSFTConfig, mod
     """Train one SFT stage and save model + processor to ``training_args.output_dir``; returns the trainer."""
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
     model = load_model(model_args.model_name_or_path, dtype=dtype or torch.float32,
-                       trust_remote_code=model_args.trust_remote_code if hasattr(model_args, "trust_remote_code") else False,
+                       trust_remote_code=getattr(model_args, "trust_remote_code", False),
                        attn_implementation=model_args.attn_implementation)
     processor = load_processor(model_args.model_name_or_path)
     if training_args.latent_mode != "none":
