@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
+from .atomic import atomic_directory
+
 logger = logging.getLogger(__name__)
 
 LATENT_START, LATENT_PAD, LATENT_END = "<|latent_start|>", "<|latent_pad|>", "<|latent_end|>"
@@ -231,8 +233,6 @@ def create_tiny_model(output_dir: str | Path, latent_size: int = 4, hidden_size:
 
 def save_pretrained(model, processor, output_dir: str | Path) -> None:
     """Save model (safetensors) and processor to ``output_dir`` atomically (temp folder + rename)."""
-    from .atomic import atomic_directory
-
     with atomic_directory(output_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)

@@ -53,8 +53,7 @@ def _png(img) -> dict:
 def _row(map_desc, plan, level, source, map_id, prompt_text) -> dict:
     solution = vsp.plan_to_answer(plan)
     return {
-        "prompt": [{"role": m["role"], "content": [{"type": p["type"], "text": p.get("text")} for p in m["content"]]}
-                   for m in vsp.to_messages(prompt_text)],
+        "prompt": vsp.to_messages(prompt_text),
         "image": _png(vsp.render_map(map_desc)),
         "helper_image": _png(vsp.render_helper(map_desc, plan)),
         "answer": vsp.LATENT_MARKER + solution,

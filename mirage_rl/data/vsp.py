@@ -65,6 +65,9 @@ LATENT_MARKER = "<output_image>"
 def to_messages(prompt_text: str) -> list[dict]:
     """Turn a prompt with one ``<image>`` marker into a conversational user message.
 
+    Every content part carries both ``type`` and ``text`` (None for the image), the schema a
+    ``datasets`` column of messages needs.
+
     Raises:
         ValueError: if ``prompt_text`` does not contain exactly one ``<image>``.
     """
@@ -74,7 +77,7 @@ def to_messages(prompt_text: str) -> list[dict]:
     content = []
     if parts[0]:
         content.append({"type": "text", "text": parts[0]})
-    content.append({"type": "image"})
+    content.append({"type": "image", "text": None})
     if parts[1]:
         content.append({"type": "text", "text": parts[1]})
     return [{"role": "user", "content": content}]
