@@ -3,7 +3,8 @@
 A row that emits ``<|latent_start|>`` feeds, for the next k steps, its own last hidden state as the
 next input (``latent_mode="hidden"``; Mirage inference, arXiv 2506.17218 section 3.3) or the fixed
 ``<|latent_pad|>`` embedding (``"dummy"``); then ``<|latent_end|>`` is forced. Other rows decode text
-meanwhile. ``latent_mode="none"`` is plain decoding with the same loop.
+meanwhile. ``latent_mode="none"`` is plain decoding with the same loop. The GRPO rollout is this loop
+with sampling, ``return_logprobs`` and, for the Gaussian latent objective, ``latent_sigma``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ class GenerationOutput:
 
     sequences: torch.Tensor
     texts: list[str]
+    logprobs: torch.Tensor | None = None
+    latents: torch.Tensor | None = None
+
+
+def _logprob(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log p(token) under ``softmax(logits / temperature)`` over the full vocabulary (before top-p and
+    suppression): the quantity TRL's fused LM head recomputes."""
+    return torch.log_softmax(logits.float() / temperature, -1).gather(-1, tokens[:, None]).squeeze(-1)
 
 
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator) -> torch.Tensor:
@@ -42,17 +51,29 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: floa
 @torch.no_grad()
 def generate(model, processor, batch: dict, max_new_tokens: int = 64, latent_mode: str = "hidden",
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-             generator: torch.Generator | None = None) -> GenerationOutput:
-    """Decode a left-padded prompt batch (``LatentCollator(with_answer=False)``).
+             generator: torch.Generator | None = None, return_logprobs: bool = False,
+             latent_sigma: float | None = None, suppress_token_ids: list[int] | None = None) -> GenerationOutput:
+    """Decode a left-padded prompt batch (``LatentCollator(with_answer=False)`` or TRL's tokenized prompts).
 
     Args:
         batch: ``input_ids`` (B, L), ``attention_mask`` (B, L), ``mm_token_type_ids``, ``pixel_values``,
             ``image_grid_thw``. A prompt that ends with ``<|latent_start|>`` enters latent mode at once.
         latent_mode: ``"hidden"``, ``"dummy"`` or ``"none"``.
         do_sample / temperature / top_p: greedy when ``do_sample`` is False.
+        return_logprobs: also return ``logprobs`` (B, T) float32: log p(token) at ``temperature`` for sampled
+            text tokens (0.0 at forced positions: latent slots, forced ``<|latent_end|>``, padding), or, with
+            ``latent_sigma``, the Gaussian log-density of each latent slot's input (up to a constant).
+        latent_sigma: Gaussian latents (Monet VLPO, arXiv 2511.21395): a latent slot's input is
+            ``h + latent_sigma * eps`` (``eps ~ N(0, I)``, drawn with ``generator``) instead of ``h``; the inputs
+            are returned in ``latents`` (B, T, H) float32 (zero outside latent slots). Needs ``"hidden"``.
+        suppress_token_ids: never sampled in text steps (e.g. image tokens). ``<|latent_pad|>`` and
+            ``<|latent_end|>`` are never sampled in text steps either: they are only ever forced.
     Raises:
-        ValueError: ``latent_mode`` is not ``"none"`` and the checkpoint has no latent tokens.
+        ValueError: ``latent_mode`` is not ``"none"`` and the checkpoint has no latent tokens, or
+            ``latent_sigma`` without ``latent_mode="hidden"``.
     """
+    if latent_sigma is not None and latent_mode != "hidden":
+        raise ValueError(f"latent_sigma (Gaussian latents) needs latent_mode='hidden', got {latent_mode!r}")
     device = model.get_input_embeddings().weight.device
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     tok = processor.tokenizer
@@ -71,17 +92,32 @@ def generate(model, processor, batch: dict, max_new_tokens: int = 64, latent_mod
     if lt is not None:
         slots_left[ids[:, -1] == lt.start] = k + 1
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    out = []
+    suppress = list(suppress_token_ids or []) + ([lt.pad, lt.end] if lt is not None else [])
+    suppress = torch.tensor(sorted(set(suppress)), dtype=torch.long, device=device)
+    out, logps, lat = [], [], []
     for _ in range(max_new_tokens):
-        new = _pick(head(h), do_sample, temperature, top_p, generator)
+        logits = head(h)
+        new = _pick(logits.index_fill(-1, suppress, float("-inf")) if len(suppress) else logits,
+                    do_sample, temperature, top_p, generator)
         in_latent, force_end = slots_left > 1, slots_left == 1
         if lt is not None:
             new = torch.where(in_latent, lt.pad, torch.where(force_end, lt.end, new))
         new = torch.where(finished, tok.pad_token_id, new)
         out.append(new)
+        forced = in_latent | force_end | finished
         nxt_emb = embed(new)
         if latent_mode == "hidden":
-            nxt_emb = torch.where(in_latent[:, None], h.to(nxt_emb.dtype), nxt_emb)
+            z = h.float()
+            if latent_sigma is not None:
+                dev = generator.device if generator is not None else z.device
+                z = z + latent_sigma * torch.randn(z.shape, generator=generator, device=dev).to(device)
+                lat.append(torch.where(in_latent[:, None], z, 0.0))
+            nxt_emb = torch.where(in_latent[:, None], z.to(nxt_emb.dtype), nxt_emb)
+        if return_logprobs:
+            lp = torch.where(forced, 0.0, _logprob(logits, new, temperature))
+            if latent_sigma is not None:  # log N(z; h, sigma^2 I) up to a constant = -|eps|^2 / 2
+                lp = torch.where(in_latent, -((z - h.float()) ** 2).sum(-1) / (2 * latent_sigma ** 2), lp)
+            logps.append(lp)
         slots_left = torch.where(in_latent | force_end, slots_left - 1, slots_left)
         if lt is not None:
             slots_left = torch.where((new == lt.start) & ~finished, k + 1, slots_left)
@@ -94,8 +130,10 @@ def generate(model, processor, batch: dict, max_new_tokens: int = 64, latent_mod
         h = lm(inputs_embeds=nxt_emb[:, None], position_ids=step_pos, attention_mask=am, past_key_values=cache,
                use_cache=True).last_hidden_state[:, -1]
     seqs = torch.stack(out, 1) if out else ids.new_zeros(B, 0)
+    logprobs = (torch.stack(logps, 1) if logps else torch.zeros(B, 0, device=device)) if return_logprobs else None
+    latents = torch.stack(lat, 1) if lat else None
     texts = []
     for row in seqs.tolist():
         cut = next((i for i, t in enumerate(row) if t in eos.tolist()), len(row))
         texts.append(tok.decode(row[:cut], skip_special_tokens=False))
-    return GenerationOutput(seqs, texts)
+    return GenerationOutput(seqs, texts, logprobs, latents)

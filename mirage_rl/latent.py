@@ -19,16 +19,36 @@ from transformers import DynamicCache
 COMPRESS_MODES = ("average", "grid")
 
 
+def backbone(model):
+    """The ``Qwen2_5_VLModel`` (vision tower + decoder + mRoPE index) of a model, PEFT-wrapped or not
+    (the backbone itself is returned as is)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner if hasattr(inner, "get_rope_index") else inner.model
+
+
 def language_model(model):
     """The decoder stack (``Qwen2_5_VLTextModel``) of a Qwen2.5-VL model, PEFT-wrapped or not."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.model.language_model
+    return backbone(model).language_model
 
 
-def backbone(model):
-    """The ``Qwen2_5_VLModel`` (vision tower + decoder + mRoPE index) of a model, PEFT-wrapped or not."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.model
+def slot_masks(input_ids: torch.Tensor, start: int, pad: int, end: int, latent_size: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the latent slots and the forced ``<|latent_end|>`` are, read from the token ids.
+
+    A slot is one of the k positions after a ``<|latent_start|>`` that holds ``<|latent_pad|>``; the forced end
+    is the ``<|latent_end|>`` at position k + 1. Blocks cut by the end of the sequence keep their slots.
+    Args:
+        input_ids: ``(B, L)`` long. start / pad / end: the latent token ids. latent_size: k.
+    Returns:
+        ``(slots, forced_end)``: two ``(B, L)`` bool masks.
+    """
+    is_start = input_ids == start
+    window = torch.zeros_like(is_start)
+    for d in range(1, latent_size + 1):
+        window[:, d:] |= is_start[:, :-d]
+    after = torch.zeros_like(is_start)
+    after[:, latent_size + 1:] = is_start[:, : -(latent_size + 1)] if input_ids.shape[1] > latent_size + 1 else False
+    return window & (input_ids == pad), after & (input_ids == end)
 
 
 def embed_inputs(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
@@ -175,6 +195,37 @@ def _fill_multipass(lm, embeds, pos, attention_mask, latent_mask):
         shifted = torch.cat([hidden[:, :1], hidden], 1)  # shifted[:, j] = hidden[:, j - 1] for j >= 1
         cur = torch.cat([torch.where(mask3[:, :last + 1], shifted, embeds[:, :last + 1]), embeds[:, last + 1:]], 1)
     return _lm_forward(lm, cur, pos, attention_mask)
+
+
+def latent_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+                         mm_token_type_ids: torch.Tensor | None = None, latent_mask: torch.Tensor | None = None,
+                         latent_inputs: torch.Tensor | None = None, method: str = "auto") -> torch.Tensor:
+    """Last hidden states of a whole latent sequence, the way decoding produced it (scoring a rollout).
+
+    Args:
+        input_ids / attention_mask / pixel_values / image_grid_thw / mm_token_type_ids: as the processor gives them,
+            completion appended (``(B, L)``).
+        latent_mask: ``(B, L)`` bool, the latent slots. Without ``latent_inputs`` each slot gets the previous
+            position's hidden state (``latent_fill``, differentiable through the recurrence).
+        latent_inputs: ``(N, H)`` float, the inputs the slots received at sampling time, row-major (Gaussian latents);
+            fed as they are, so the sequence costs one forward.
+    Returns:
+        ``(B, L, H)`` hidden states after the final norm.
+    Raises:
+        ValueError: ``latent_inputs`` without ``latent_mask``, or a count that differs from the slots.
+    """
+    emb = embed_inputs(model, input_ids, pixel_values, image_grid_thw)
+    pos, _ = position_ids(model, input_ids, attention_mask, mm_token_type_ids, image_grid_thw)
+    if latent_inputs is not None:
+        if latent_mask is None or int(latent_mask.sum()) != latent_inputs.shape[0]:
+            raise ValueError(f"{0 if latent_mask is None else int(latent_mask.sum())} latent slots but "
+                             f"{latent_inputs.shape[0]} latent inputs")
+        emb = emb.masked_scatter(latent_mask[..., None], latent_inputs.to(emb.dtype))
+        return _lm_forward(language_model(model), emb, pos, attention_mask)
+    if latent_mask is None:
+        return _lm_forward(language_model(model), emb, pos, attention_mask)
+    return latent_fill(model, emb, pos, attention_mask, latent_mask, method)
 
 
 def teacher_forced(inputs_embeds: torch.Tensor, latent_mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,352 @@
+"""GRPO with latent-interleaved rollouts, on TRL's ``GRPOTrainer`` (the RL stage that Mirage, arXiv
+2506.17218, describes but never released).
+
+A rollout decodes with :func:`mirage_rl.generation.generate`, the loop evaluation uses: after a sampled
+``<|latent_start|>`` the next k inputs are latent vectors, then ``<|latent_end|>`` is forced. Old, reference
+and policy log-probs re-run the same latent computation over the whole sequence, so every text token after a
+latent block is scored under the latents its policy produced. Two ``latent_objective``s:
+
+* ``none``: a latent is the policy's own deterministic hidden state. Latent slots and the forced end carry no
+  action, so they are left out of the token loss; the gradient of the text tokens after a block flows back
+  through the recurrent fill (as in stage 2).
+* ``gaussian`` (Monet's VLPO, arXiv 2511.21395): at sampling time each latent input is ``z = h + sigma * eps``;
+  ``z`` is kept with the rollout, the slot's log-prob is ``log N(z; h_theta, sigma^2 I)`` (up to a constant that
+  cancels), and it enters the importance ratio like a token's. Latents become actions the objective can
+  reinforce directly, not only through the text they lead to.
+
+TRL hooks overridden (TRL pinned to 1.16; ``tests/test_grpo.py`` checks they exist with these signatures):
+``_generate_single_turn`` (the rollout), ``_generate`` (completions decoded with their latent tokens for the
+reward functions), ``_generate_and_score_completions`` (latent loss mask, Gaussian latents),
+``_get_per_token_logps_and_entropies`` (latent fill) and ``_compute_loss`` (passes the Gaussian latents).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import types
+from dataclasses import dataclass, field
+
+import torch
+from accelerate.utils import is_peft_model
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from trl import GRPOConfig, GRPOTrainer
+from trl.models import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generation
+from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, pad
+
+from .. import latent
+from ..collator import LATENT_MODES
+from ..generation import generate
+from ..modeling import LatentTokens
+
+logger = logging.getLogger(__name__)
+
+LATENT_OBJECTIVES = ("none", "gaussian")
+
+
+@dataclass
+class MirageGRPOConfig(GRPOConfig):
+    """``GRPOConfig`` plus the latent fields.
+
+    Fields:
+        latent_mode: how rollouts fill latent slots: ``hidden`` (Mirage), ``dummy`` (the fixed ``<|latent_pad|>``
+            embedding: the control) or ``none`` (no latent tokens: a Direct-SFT policy). Default: the
+            checkpoint's ``config.latent_mode`` (recorded by ``mirage-rl sft``), else ``hidden``.
+        latent_objective: ``none`` or ``gaussian`` (see the module docstring).
+        latent_sigma: the fixed standard deviation of Gaussian latents (hidden-state units).
+        latent_fill: ``auto`` / ``cached`` / ``multipass`` (:func:`mirage_rl.latent.latent_fill`).
+    """
+
+    latent_mode: str | None = field(default=None, metadata={"help": f"One of {LATENT_MODES}; default: the checkpoint's."})
+    latent_objective: str = field(default="none", metadata={"help": f"One of {LATENT_OBJECTIVES}."})
+    latent_sigma: float = field(default=0.1, metadata={"help": "Std of Gaussian latents (latent_objective: gaussian)."})
+    latent_fill: str = field(default="auto", metadata={"help": "auto, cached or multipass."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.latent_mode is not None and self.latent_mode not in LATENT_MODES:
+            raise ValueError(f"latent_mode must be one of {LATENT_MODES}, got {self.latent_mode!r}")
+        if self.latent_objective not in LATENT_OBJECTIVES:
+            raise ValueError(f"latent_objective must be one of {LATENT_OBJECTIVES}, got {self.latent_objective!r}")
+        if self.latent_objective == "gaussian" and not self.latent_sigma > 0:
+            raise ValueError(f"latent_sigma must be > 0 for latent_objective: gaussian, got {self.latent_sigma}")
+        unsupported = {"top_k": (self.top_k, (0, None)), "min_p": (self.min_p, (None, 0.0)),
+                       "repetition_penalty": (self.repetition_penalty, (1.0,))}
+        for name, (value, neutral) in unsupported.items():
+            if value not in neutral:
+                raise ValueError(f"{name}={value}: latent rollouts sample with temperature and top_p only; unset {name}")
+        if self.use_vllm:
+            raise ValueError("use_vllm: vLLM cannot feed hidden states back as inputs, so it cannot run latent "
+                             "rollouts; unset use_vllm (see the README, 'vLLM')")
+        if self.use_transformers_continuous_batching:
+            raise ValueError("use_transformers_continuous_batching: latent rollouts use mirage_rl.generation; unset it")
+
+
+def _latent_backbone_forward(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                             mm_token_type_ids=None, latent_mask=None, latent_inputs=None, latent_fill_method="auto",
+                             **kwargs):
+    """``Qwen2_5_VLModel.forward`` with latent slots: installed on the backbone instance, called by TRL's fused
+    LM head (``add_fused_lm_head``) with ``latent_mask`` (and, for Gaussian latents, ``latent_inputs``). Without
+    them it is the original forward. With ``latent_inputs`` the hidden states before each slot are kept in
+    ``self._latent_slot_hidden`` ``(N, H)`` for the Gaussian log-density."""
+    if latent_mask is None:
+        return self._mirage_original_forward(input_ids=input_ids, attention_mask=attention_mask,
+                                             pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                                             mm_token_type_ids=mm_token_type_ids, **kwargs)
+    hidden = latent.latent_hidden_states(self, input_ids, attention_mask, pixel_values, image_grid_thw,
+                                         mm_token_type_ids, latent_mask, latent_inputs, latent_fill_method)
+    if latent_inputs is not None:
+        self._latent_slot_hidden = hidden[:, :-1][latent_mask[:, 1:]]
+    return BaseModelOutputWithPast(last_hidden_state=hidden)
+
+
+def install_latent_forward(model) -> None:
+    """Make ``model(..., latent_mask=...)`` run the latent computation inside the backbone (idempotent)."""
+    bb = latent.backbone(model)
+    if getattr(bb, "_mirage_original_forward", None) is None:
+        bb._mirage_original_forward = bb.forward
+        bb.forward = types.MethodType(_latent_backbone_forward, bb)
+
+
+class MirageGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` whose rollouts interleave latent steps (see the module docstring).
+
+    Args: as ``GRPOTrainer``; ``model`` must be a loaded Qwen2.5-VL model (not a path) with latent tokens unless
+    ``latent_mode`` is ``none``; ``processing_class`` its processor (the tokenizer pads on the left).
+    Raises:
+        ValueError: tools or a ``rollout_func`` (not supported with latent rollouts), a model given as a path, a
+            latent mode the checkpoint cannot run, or Gaussian latents without ``latent_mode: hidden``.
+    """
+
+    _tag_names = ["trl", "grpo", "mirage-rl"]
+
+    def __init__(self, model, reward_funcs=None, args: MirageGRPOConfig | None = None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, callbacks=None, optimizers=(None, None), peft_config=None):
+        if isinstance(model, str):
+            raise ValueError("MirageGRPOTrainer needs a loaded model (mirage_rl.modeling.load_model), not a path")
+        if args is None or not isinstance(args, MirageGRPOConfig):
+            raise ValueError("args must be a MirageGRPOConfig")
+        self.latent_mode = args.latent_mode or getattr(model.config, "latent_mode", None) or "hidden"
+        if self.latent_mode not in LATENT_MODES:
+            raise ValueError(f"latent_mode must be one of {LATENT_MODES}, got {self.latent_mode!r}")
+        self.latent_tokens = None if self.latent_mode == "none" else LatentTokens.from_config(model.config)
+        self.latent_objective = args.latent_objective
+        if self.latent_objective == "gaussian" and self.latent_mode != "hidden":
+            raise ValueError(f"latent_objective: gaussian samples around hidden states: it needs latent_mode: hidden, "
+                             f"got {self.latent_mode!r}")
+        if processing_class is not None:
+            processing_class.tokenizer.padding_side = "left"
+        # The reference is a frozen copy of the policy with the same latent behaviour; TRL would rebuild the
+        # stock class from the checkpoint path, so it builds none (beta is set to 0 during its __init__).
+        beta, sync = args.beta, args.sync_ref_model
+        own_ref = beta != 0.0 and not is_peft_model(model) and peft_config is None
+        ref = copy.deepcopy(model).eval().requires_grad_(False) if own_ref else None
+        if own_ref:
+            args.beta, args.sync_ref_model = 0.0, False
+        try:
+            super().__init__(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
+                             eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
+                             optimizers=optimizers, peft_config=peft_config)
+        finally:
+            args.beta, args.sync_ref_model = beta, sync
+        self.beta = beta
+        if own_ref:
+            self.ref_model = self._prepare_reference(ref, args)
+        install_latent_forward(self.model)
+        if self.ref_model is not None:
+            install_latent_forward(self.accelerator.unwrap_model(self.ref_model))
+        self._rollout_latents = None  # Gaussian latents of the generation batch being scored
+        self._loss_latents = None  # Gaussian latents of the micro-batch in _compute_loss
+
+    def _prepare_reference(self, ref, args):
+        if args.disable_dropout:
+            disable_dropout_in_model(ref)
+        add_fused_lm_head(ref, temperature=self.temperature, cast_lm_head_to_fp32=args.cast_lm_head_to_fp32)
+        if self.is_deepspeed_enabled:
+            ref = prepare_deepspeed(ref, self.accelerator)
+        elif self.is_fsdp_enabled:
+            ref = prepare_fsdp(ref, self.accelerator)
+        else:
+            ref = self.accelerator.prepare_model(ref, evaluation_mode=True)
+        if args.sync_ref_model:
+            from trl.trainer.callbacks import SyncRefModelCallback
+
+            self.add_callback(SyncRefModelCallback(ref_model=ref, accelerator=self.accelerator))
+        return ref
+
+    # ----------------------------------------------------------------------------------------- rollouts
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        """TRL hook (``GRPOTrainer._generate_single_turn``): one latent-interleaved rollout per prompt row (the rows
+        already repeat each prompt ``num_generations`` times). Returns ``(completion_ids, logprobs)``: per row the
+        ids up to and including the first end-of-sequence token, and the sampling-time log-probs (0.0 at forced
+        positions; the Gaussian log-density at latent slots with ``latent_objective: gaussian``)."""
+        if self.tools or has_tool_images:
+            raise ValueError("MirageGRPOTrainer does not support tools")
+        device = self.accelerator.device
+        tensors = [torch.tensor(ids) for ids in prompt_ids]
+        batch = {"input_ids": pad(tensors, padding_value=self._tokenizer.pad_token_id, padding_side="left"),
+                 "attention_mask": pad([torch.ones_like(t) for t in tensors], padding_value=0, padding_side="left")}
+        for k, v in multimodal_fields.items():
+            if isinstance(v, torch.Tensor):
+                batch[k] = v
+            elif isinstance(v, list) and v and isinstance(v[0], list):  # per-token fields: left-pad like input_ids
+                batch[k] = pad([torch.tensor(x) for x in v], padding_value=0, padding_side="left")
+            else:
+                batch[k] = torch.as_tensor(v)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        suppress = [i for i in (getattr(self.model.config, "image_token_id", None),
+                                getattr(self.model.config, "video_token_id", None)) if i is not None]
+        sigma = self.args.latent_sigma if self.latent_objective == "gaussian" else None
+        with (unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                          gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                                          gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs)
+              as unwrapped, torch.no_grad()):
+            out = generate(unwrapped, self.processing_class, batch, max_new_tokens=self.max_completion_length,
+                           latent_mode=self.latent_mode, do_sample=True, temperature=self.temperature,
+                           top_p=self.top_p, return_logprobs=True, latent_sigma=sigma, suppress_token_ids=suppress)
+        eos = set(self.eos_token_ids) | {self._tokenizer.pad_token_id}
+        seqs, logps = out.sequences.tolist(), out.logprobs.tolist()
+        completion_ids, logprobs, latents = [], [], []
+        for i, row in enumerate(seqs):
+            n = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
+            completion_ids.append(row[:n])
+            logprobs.append(logps[i][:n])
+            if out.latents is not None:
+                slots, _ = self._slot_masks(out.sequences[i : i + 1, :n])
+                latents.append(out.latents[i, :n][slots[0]])
+        self._rollout_latents = _pad_latents(latents) if out.latents is not None else None
+        return completion_ids, logprobs
+
+    def _generate(self, prompts):
+        """TRL hook (``GRPOTrainer._generate``): as TRL, then the completions handed to the reward functions are
+        re-decoded with their latent tokens kept (TRL drops all special tokens), so ``format_reward`` sees the
+        latent block as ``<|latent_start|><|latent_pad|>...<|latent_end|>``."""
+        result = list(super()._generate(prompts))
+        completion_ids = result[1]
+        lt = self.latent_tokens
+        keep = {lt.start, lt.pad, lt.end} if lt else set()
+        special = set(self._tokenizer.all_special_ids) - keep
+        texts = [self._tokenizer.decode([t for t in ids if t not in special], skip_special_tokens=False)
+                 for ids in completion_ids]
+        conversational = result[3] and isinstance(result[3][0], list)
+        result[3] = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+        return tuple(result)
+
+    def _slot_masks(self, ids: torch.Tensor):
+        lt = self.latent_tokens
+        if lt is None:
+            z = torch.zeros_like(ids, dtype=torch.bool)
+            return z, z
+        return latent.slot_masks(ids, lt.start, lt.pad, lt.end, lt.latent_size)
+
+    def _generate_and_score_completions(self, inputs):
+        """TRL hook (``GRPOTrainer._generate_and_score_completions``): as TRL, then latent slots (unless Gaussian)
+        and forced ``<|latent_end|>`` tokens are removed from the loss through TRL's ``tool_mask`` (which
+        ``_compute_loss`` multiplies into the completion mask) and ``num_items_in_batch`` is recounted; Gaussian
+        latents travel with the batch as ``latent_values`` ``(B, S, H)``."""
+        self._rollout_latents = None
+        try:
+            output = super()._generate_and_score_completions(inputs)
+            slots, forced_end = self._slot_masks(output["completion_ids"])
+            keep = ~forced_end if self.latent_objective == "gaussian" else ~(slots | forced_end)
+            tool_mask = output.get("tool_mask")
+            tool_mask = keep.long() if tool_mask is None else tool_mask * keep.long()
+            output["tool_mask"] = tool_mask
+            output["num_items_in_batch"] = self.accelerator.gather((output["completion_mask"] * tool_mask).sum()).sum()
+            mode = "train" if self.model.training else "eval"
+            if self.latent_tokens is not None:
+                blocks = (output["completion_ids"] == self.latent_tokens.start).sum(1).float()
+                self._metrics[mode]["latent/blocks_per_completion"].append(self.accelerator.gather(blocks).mean().item())
+            if self._rollout_latents is not None:
+                output["latent_values"] = self._rollout_latents
+            return output
+        finally:
+            self._rollout_latents = None
+
+    def _compute_loss(self, model, inputs):
+        """TRL hook (``GRPOTrainer._compute_loss``): as TRL, with the micro-batch's Gaussian latents visible to
+        ``_get_per_token_logps_and_entropies``."""
+        self._loss_latents = inputs.get("latent_values")
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self._loss_latents = None
+
+    # ----------------------------------------------------------------------------------------- scoring
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, pixel_values=None,
+                                           image_grid_thw=None, num_images=None, pixel_attention_mask=None,
+                                           spatial_shapes=None, num_tiles=None, image_sizes=None, token_type_ids=None,
+                                           mm_token_type_ids=None, image_position_ids=None):
+        """TRL hook (``GRPOTrainer._get_per_token_logps_and_entropies``): per-token log-probs ``(B, C)`` float (and
+        entropies) of the last ``logits_to_keep`` = C tokens, with the latent slots computed as at sampling time:
+        recurrent fill (``hidden``), the pad embedding (``dummy``) or the stored Gaussian latents, whose
+        log-density replaces the slot's token log-prob. Runs through ``model(...)`` (TRL's fused LM head), so
+        DDP/DeepSpeed wrappers see a normal forward.
+
+        Raises:
+            ValueError: image inputs of another model family (only Qwen-style ``pixel_values`` + ``image_grid_thw``).
+        """
+        if any(x is not None for x in (pixel_attention_mask, spatial_shapes, num_tiles, image_sizes, token_type_ids,
+                                       image_position_ids)):
+            raise ValueError("MirageGRPOTrainer supports Qwen2.5-VL-style image inputs (pixel_values, image_grid_thw)")
+        batch_size = batch_size or input_ids.size(0)
+        slots, _ = self._slot_masks(input_ids)
+        slots[:, : input_ids.size(1) - logits_to_keep] = False  # only the completion holds rollout latents
+        values = self._loss_latents if self._loss_latents is not None else self._rollout_latents
+        gaussian = self.latent_objective == "gaussian"
+        if gaussian and bool(slots.any()) and values is None:
+            raise RuntimeError("Gaussian latents of this batch are missing (internal error: latent_values not passed)")
+        unwrapped = self.accelerator.unwrap_model(model)
+        all_logps, all_entropies, all_aux = [], [], []
+        cum_imgs = torch.tensor([0] + list(num_images)).cumsum(0) if num_images is not None else None
+        if pixel_values is not None and image_grid_thw is not None:
+            rows = torch.stack([s.sum() for s in torch.split(image_grid_thw.prod(-1), list(num_images))])
+            cum_rows = torch.cat([rows.new_zeros(1), rows.cumsum(0)])
+        for start in range(0, input_ids.size(0), batch_size):
+            end = min(start + batch_size, input_ids.size(0))
+            ids, am = input_ids[start:end], attention_mask[start:end]
+            inputs = {"input_ids": ids, "attention_mask": am}
+            if pixel_values is not None and image_grid_thw is not None:
+                inputs["pixel_values"] = pixel_values[int(cum_rows[start]):int(cum_rows[end])]
+                inputs["image_grid_thw"] = image_grid_thw[int(cum_imgs[start]):int(cum_imgs[end])]
+            if mm_token_type_ids is not None:
+                inputs["mm_token_type_ids"] = mm_token_type_ids[start:end]
+            chunk_slots = slots[start:end]
+            has_slots = bool(chunk_slots.any())
+            if has_slots and self.latent_mode == "hidden":
+                inputs["latent_mask"] = chunk_slots
+                inputs["latent_fill_method"] = self.args.latent_fill
+                if gaussian:
+                    v, n = values[start:end], chunk_slots.sum(1)
+                    inputs["latent_inputs"] = v[torch.arange(v.shape[1], device=v.device)[None] < n[:, None]]
+            if compute_aux_loss:
+                inputs["output_router_logits"] = True
+            labels = ids.masked_fill(am == 0, -100)
+            labels[:, :-logits_to_keep] = -100
+            with self.accelerator.autocast():
+                outputs = model(**inputs, labels=labels, fused_lm_head=True)
+            logps = outputs.log_probs[:, -logits_to_keep:]
+            if gaussian and has_slots:
+                h = latent.backbone(unwrapped)._latent_slot_hidden
+                z = inputs["latent_inputs"].to(h.dtype)
+                lp = -((z.float() - h.float()) ** 2).sum(-1) / (2 * self.args.latent_sigma ** 2)
+                logps = logps.masked_scatter(chunk_slots[:, -logits_to_keep:], lp.to(logps.dtype))
+            all_logps.append(logps)
+            if compute_entropy:
+                all_entropies.append(outputs.entropy[:, -logits_to_keep:])
+            if compute_aux_loss:
+                all_aux.append(outputs.aux_loss)
+        logps = torch.cat(all_logps, 0)
+        entropies = torch.cat(all_entropies, 0) if compute_entropy else None
+        aux = torch.stack(all_aux).mean() if compute_aux_loss else None
+        return logps, entropies, aux
+
+
+def _pad_latents(latents: list[torch.Tensor]) -> torch.Tensor:
+    """Per-row ``(n_i, H)`` latent inputs -> ``(B, max n_i, H)`` float32, zero-padded (at least one column)."""
+    width = max([1] + [x.shape[0] for x in latents])
+    out = latents[0].new_zeros(len(latents), width, latents[0].shape[-1])
+    for i, x in enumerate(latents):
+        out[i, : x.shape[0]] = x
+    return out

@@ -1,0 +1,194 @@
+"""GRPO with latent rollouts: TRL hook signatures, log-prob parity, loss masking, beta > 0, learning."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from trl import GRPOTrainer
+from trl.trainer.utils import add_fused_lm_head
+
+import rewards
+from conftest import scramble
+from mirage_rl.collator import LatentCollator
+from mirage_rl.generation import generate
+from mirage_rl.modeling import LatentTokens, load_model, load_processor
+from mirage_rl.trainers import MirageGRPOConfig, MirageGRPOTrainer
+
+# The TRL 1.16 methods MirageGRPOTrainer overrides or relies on, with the parameters it uses.
+TRL_HOOKS = {
+    "_generate_single_turn": ["self", "prompt_ids", "images", "multimodal_fields", "num_generations",
+                              "has_tool_images"],
+    "_generate": ["self", "prompts"],
+    "_generate_and_score_completions": ["self", "inputs"],
+    "_compute_loss": ["self", "model", "inputs"],
+    "_get_per_token_logps_and_entropies": [
+        "self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
+        "compute_aux_loss", "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+        "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRL_HOOKS))
+def test_overridden_trl_hooks_exist_with_expected_signature(name):
+    assert list(inspect.signature(getattr(GRPOTrainer, name)).parameters) == TRL_HOOKS[name]
+    ours = list(inspect.signature(getattr(MirageGRPOTrainer, name)).parameters)
+    assert ours == TRL_HOOKS[name]
+
+
+def test_trl_fused_head_forwards_extra_kwargs_to_the_backbone():
+    params = inspect.signature(add_fused_lm_head).parameters
+    assert list(params)[:3] == ["model", "temperature", "cast_lm_head_to_fp32"]
+    # the latent mask reaches the backbone through TRL's fused forward: `self.<base_model>(*args, **kwargs)`
+    src = inspect.getsource(add_fused_lm_head)
+    assert "getattr(self, backbone_attr)(*args, **kwargs)" in src
+
+
+@pytest.fixture(scope="module")
+def grpo_rows(small_rows):
+    return small_rows.remove_columns(["helper_image", "answer"])
+
+
+def make_trainer(tiny_dir, rows, tmp_path, std=0.25, start_bias=8.0, dtype=torch.float32, reward_funcs=None, **kw):
+    model, processor = load_model(tiny_dir), load_processor(tiny_dir)
+    scramble(model, seed=3, std=std)
+    lt = LatentTokens.from_config(model.config)
+    with torch.no_grad():  # make <|latent_start|> likely so that rollouts open latent blocks
+        model.lm_head.weight[lt.start] *= start_bias
+    model.to(dtype)
+    defaults = dict(output_dir=str(tmp_path / "grpo"), use_cpu=True, bf16=False, gradient_checkpointing=False,
+                    per_device_train_batch_size=8, num_generations=4, max_completion_length=20, report_to="none",
+                    save_strategy="no", logging_steps=1, seed=0, latent_sigma=0.5)
+    defaults.update(kw)
+    args = MirageGRPOConfig(**defaults)
+    funcs = reward_funcs or rewards.load_reward_funcs(["plan_success_reward", "format_reward"])
+    return MirageGRPOTrainer(model, funcs, args, train_dataset=rows, processing_class=processor), lt
+
+
+def rollout(trainer, rows, n_prompts=2, seed=0):
+    trainer.model.train()
+    torch.manual_seed(seed)
+    g = trainer.num_generations
+    return trainer._generate_and_score_completions([dict(rows[i]) for i in range(n_prompts) for _ in range(g)])
+
+
+def recompute(trainer, out, model=None, latent=True):
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+    am = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+    trainer._loss_latents = out.get("latent_values")
+    saved = trainer.latent_mode
+    if not latent:
+        trainer.latent_mode = "dummy"  # slots keep the pad embedding: what a latent-unaware scorer would do
+    try:
+        with torch.no_grad():
+            lp, _, _ = trainer._get_per_token_logps_and_entropies(
+                model or trainer.model, ids, am, out["completion_ids"].shape[1], pixel_values=out["pixel_values"],
+                image_grid_thw=out["image_grid_thw"], num_images=out["num_images"],
+                mm_token_type_ids=out["mm_token_type_ids"])
+    finally:
+        trainer._loss_latents, trainer.latent_mode = None, saved
+    return lp
+
+
+def text_after_block(out, lt):
+    """Completion text tokens that come after a latent block (scored under rollout latents)."""
+    ids = out["completion_ids"]
+    after = (ids == lt.end).long().cumsum(1) > 0
+    return after & (out["completion_mask"] * out["tool_mask"]).bool() & (ids != lt.end)
+
+
+@pytest.mark.parametrize("objective,dtype,tol", [("none", torch.float32, 1e-5), ("none", torch.float64, 1e-5),
+                                                 ("gaussian", torch.float32, 1e-5)])
+def test_recomputed_logprobs_match_sampling_logprobs(tiny_dir, grpo_rows, tmp_path, objective, dtype, tol):
+    trainer, lt = make_trainer(tiny_dir, grpo_rows, tmp_path, dtype=dtype, latent_objective=objective)
+    out = rollout(trainer, grpo_rows)
+    scored = (out["completion_mask"] * out["tool_mask"]).bool()
+    after = text_after_block(out, lt)
+    assert int(after.sum()) >= 5, "no text after a latent block: the test would not exercise the latent fill"
+    lp = recompute(trainer, out)
+    # atol on token log-probs; Gaussian slot log-densities are sums over H dims (~ -60), so rtol covers their rounding
+    torch.testing.assert_close(lp[scored], out["sampling_per_token_logps"][scored].to(lp.dtype), atol=tol, rtol=1e-6)
+    if objective == "gaussian":  # slots are scored with their Gaussian log-density, and match too
+        slots, _ = trainer._slot_masks(out["completion_ids"])
+        assert bool(scored[slots].all()) and bool((out["sampling_per_token_logps"][slots] < 0).all())
+    else:  # the check is sharp: scoring the same tokens without the rollout's latents differs
+        wrong = recompute(trainer, out, latent=False)
+        assert (wrong - out["sampling_per_token_logps"]).abs()[after].max().item() > 1e-3
+
+
+@pytest.mark.parametrize("objective", ["none", "gaussian"])
+def test_latent_slots_and_forced_end_are_left_out_of_the_loss(tiny_dir, grpo_rows, tmp_path, objective):
+    trainer, lt = make_trainer(tiny_dir, grpo_rows, tmp_path, latent_objective=objective)
+    out = rollout(trainer, grpo_rows)
+    ids, mask = out["completion_ids"], out["tool_mask"]
+    slots, forced_end = trainer._slot_masks(ids)
+    assert bool(slots.any()) and bool(forced_end.any())
+    assert bool((mask[forced_end] == 0).all())
+    assert bool((mask[slots] == (1 if objective == "gaussian" else 0)).all())
+    text = ~(slots | forced_end)
+    assert bool((mask[text] == 1).all())
+    assert int(out["num_items_in_batch"]) == int((out["completion_mask"] * mask).sum())
+    # the loss reads exactly the unmasked positions: moving the old log-prob of a masked position changes nothing
+    out["old_per_token_logps"] = recompute(trainer, out)
+    out["advantages"] = torch.linspace(-1.0, 1.0, len(ids))  # nonzero advantages (the rollout's rewards tie)
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop
+    with torch.no_grad():
+        base = trainer._compute_loss(trainer.model, out).item()
+
+        def loss_with_old_moved(where):
+            moved = dict(out, old_per_token_logps=out["old_per_token_logps"] + 0.5 * where.float())
+            return trainer._compute_loss(trainer.model, moved).item()
+
+        assert loss_with_old_moved(forced_end) == base
+        assert (loss_with_old_moved(slots) != base) == (objective == "gaussian")
+        assert loss_with_old_moved(text & out["completion_mask"].bool()) != base
+
+
+def test_beta_positive_uses_a_frozen_latent_copy_as_reference(tiny_dir, grpo_rows, tmp_path):
+    trainer, lt = make_trainer(tiny_dir, grpo_rows, tmp_path, beta=0.1, max_steps=3, learning_rate=5e-3,
+                               per_device_train_batch_size=8, num_generations=4, reward_funcs=[plan_letter_reward])
+    ref = trainer.ref_model
+    assert ref is not None and ref is not trainer.model
+    assert type(ref).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert ref.model._mirage_original_forward is not None  # same latent behaviour as the policy
+    assert not any(p.requires_grad for p in ref.parameters())
+    before = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    # at the start the reference scores a rollout exactly like the policy, latent fill included
+    out = rollout(trainer, grpo_rows)
+    assert int(text_after_block(out, lt).sum()) > 0
+    assert torch.allclose(recompute(trainer, out, model=ref), recompute(trainer, out), atol=1e-6)
+    trainer.train()
+    kl = [h["kl"] for h in trainer.state.log_history if "kl" in h]
+    assert len(kl) == 3 and all(k == k and k >= 0 for k in kl) and kl[-1] > 0
+    assert all(torch.equal(before[n], p) for n, p in ref.named_parameters())
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+
+
+def plan_letter_reward(completions, **kwargs):
+    """Toy reward the tiny model can reach: the fraction of completion characters that are plan letters."""
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [sum(ch in "LRUD" for ch in t) / max(1, len(t)) for t in texts]
+
+
+def sampled_reward(trainer, rows, n=4, seed=123):
+    model = trainer.model
+    model.eval()
+    collator = LatentCollator(trainer.processing_class, trainer.latent_tokens, "hidden", with_answer=False)
+    batch = collator([rows[i] for i in range(n) for _ in range(8)])
+    out = generate(model, trainer.processing_class, batch, max_new_tokens=12, do_sample=True,
+                   generator=torch.Generator().manual_seed(seed))
+    texts = [t.replace("<|im_end|>", "") for t in out.texts]
+    return sum(plan_letter_reward(texts)) / len(texts)
+
+
+def test_grpo_raises_a_reachable_toy_reward(tiny_dir, grpo_rows, tmp_path):
+    trainer, _ = make_trainer(tiny_dir, grpo_rows, tmp_path, start_bias=1.0, reward_funcs=[plan_letter_reward],
+                              per_device_train_batch_size=16, num_generations=8, max_completion_length=12,
+                              max_steps=16, learning_rate=3e-3)
+    before = sampled_reward(trainer, grpo_rows)
+    trainer.train()
+    after = sampled_reward(trainer, grpo_rows)
+    logged = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    assert after > before + 0.05, (before, after, logged)
+    assert sum(logged[-3:]) / 3 > sum(logged[:3]) / 3
