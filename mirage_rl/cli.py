@@ -1,4 +1,4 @@
-"""The ``mirage-rl`` command: ``build-data``, ``create-model``, ``sft``, ``eval``.
+"""The ``mirage-rl`` command: ``build-data``, ``create-model``, ``sft``, ``grpo``, ``eval``, ``pipeline``.
 
 Every sub-command is parsed by ``trl.TrlParser``: ``--config file.yaml`` sets values, the command line
 overrides them, an unknown key is an error.
@@ -17,7 +17,9 @@ commands:
   build-data    render the VSP training set (Mirage train maps + generated maps) to a datasets folder
   create-model  build the tiny offline Qwen2.5-VL (tokenizer, image processor, latent tokens)
   sft           train Mirage stage 1 or stage 2 (or Direct SFT / dummy latents) from a recipe
+  grpo          GRPO with latent-interleaved rollouts and reward plugins, from a recipe
   eval          evaluate a checkpoint on a VSP folder (report.json, samples.jsonl, plot)
+  pipeline      stage 1 -> stage 2 -> GRPO -> eval from one recipe folder, with a summary table
 """
 
 
@@ -69,6 +71,19 @@ def main(argv: list[str] | None = None) -> int:
 
         script_args, training_args, model_args = _parse((SFTScriptArguments, MirageSFTConfig, ModelConfig), rest)
         run_sft(script_args, training_args, model_args)
+    elif cmd == "grpo":
+        from trl import ModelConfig
+
+        from .grpo import GRPOScriptArguments, run_grpo
+        from .trainers import MirageGRPOConfig
+
+        script_args, training_args, model_args = _parse((GRPOScriptArguments, MirageGRPOConfig, ModelConfig), rest)
+        run_grpo(script_args, training_args, model_args)
+    elif cmd == "pipeline":
+        from .pipeline import PipelineArguments, run_pipeline
+
+        (args,) = _parse((PipelineArguments,), rest)
+        run_pipeline(args)
     elif cmd == "eval":
         from .evaluation import EvalArguments, evaluate, format_table
 

@@ -69,13 +69,13 @@ def load_reward_funcs(names: list[str], reward_kwargs: dict | None = None) -> li
         raise ValueError(f"reward_funcs is empty: name at least one of {', '.join(sorted(REWARD_FUNCS))}")
     if len(set(names)) != len(names):
         raise ValueError(f"reward_funcs lists a reward twice: {names}")
+    resolved = [resolve_reward(name) for name in names]  # unknown names first: the error lists the known ones
     reward_kwargs = dict(reward_kwargs or {})
     extra = set(reward_kwargs) - set(names)
     if extra:
         raise ValueError(f"reward_kwargs has entries for {sorted(extra)}, which are not in reward_funcs {names}")
     funcs = []
-    for name in names:
-        fn = resolve_reward(name)
+    for name, fn in zip(names, resolved):
         kwargs = reward_kwargs.get(name) or {}
         if not isinstance(kwargs, dict):
             raise ValueError(f"reward_kwargs[{name!r}] must be a mapping of keyword arguments, got {kwargs!r}")

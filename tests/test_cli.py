@@ -28,19 +28,31 @@ def test_recipe_unknown_key_is_an_error(tmp_path):
 
 
 def test_recipes_parse(tmp_path):
-    from pathlib import Path
-
     from trl import ModelConfig, TrlParser
 
+    from mirage_rl.evaluation import EvalArguments
+    from mirage_rl.grpo import GRPOScriptArguments
     from mirage_rl.sft import SFTScriptArguments
-    from mirage_rl.trainers import MirageSFTConfig
+    from mirage_rl.trainers import MirageGRPOConfig, MirageSFTConfig
 
     recipes = sorted(Path(__file__).resolve().parents[1].glob("recipes/**/*.yaml"))
-    assert recipes
+    kinds = {r.name.split("_")[0] for r in recipes}
+    assert {"stage1", "stage2", "grpo", "eval"} <= kinds
     for r in recipes:
-        s, t, m = TrlParser((SFTScriptArguments, MirageSFTConfig, ModelConfig)).parse_args_and_config(
+        if r.name.startswith("eval_"):
+            (e,) = TrlParser((EvalArguments,)).parse_args_and_config(["--config", str(r), "--model", "m"])
+            assert e.max_new_tokens > 0
+            continue
+        types = ((GRPOScriptArguments, MirageGRPOConfig, ModelConfig) if r.name.startswith("grpo_")
+                 else (SFTScriptArguments, MirageSFTConfig, ModelConfig))
+        s, t, m = TrlParser(types).parse_args_and_config(
             ["--config", str(r), "--output_dir", str(tmp_path / "o"), "--use_cpu", "true", "--bf16", "false"])
-        assert t.latent_size >= 1 and m.model_name_or_path
+        assert m.model_name_or_path
+        if r.name.startswith("grpo_"):
+            assert t.num_generations == 8 and s.reward_funcs == ["plan_success_reward", "format_reward"]
+            assert t.reward_weights == [1.0, 0.1]
+        else:
+            assert t.latent_size >= 1
 
 
 def test_sft_command_runs_a_recipe_and_records_the_latent_mode(tiny_dir, small_dataset_dir, vsp_dir, tmp_path):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 import types
 from dataclasses import dataclass, field
 
@@ -157,6 +158,7 @@ class MirageGRPOTrainer(GRPOTrainer):
             install_latent_forward(self.accelerator.unwrap_model(self.ref_model))
         self._rollout_latents = None  # Gaussian latents of the generation batch being scored
         self._loss_latents = None  # Gaussian latents of the micro-batch in _compute_loss
+        self._generation_time = 0.0  # seconds of latent decoding in the current generation batch
 
     def _prepare_reference(self, ref, args):
         if args.disable_dropout:
@@ -197,6 +199,7 @@ class MirageGRPOTrainer(GRPOTrainer):
         suppress = [i for i in (getattr(self.model.config, "image_token_id", None),
                                 getattr(self.model.config, "video_token_id", None)) if i is not None]
         sigma = self.args.latent_sigma if self.latent_objective == "gaussian" else None
+        t0 = time.perf_counter()
         with (unwrap_model_for_generation(self.model_wrapped, self.accelerator,
                                           gather_deepspeed3_params=self.args.ds3_gather_for_generation,
                                           gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs)
@@ -204,6 +207,7 @@ class MirageGRPOTrainer(GRPOTrainer):
             out = generate(unwrapped, self.processing_class, batch, max_new_tokens=self.max_completion_length,
                            latent_mode=self.latent_mode, do_sample=True, temperature=self.temperature,
                            top_p=self.top_p, return_logprobs=True, latent_sigma=sigma, suppress_token_ids=suppress)
+        self._generation_time += time.perf_counter() - t0
         eos = set(self.eos_token_ids) | {self._tokenizer.pad_token_id}
         seqs, logps = out.sequences.tolist(), out.logprobs.tolist()
         completion_ids, logprobs, latents = [], [], []
@@ -243,17 +247,22 @@ class MirageGRPOTrainer(GRPOTrainer):
         """TRL hook (``GRPOTrainer._generate_and_score_completions``): as TRL, then latent slots (unless Gaussian)
         and forced ``<|latent_end|>`` tokens are removed from the loss through TRL's ``tool_mask`` (which
         ``_compute_loss`` multiplies into the completion mask) and ``num_items_in_batch`` is recounted; Gaussian
-        latents travel with the batch as ``latent_values`` ``(B, S, H)``."""
+        latents travel with the batch as ``latent_values`` ``(B, S, H)``. Logs ``time/generation`` (latent
+        decoding) and ``time/scoring`` (the rest: image processing, old/reference log-probs, rewards, advantages)
+        in seconds, and ``latent/blocks_per_completion``."""
         self._rollout_latents = None
+        self._generation_time, t0 = 0.0, time.perf_counter()
         try:
             output = super()._generate_and_score_completions(inputs)
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["time/generation"].append(self._generation_time)
+            self._metrics[mode]["time/scoring"].append(time.perf_counter() - t0 - self._generation_time)
             slots, forced_end = self._slot_masks(output["completion_ids"])
             keep = ~forced_end if self.latent_objective == "gaussian" else ~(slots | forced_end)
             tool_mask = output.get("tool_mask")
             tool_mask = keep.long() if tool_mask is None else tool_mask * keep.long()
             output["tool_mask"] = tool_mask
             output["num_items_in_batch"] = self.accelerator.gather((output["completion_mask"] * tool_mask).sum()).sum()
-            mode = "train" if self.model.training else "eval"
             if self.latent_tokens is not None:
                 blocks = (output["completion_ids"] == self.latent_tokens.start).sum(1).float()
                 self._metrics[mode]["latent/blocks_per_completion"].append(self.accelerator.gather(blocks).mean().item())

@@ -1,0 +1,122 @@
+"""``mirage-rl grpo``: parse a recipe, load the stage-2 checkpoint and the data, train GRPO with latent rollouts,
+save the policy, its training log and a reward curve (thin entry point)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from trl import ModelConfig
+
+from .atomic import atomic_write_text
+from .modeling import LatentTokens, load_model, load_processor, save_pretrained
+from .sft import SFTScriptArguments, load_train_split
+from .trainers import MirageGRPOConfig, MirageGRPOTrainer
+
+logger = logging.getLogger(__name__)
+
+# Columns the SFT stages need and GRPO does not: dropped so that reward functions do not decode helper images.
+SFT_ONLY_COLUMNS = ("helper_image", "answer")
+
+
+@dataclass
+class GRPOScriptArguments(SFTScriptArguments):
+    """Data and reward arguments of a GRPO recipe.
+
+    ``reward_kwargs`` maps a reward name to its options (``{plan_success_reward: {rule: strict}}``); on the
+    command line it is a JSON string.
+    """
+
+    reward_funcs: list[str] = field(default_factory=lambda: ["plan_success_reward", "format_reward"],
+                                    metadata={"help": "Shipped reward names (rewards.REWARD_FUNCS) or dotted paths."})
+    reward_kwargs: dict | str | None = field(default=None, metadata={"help": "{reward_name: {option: value}}."})
+
+    def __post_init__(self):
+        if isinstance(self.reward_kwargs, str):
+            try:
+                self.reward_kwargs = json.loads(self.reward_kwargs)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"reward_kwargs must be a JSON object, got {self.reward_kwargs!r}: {e}") from e
+
+
+def run_grpo(script_args: GRPOScriptArguments, training_args: MirageGRPOConfig, model_args: ModelConfig):
+    """Train GRPO and save model + processor, ``train_log.json`` and ``reward_curve.png`` to
+    ``training_args.output_dir``; returns the trainer.
+
+    Raises:
+        ValueError: an unknown reward name (listing the known ones) or a checkpoint without latent tokens when the
+            latent mode needs them (before any model is trained).
+    """
+    import rewards
+
+    reward_funcs = rewards.load_reward_funcs(script_args.reward_funcs, script_args.reward_kwargs)
+    if training_args.reward_weights is not None and len(training_args.reward_weights) != len(reward_funcs):
+        raise ValueError(f"reward_weights has {len(training_args.reward_weights)} values for "
+                         f"{len(reward_funcs)} reward_funcs {script_args.reward_funcs}")
+    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+    model = load_model(model_args.model_name_or_path, dtype=dtype or torch.float32,
+                       attn_implementation=model_args.attn_implementation)
+    processor = load_processor(model_args.model_name_or_path)
+    mode = training_args.latent_mode or getattr(model.config, "latent_mode", None) or "hidden"
+    if mode != "none":
+        LatentTokens.from_config(model.config, where=model_args.model_name_or_path)
+    train = load_train_split(script_args)
+    train = train.remove_columns([c for c in SFT_ONLY_COLUMNS if c in train.column_names])
+    trainer = MirageGRPOTrainer(model=model, reward_funcs=reward_funcs, args=training_args, train_dataset=train,
+                                processing_class=processor)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if trainer.accelerator.is_main_process:
+        final = trainer.accelerator.unwrap_model(trainer.model)
+        final.config.latent_mode = trainer.latent_mode
+        save_pretrained(final, processor, training_args.output_dir)
+        out = Path(training_args.output_dir)
+        history = trainer.state.log_history
+        atomic_write_text(out / "train_log.json", json.dumps(history, indent=1) + "\n")
+        plot_rewards(history, out / "reward_curve.png", title=f"GRPO {Path(model_args.model_name_or_path).name}")
+        logger.info("GRPO time split (s/step): %s", json.dumps(time_split(history)))
+    return trainer
+
+
+def time_split(history: list[dict]) -> dict:
+    """Mean seconds per optimizer step spent in generation (latent rollouts), scoring (log-probs of the old and
+    reference policies, rewards, advantages) and optimisation (the rest of the step: loss, backward, update), over
+    the logged steps. Valid with ``steps_per_generation == gradient_accumulation_steps == 1``."""
+    rows = [h for h in history if "time/generation" in h and "step_time" in h]
+    if not rows:
+        return {}
+    gen = sum(h["time/generation"] for h in rows) / len(rows)
+    score = sum(h["time/scoring"] for h in rows) / len(rows)
+    step = sum(h["step_time"] for h in rows) / len(rows)
+    return {"step_s": round(step, 4), "generation_s": round(gen, 4), "scoring_s": round(score, 4),
+            "optimisation_s": round(step - gen - score, 4), "logged_steps": len(rows)}
+
+
+def plot_rewards(history: list[dict], path: str | os.PathLike, title: str = "GRPO") -> None:
+    """Mean total reward and each reward function's mean per logged step (PNG, written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [h for h in history if "reward" in h and "step" in h]
+    if not rows:
+        return
+    steps = [h["step"] for h in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [h["reward"] for h in rows], label="reward (weighted sum)", lw=2)
+    for key in sorted({k for h in rows for k in h if k.startswith("rewards/") and k.endswith("/mean")}):
+        ax.plot(steps, [h.get(key, float("nan")) for h in rows], label=key.split("/")[1], lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean reward")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)

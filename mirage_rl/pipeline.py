@@ -1,0 +1,155 @@
+"""``mirage-rl pipeline``: stage 1 -> stage 2 -> GRPO -> evaluation from one recipe folder.
+
+The folder holds one recipe per stage and model variant, ``{stage}_{variant}.yaml`` (``stage1_tiny.yaml``,
+``grpo_qwen2.5_vl_7b.yaml``, ...) and the evaluation settings ``eval_{variant}.yaml``. Each stage starts from the
+previous stage's output (its ``model_name_or_path`` is overridden); stage 1 starts from its recipe's model. After
+each stage the checkpoint is evaluated and ``pipeline_summary.md`` / ``.json`` (one row per stage) are rewritten.
+A stage whose output folder already holds a finished model is not retrained (logged; delete the folder to
+retrain), so an interrupted pipeline resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .atomic import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("stage1", "stage2", "grpo")
+
+
+@dataclass
+class PipelineArguments:
+    """Arguments of ``mirage-rl pipeline``."""
+
+    recipe_dir: str = field(default="recipes/vsp_spatial_planning", metadata={"help": "Folder of the stage recipes."})
+    variant: str = field(default="tiny", metadata={"help": "Recipe suffix: tiny, qwen2.5_vl_7b, ..."})
+    stages: list[str] = field(default_factory=lambda: list(STAGES), metadata={"help": f"A sub-sequence of {STAGES}."})
+    output_root: str | None = field(default=None, metadata={
+        "help": "Put stage S in OUTPUT_ROOT/S (default: each recipe's output_dir) and the summary in OUTPUT_ROOT."})
+    evaluate: bool = field(default=True, metadata={"help": "Evaluate after each stage."})
+    retrain: bool = field(default=False, metadata={"help": "Retrain stages whose output already holds a model."})
+
+
+def recipe_path(args: PipelineArguments, name: str) -> Path:
+    """``{recipe_dir}/{name}_{variant}.yaml``; raises ``FileNotFoundError`` listing the variants that exist."""
+    path = Path(args.recipe_dir) / f"{name}_{args.variant}.yaml"
+    if not path.exists():
+        have = sorted({p.stem.split("_", 1)[1] for p in Path(args.recipe_dir).glob(f"{name}_*.yaml")})
+        raise FileNotFoundError(f"{path}: no {name} recipe for variant {args.variant!r} (variants in "
+                                f"{args.recipe_dir}: {have or 'none'})")
+    return path
+
+
+def finished(output_dir: str | Path) -> bool:
+    """True when ``output_dir`` holds a saved model (written atomically by ``save_pretrained``)."""
+    out = Path(output_dir)
+    return (out / "config.json").exists() and any(out.glob("model*.safetensors"))
+
+
+def _parse(types, argv):
+    from trl import TrlParser
+
+    return TrlParser(types).parse_args_and_config(args=argv)
+
+
+def run_stage(stage: str, argv: list[str], retrain: bool = False) -> str:
+    """Parse and run one stage (unless its output holds a finished model and not ``retrain``); returns its output
+    folder. Raises ``ValueError`` when an SFT recipe's ``stage`` differs from the pipeline stage."""
+    from trl import ModelConfig
+
+    if stage == "grpo":
+        from .grpo import GRPOScriptArguments, run_grpo
+        from .trainers import MirageGRPOConfig
+
+        script, train, model = _parse((GRPOScriptArguments, MirageGRPOConfig, ModelConfig), argv)
+        runner = run_grpo
+    else:
+        from .sft import SFTScriptArguments, run_sft
+        from .trainers import MirageSFTConfig
+
+        script, train, model = _parse((SFTScriptArguments, MirageSFTConfig, ModelConfig), argv)
+        expected = int(stage[-1])
+        if train.stage != expected:
+            raise ValueError(f"{argv[1]}: recipe says stage: {train.stage}, the pipeline runs it as {stage}")
+        runner = run_sft
+    if finished(train.output_dir) and not retrain:
+        logger.warning("%s: %s already holds a finished model; not retraining it (delete the folder or pass "
+                       "--retrain true)", stage, train.output_dir)
+    else:
+        runner(script, train, model)
+    return train.output_dir
+
+
+def run_pipeline(args: PipelineArguments) -> list[dict]:
+    """Run the stages in order, evaluating after each; returns the summary rows.
+
+    Raises:
+        ValueError: unknown or out-of-order stages. FileNotFoundError: a missing recipe (listing the variants).
+    """
+    from accelerate import PartialState
+
+    unknown = [s for s in args.stages if s not in STAGES]
+    if unknown or list(args.stages) != [s for s in STAGES if s in args.stages]:
+        raise ValueError(f"stages must be an ordered sub-sequence of {list(STAGES)}, got {args.stages}")
+    paths = {s: recipe_path(args, s) for s in args.stages}
+    eval_path = recipe_path(args, "eval") if args.evaluate else None
+    state = PartialState()
+    rows: list[dict] = []
+    prev: str | None = None
+    root = Path(args.output_root) if args.output_root else None
+    for stage in args.stages:
+        argv = ["--config", str(paths[stage])]
+        if prev is not None:
+            argv += ["--model_name_or_path", prev]
+        if root is not None:
+            argv += ["--output_dir", str(root / stage)]
+        logger.info("pipeline: %s from %s", stage, paths[stage])
+        prev = run_stage(stage, argv, retrain=args.retrain)
+        state.wait_for_everyone()
+        if eval_path is not None:
+            if state.is_main_process:
+                rows.append(evaluate_stage(stage, prev, eval_path))
+                write_summary(rows, root or Path(prev).parent)
+            state.wait_for_everyone()
+    return rows
+
+
+def evaluate_stage(stage: str, model_dir: str, eval_recipe: Path) -> dict:
+    from .evaluation import EvalArguments, evaluate, format_table
+
+    out = Path(model_dir) / "eval"
+    (eval_args,) = _parse((EvalArguments,), ["--config", str(eval_recipe), "--model", model_dir,
+                                             "--output_dir", str(out)])
+    report = evaluate(eval_args)
+    print(f"\n== {stage}: {model_dir}\n{format_table(report)}")
+    return {"stage": stage, "model": model_dir, "latent_mode": report["latent_mode"], "n": report["n"],
+            "accuracy": report["accuracy"], "accuracy_strict": report["accuracy_strict"],
+            "invalid_rate": report["invalid_rate"],
+            "by_level": {lv: s["accuracy"] for lv, s in report["by_level"].items()},
+            "report": str(out / "report.json")}
+
+
+def format_summary(rows: list[dict]) -> str:
+    """Markdown table: one row per stage, official accuracy per level, overall official / strict / invalid."""
+    levels = sorted({lv for r in rows for lv in r["by_level"]}, key=int)
+    head = ["stage", "latent mode", *[f"level {lv}" for lv in levels], "all", "all (strict)", "invalid"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["stage"], r["latent_mode"], *[f"{r['by_level'].get(lv, float('nan')):.3f}" for lv in levels],
+                 f"{r['accuracy']:.3f}", f"{r['accuracy_strict']:.3f}", f"{r['invalid_rate']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(rows: list[dict], root: str | os.PathLike) -> None:
+    root = Path(root)
+    atomic_write_text(root / "pipeline_summary.json", json.dumps(rows, indent=2) + "\n")
+    atomic_write_text(root / "pipeline_summary.md", "# Evaluation after each stage (VSP spatial planning)\n\n"
+                      "Accuracy = official VSP rule; strict = Mirage rule.\n\n" + format_summary(rows))
+    print("\n" + format_summary(rows))

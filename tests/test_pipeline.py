@@ -1,0 +1,79 @@
+"""The GRPO command and the stage1 -> stage2 -> GRPO -> eval pipeline, on the shipped tiny recipes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mirage_rl.cli import main
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "vsp_spatial_planning"
+
+
+@pytest.fixture()
+def short_recipes(tmp_path, tiny_dir, small_dataset_dir, vsp_dir):
+    """The shipped tiny recipes with a few steps each and test paths."""
+    out = tmp_path / "recipes"
+    out.mkdir()
+    steps = {"stage1": 3, "stage2": 3, "grpo": 2}
+    for stage, n in steps.items():
+        cfg = yaml.safe_load((RECIPES / f"{stage}_tiny.yaml").read_text())
+        cfg.update(max_steps=n, save_strategy="no", dataset_path=str(small_dataset_dir), logging_steps=1)
+        if stage == "stage1":
+            cfg["model_name_or_path"] = str(tiny_dir)
+        if stage == "grpo":
+            cfg.update(per_device_train_batch_size=8, num_generations=4, max_completion_length=16)
+        (out / f"{stage}_tiny.yaml").write_text(yaml.safe_dump(cfg))
+    ev = yaml.safe_load((RECIPES / "eval_tiny.yaml").read_text())
+    ev.update(benchmark_dir=str(vsp_dir / "maze_planning"), limit=6, max_new_tokens=16)
+    (out / "eval_tiny.yaml").write_text(yaml.safe_dump(ev))
+    return out
+
+
+def test_pipeline_runs_every_stage_evaluates_and_resumes(short_recipes, tmp_path, caplog):
+    root = tmp_path / "run"
+    argv = ["pipeline", "--recipe_dir", str(short_recipes), "--variant", "tiny", "--output_root", str(root)]
+    assert main(argv) == 0
+    rows = json.loads((root / "pipeline_summary.json").read_text())
+    assert [r["stage"] for r in rows] == ["stage1", "stage2", "grpo"]
+    assert all(r["n"] == 6 for r in rows)
+    md = (root / "pipeline_summary.md").read_text()
+    assert md.count("\n| stage | latent mode") == 1 and "| grpo | hidden |" in md
+    for stage in ("stage1", "stage2", "grpo"):
+        assert (root / stage / "model.safetensors").exists()
+        assert (root / stage / "eval" / "report.json").exists()
+    assert (root / "grpo" / "reward_curve.png").read_bytes()[:4] == b"\x89PNG"
+    log = json.loads((root / "grpo" / "train_log.json").read_text())
+    assert any("time/generation" in h and "rewards/format_reward/mean" in h for h in log)
+    # GRPO started from stage 2's output: the recipe's model_name_or_path was overridden
+    assert json.loads((root / "grpo" / "config.json").read_text())["latent_mode"] == "hidden"
+    # a second run finds every stage finished: nothing is retrained, the summary is rebuilt
+    before = (root / "grpo" / "model.safetensors").stat().st_mtime_ns
+    caplog.clear()
+    assert main(argv) == 0
+    assert (root / "grpo" / "model.safetensors").stat().st_mtime_ns == before
+    assert sum("not retraining" in r.message for r in caplog.records) == 3
+
+
+def test_pipeline_names_the_missing_recipe_and_the_variants(short_recipes):
+    with pytest.raises(FileNotFoundError, match=r"stage1_huge.yaml.*variants in .*\['tiny'\]"):
+        main(["pipeline", "--recipe_dir", str(short_recipes), "--variant", "huge"])
+    with pytest.raises(ValueError, match="ordered sub-sequence"):
+        main(["pipeline", "--recipe_dir", str(short_recipes), "--stages", "grpo", "stage1"])
+
+
+def test_grpo_unknown_reward_fails_at_start_up_with_the_known_names(short_recipes, tmp_path):
+    out = tmp_path / "g"
+    with pytest.raises(ValueError, match="known rewards are choice_accuracy_reward, format_reward"):
+        main(["grpo", "--config", str(short_recipes / "grpo_tiny.yaml"), "--reward_funcs", "plan_succes",
+              "--output_dir", str(out)])
+    assert not out.exists()
+
+
+def test_grpo_rejects_a_reward_weight_count_mismatch(short_recipes, tmp_path):
+    with pytest.raises(ValueError, match="reward_weights has 1 values for 2 reward_funcs"):
+        main(["grpo", "--config", str(short_recipes / "grpo_tiny.yaml"), "--reward_weights", "1.0",
+              "--output_dir", str(tmp_path / "g")])
