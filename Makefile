@@ -1,4 +1,4 @@
-# mirage-rl: `make demo` (tiny model, CPU, <= 25 min) and `make test`.
+# mirage-rl: `make demo` (tiny model, CPU, <= 35 min) and `make test`.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -25,9 +25,8 @@ install: $(VENV)/.installed
 demo: install
 	$(CLI) build-data --config data/vsp_spatial_planning.yaml
 	$(CLI) create-model --output_dir $(TINY)
-	$(CLI) sft --config $(RECIPES)/stage1_tiny.yaml
-	$(CLI) sft --config $(RECIPES)/stage2_tiny.yaml
-	$(CLI) eval --model outputs/demo/stage2 --output_dir outputs/demo/eval
+	# stage 1 -> stage 2 -> GRPO, evaluated after each; summary in outputs/demo/pipeline_summary.md
+	$(CLI) pipeline --recipe_dir $(RECIPES) --variant tiny
 
 # The two controls of the demo, same data and budget: Direct SFT (no latent block) and dummy latents.
 baselines: install
