@@ -60,7 +60,8 @@ def embed_inputs(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | No
         pixel_values: ``(P, C*T*p*p)`` float, the processor's flattened patches of all images, or None.
         image_grid_thw: ``(N_images, 3)`` long.
     Returns:
-        ``(B, L, H)`` in the embedding dtype. The vision tower runs without gradients (it is frozen).
+        ``(B, L, H)`` in the embedding dtype. The vision tower runs without gradients unless it has trainable
+        parameters (``train_vision_tower``; Mirage keeps it frozen).
     Raises:
         ValueError: if the number of image tokens does not match the image features (a truncated prompt).
     """
@@ -68,7 +69,8 @@ def embed_inputs(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | No
     if pixel_values is None:
         return embeds
     inner = backbone(model)
-    with torch.no_grad():
+    trainable = torch.is_grad_enabled() and any(p.requires_grad for p in inner.visual.parameters())
+    with torch.set_grad_enabled(trainable):
         feats = inner.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output
     feats = torch.cat(feats, 0).to(embeds.dtype)
     mask = input_ids == inner.config.image_token_id

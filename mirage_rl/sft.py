@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import ModelConfig
 
+from . import latent
 from .modeling import LatentTokens, add_latent_tokens, load_model, load_processor, save_pretrained
 from .trainers import MirageSFTConfig, Stage1Trainer, Stage2Trainer
 
@@ -50,6 +51,8 @@ def run_sft(script_args: SFTScriptArguments, training_args: MirageSFTConfig, mod
                        trust_remote_code=getattr(model_args, "trust_remote_code", False),
                        attn_implementation=model_args.attn_implementation)
     processor = load_processor(model_args.model_name_or_path)
+    if training_args.train_vision_tower:
+        latent.backbone(model).visual.requires_grad_(True)
     if training_args.latent_mode != "none":
         has = getattr(model.config, "latent_token_ids", None) is not None
         if not has and training_args.stage == 1:

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 import rewards
-from rewards import choice_accuracy_reward, format_reward, load_reward_funcs, plan_success_reward
+from rewards import (
+    choice_accuracy_reward,
+    format_reward,
+    load_reward_funcs,
+    plan_success_reward,
+)
 
 BLOCK = "<|latent_start|>" + "<|latent_pad|>" * 4 + "<|latent_end|>"
 # player (1) at the top left, goal (2) at the bottom right, a hole (-1) at the top right

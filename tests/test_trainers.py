@@ -69,3 +69,17 @@ def test_latent_size_mismatch_is_a_clear_error(tiny, small_rows, tmp_path):
 def test_config_rejects_stage1_without_latents(tmp_path):
     with pytest.raises(ValueError, match="stage 1 teacher-forces"):
         _config(tmp_path, stage=1, latent_mode="none")
+
+
+def test_train_vision_tower_trains_it_in_stage2_and_is_refused_in_stage1(tiny, small_rows, tmp_path):
+    from mirage_rl.latent import backbone
+
+    with pytest.raises(ValueError, match="stage 2 only"):
+        _config(tmp_path, stage=1, train_vision_tower=True)
+    model, processor = tiny
+    visual = backbone(model).visual
+    assert not any(p.requires_grad for p in visual.parameters())  # frozen by default (Mirage)
+    visual.requires_grad_(True)  # what `mirage-rl sft` does for train_vision_tower: true
+    _, unchanged, _ = _train(Stage2Trainer, model, processor, small_rows,
+                             _config(tmp_path, stage=2, train_vision_tower=True))
+    assert not unchanged and any(p.requires_grad for p in visual.parameters())

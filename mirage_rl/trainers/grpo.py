@@ -115,8 +115,8 @@ class MirageGRPOTrainer(GRPOTrainer):
     Args: as ``GRPOTrainer``; ``model`` must be a loaded Qwen2.5-VL model (not a path) with latent tokens unless
     ``latent_mode`` is ``none``; ``processing_class`` its processor (the tokenizer pads on the left).
     Raises:
-        ValueError: tools or a ``rollout_func`` (not supported with latent rollouts), a model given as a path, a
-            latent mode the checkpoint cannot run, or Gaussian latents without ``latent_mode: hidden``.
+        ValueError: a model given as a path, a missing processor, a latent mode the checkpoint cannot run, or
+            Gaussian latents without ``latent_mode: hidden``; tools at rollout time.
     """
 
     _tag_names = ["trl", "grpo", "mirage-rl"]
@@ -135,8 +135,9 @@ class MirageGRPOTrainer(GRPOTrainer):
         if self.latent_objective == "gaussian" and self.latent_mode != "hidden":
             raise ValueError(f"latent_objective: gaussian samples around hidden states: it needs latent_mode: hidden, "
                              f"got {self.latent_mode!r}")
-        if processing_class is not None:
-            processing_class.tokenizer.padding_side = "left"
+        if processing_class is None or not hasattr(processing_class, "image_processor"):
+            raise ValueError("processing_class must be the model's processor (mirage_rl.modeling.load_processor)")
+        processing_class.tokenizer.padding_side = "left"
         # The reference is a frozen copy of the policy with the same latent behaviour; TRL would rebuild the
         # stock class from the checkpoint path, so it builds none (beta is set to 0 during its __init__).
         beta, sync = args.beta, args.sync_ref_model

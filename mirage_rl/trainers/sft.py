@@ -49,6 +49,9 @@ class MirageSFTConfig(SFTConfig):
     compress: str = field(default="average", metadata={"help": f"Stage-1 pooling, one of {COMPRESS_MODES}."})
     gamma: float = field(default=0.1, metadata={"help": "Stage-1 weight of the CE loss (paper: 0.1)."})
     latent_fill: str = field(default="auto", metadata={"help": "auto, cached or multipass."})
+    train_vision_tower: bool = field(default=False, metadata={
+        "help": "Train the vision tower too (for from-scratch models; Mirage keeps a pretrained one frozen). "
+                "Stage 1 needs it frozen: its targets come from the same tower."})
     max_length: int | None = field(default=None, metadata={"help": "Longer rows raise; never truncated."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Must be False: the collator reads the raw columns."})
 
@@ -68,6 +71,9 @@ class MirageSFTConfig(SFTConfig):
             raise ValueError(f"compress must be one of {COMPRESS_MODES}, got {self.compress!r}")
         if self.latent_size < 1:
             raise ValueError(f"latent_size must be >= 1, got {self.latent_size}")
+        if self.train_vision_tower and self.stage == 1:
+            raise ValueError("train_vision_tower with stage 1: the helper-image targets come from the vision tower, "
+                             "which would learn to collapse them; train it in stage 2 only")
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns must be False: the latent collator needs the raw dataset columns")
 
