@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write_text
+from .atomic import atomic_save_figure, atomic_write_text
 from .collator import LatentCollator
 from .data import vsp
 from .generation import generate
@@ -81,11 +81,7 @@ def plot_by_level(report: dict, path: str | os.PathLike, title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_save_figure(fig, path)
 
 
 def evaluate(args: EvalArguments, model=None, processor=None) -> dict:

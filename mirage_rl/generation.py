@@ -115,8 +115,8 @@ def generate(model, processor, batch: dict, max_new_tokens: int = 64, latent_mod
             nxt_emb = torch.where(in_latent[:, None], z.to(nxt_emb.dtype), nxt_emb)
         if return_logprobs:
             lp = torch.where(forced, 0.0, _logprob(logits, new, temperature))
-            if latent_sigma is not None:  # log N(z; h, sigma^2 I) up to a constant = -|eps|^2 / 2
-                lp = torch.where(in_latent, -((z - h.float()) ** 2).sum(-1) / (2 * latent_sigma ** 2), lp)
+            if latent_sigma is not None:
+                lp = torch.where(in_latent, latent.gaussian_logprob(z, h, latent_sigma), lp)
             logps.append(lp)
         slots_left = torch.where(in_latent | force_end, slots_left - 1, slots_left)
         if lt is not None:

@@ -9,12 +9,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from trl import ModelConfig
 
-from .atomic import atomic_write_text
-from .modeling import LatentTokens, load_model, load_processor, save_pretrained
-from .sft import SFTScriptArguments, load_train_split
+from .atomic import atomic_save_figure, atomic_write_text
+from .modeling import save_pretrained
+from .sft import SFTScriptArguments, load_model_and_processor, load_train_split
 from .trainers import MirageGRPOConfig, MirageGRPOTrainer
 
 logger = logging.getLogger(__name__)
@@ -48,8 +47,8 @@ def run_grpo(script_args: GRPOScriptArguments, training_args: MirageGRPOConfig, 
     ``training_args.output_dir``; returns the trainer.
 
     Raises:
-        ValueError: an unknown reward name (listing the known ones) or a checkpoint without latent tokens when the
-            latent mode needs them (before any model is trained).
+        ValueError: an unknown reward name (listing the known ones, before the model is loaded) or a checkpoint
+            without latent tokens when the latent mode needs them (``MirageGRPOTrainer``, before any training).
     """
     import rewards
 
@@ -57,13 +56,7 @@ def run_grpo(script_args: GRPOScriptArguments, training_args: MirageGRPOConfig, 
     if training_args.reward_weights is not None and len(training_args.reward_weights) != len(reward_funcs):
         raise ValueError(f"reward_weights has {len(training_args.reward_weights)} values for "
                          f"{len(reward_funcs)} reward_funcs {script_args.reward_funcs}")
-    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
-    model = load_model(model_args.model_name_or_path, dtype=dtype or torch.float32,
-                       attn_implementation=model_args.attn_implementation)
-    processor = load_processor(model_args.model_name_or_path)
-    mode = training_args.latent_mode or getattr(model.config, "latent_mode", None) or "hidden"
-    if mode != "none":
-        LatentTokens.from_config(model.config, where=model_args.model_name_or_path)
+    model, processor = load_model_and_processor(model_args)
     train = load_train_split(script_args)
     train = train.remove_columns([c for c in SFT_ONLY_COLUMNS if c in train.column_names])
     trainer = MirageGRPOTrainer(model=model, reward_funcs=reward_funcs, args=training_args, train_dataset=train,
@@ -115,8 +108,4 @@ def plot_rewards(history: list[dict], path: str | os.PathLike, title: str = "GRP
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_save_figure(fig, path)

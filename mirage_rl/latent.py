@@ -220,27 +220,33 @@ def latent_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.T
     emb = embed_inputs(model, input_ids, pixel_values, image_grid_thw)
     pos, _ = position_ids(model, input_ids, attention_mask, mm_token_type_ids, image_grid_thw)
     if latent_inputs is not None:
-        if latent_mask is None or int(latent_mask.sum()) != latent_inputs.shape[0]:
-            raise ValueError(f"{0 if latent_mask is None else int(latent_mask.sum())} latent slots but "
-                             f"{latent_inputs.shape[0]} latent inputs")
-        emb = emb.masked_scatter(latent_mask[..., None], latent_inputs.to(emb.dtype))
-        return _lm_forward(language_model(model), emb, pos, attention_mask)
+        if latent_mask is None:
+            raise ValueError(f"0 latent slots but {latent_inputs.shape[0]} latent vectors: pass latent_mask")
+        return _lm_forward(language_model(model), teacher_forced(emb, latent_mask, latent_inputs), pos, attention_mask)
     if latent_mask is None:
         return _lm_forward(language_model(model), emb, pos, attention_mask)
     return latent_fill(model, emb, pos, attention_mask, latent_mask, method)
 
 
+def gaussian_logprob(z: torch.Tensor, h: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``log N(z; h, sigma^2 I)`` up to its constant (Gaussian latents, Monet VLPO arXiv 2511.21395): ``(N, H)`` ->
+    ``(N,)`` float32. Rollouts and scoring both use it, so sampling-time and recomputed values agree."""
+    return -((z.float() - h.float()) ** 2).sum(-1) / (2 * sigma ** 2)
+
+
 def teacher_forced(inputs_embeds: torch.Tensor, latent_mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Stage 1: put the helper-image targets into the latent slots.
+    """Put given vectors into the latent slots: stage 1's helper-image targets, or the Gaussian latents a rollout
+    sampled.
 
     Args:
         inputs_embeds: ``(B, L, H)``. latent_mask: ``(B, L)`` bool with ``N * k`` True entries.
-        targets: ``(N, k, H)``, one row per latent block in reading order (row-major over the batch).
+        targets: ``(N, k, H)`` (or ``(N * k, H)``), one row per latent block in reading order (row-major over the
+            batch).
     Raises:
         ValueError: if the number of slots differs from the number of target vectors.
     """
     flat = targets.reshape(-1, targets.shape[-1]).to(inputs_embeds.dtype)
     if int(latent_mask.sum()) != flat.shape[0]:
-        raise ValueError(f"{int(latent_mask.sum())} latent slots but {flat.shape[0]} target vectors: every latent "
-                         "block needs one helper image")
+        raise ValueError(f"{int(latent_mask.sum())} latent slots but {flat.shape[0]} target vectors (stage 1: every "
+                         "latent block needs one helper image)")
     return inputs_embeds.masked_scatter(latent_mask[..., None], flat)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .atomic import atomic_write_text
+from .cli import _parse
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +51,6 @@ def finished(output_dir: str | Path) -> bool:
     """True when ``output_dir`` holds a saved model (written atomically by ``save_pretrained``)."""
     out = Path(output_dir)
     return (out / "config.json").exists() and any(out.glob("model*.safetensors"))
-
-
-def _parse(types, argv):
-    from trl import TrlParser
-
-    return TrlParser(types).parse_args_and_config(args=argv)
 
 
 def run_stage(stage: str, argv: list[str], retrain: bool = False) -> str:

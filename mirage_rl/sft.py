@@ -44,13 +44,18 @@ def load_train_split(script_args: SFTScriptArguments):
     return ds
 
 
-def run_sft(script_args: SFTScriptArguments, training_args: MirageSFTConfig, model_args: ModelConfig):
-    """Train one SFT stage and save model + processor to ``training_args.output_dir``; returns the trainer."""
+def load_model_and_processor(model_args: ModelConfig):
+    """The model (``model_args.dtype``, default float32; vision tower frozen) and processor of a recipe."""
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
     model = load_model(model_args.model_name_or_path, dtype=dtype or torch.float32,
                        trust_remote_code=getattr(model_args, "trust_remote_code", False),
                        attn_implementation=model_args.attn_implementation)
-    processor = load_processor(model_args.model_name_or_path)
+    return model, load_processor(model_args.model_name_or_path)
+
+
+def run_sft(script_args: SFTScriptArguments, training_args: MirageSFTConfig, model_args: ModelConfig):
+    """Train one SFT stage and save model + processor to ``training_args.output_dir``; returns the trainer."""
+    model, processor = load_model_and_processor(model_args)
     if training_args.train_vision_tower:
         latent.backbone(model).visual.requires_grad_(True)
     if training_args.latent_mode != "none":

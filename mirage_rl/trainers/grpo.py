@@ -130,7 +130,8 @@ class MirageGRPOTrainer(GRPOTrainer):
         self.latent_mode = args.latent_mode or getattr(model.config, "latent_mode", None) or "hidden"
         if self.latent_mode not in LATENT_MODES:
             raise ValueError(f"latent_mode must be one of {LATENT_MODES}, got {self.latent_mode!r}")
-        self.latent_tokens = None if self.latent_mode == "none" else LatentTokens.from_config(model.config)
+        self.latent_tokens = None if self.latent_mode == "none" else LatentTokens.from_config(
+            model.config, where=getattr(model, "name_or_path", "model"))
         self.latent_objective = args.latent_objective
         if self.latent_objective == "gaussian" and self.latent_mode != "hidden":
             raise ValueError(f"latent_objective: gaussian samples around hidden states: it needs latent_mode: hidden, "
@@ -211,14 +212,14 @@ class MirageGRPOTrainer(GRPOTrainer):
         self._generation_time += time.perf_counter() - t0
         eos = set(self.eos_token_ids) | {self._tokenizer.pad_token_id}
         seqs, logps = out.sequences.tolist(), out.logprobs.tolist()
+        slots = self._slot_masks(out.sequences)[0] if out.latents is not None else None
         completion_ids, logprobs, latents = [], [], []
         for i, row in enumerate(seqs):
             n = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
             completion_ids.append(row[:n])
             logprobs.append(logps[i][:n])
-            if out.latents is not None:
-                slots, _ = self._slot_masks(out.sequences[i : i + 1, :n])
-                latents.append(out.latents[i, :n][slots[0]])
+            if slots is not None:
+                latents.append(out.latents[i, :n][slots[i, :n]])
         self._rollout_latents = _pad_latents(latents) if out.latents is not None else None
         return completion_ids, logprobs
 
@@ -339,8 +340,7 @@ class MirageGRPOTrainer(GRPOTrainer):
             logps = outputs.log_probs[:, -logits_to_keep:]
             if gaussian and has_slots:
                 h = latent.backbone(unwrapped)._latent_slot_hidden
-                z = inputs["latent_inputs"].to(h.dtype)
-                lp = -((z.float() - h.float()) ** 2).sum(-1) / (2 * self.args.latent_sigma ** 2)
+                lp = latent.gaussian_logprob(inputs["latent_inputs"], h, self.args.latent_sigma)
                 logps = logps.masked_scatter(chunk_slots[:, -logits_to_keep:], lp.to(logps.dtype))
             all_logps.append(logps)
             if compute_entropy:
