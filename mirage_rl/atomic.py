@@ -13,10 +13,17 @@ from pathlib import Path
 
 
 @contextmanager
-def atomic_directory(path: str | os.PathLike):
-    """Yield a temp folder beside ``path``; on success it replaces ``path`` (the old one is removed)."""
+def atomic_directory(path: str | os.PathLike, keep: tuple[str, ...] = ()):
+    """Yield a temp folder beside ``path``; on success it replaces ``path``.
+
+    Children of the old ``path`` matching a glob in ``keep`` (e.g. ``checkpoint-*``) are moved into the new one
+    (each move is a rename); the rest of the old folder is removed. A kill between the renames leaves the old
+    folder as a hidden ``.NAME.old-PID`` sibling, which :func:`recover_directory` (run first here, and by the
+    loaders) puts back.
+    """
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
+    recover_directory(out, keep)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         yield tmp
@@ -27,7 +34,39 @@ def atomic_directory(path: str | os.PathLike):
     if out.exists():
         out.rename(old)
     tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    if old.exists():
+        _move_kept(old, out, keep)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _move_kept(src: Path, dst: Path, keep: tuple[str, ...]) -> None:
+    for pattern in keep:
+        for child in src.glob(pattern):
+            if not (dst / child.name).exists():
+                child.rename(dst / child.name)
+
+
+def recover_directory(path: str | os.PathLike, keep: tuple[str, ...] = ("checkpoint-*",)) -> None:
+    """Repair what a kill during :func:`atomic_directory` can leave beside ``path``.
+
+    * ``path`` missing and a ``.NAME.old-*`` sibling present (killed between the two renames): the old version
+      is renamed back; it was complete.
+    * ``path`` present and a ``.NAME.old-*`` sibling (killed while moving kept children): the kept children are
+      moved on and the sibling removed.
+    * ``.NAME.tmp-*`` siblings (killed while writing): removed; they were never complete.
+    Single writer per folder assumed (the main process).
+    """
+    out = Path(path)
+    if not out.parent.is_dir():
+        return
+    for old in sorted(out.parent.glob(f".{out.name}.old-*")):
+        if not out.exists():
+            old.rename(out)
+            continue
+        _move_kept(old, out, keep)
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
 def atomic_save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> None:

@@ -36,9 +36,9 @@ class CreateModelArguments:
 
 
 def _parse(types, argv):
-    from trl import TrlParser
+    from .recipe import parse
 
-    return TrlParser(types).parse_args_and_config(args=argv)
+    return parse(types, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +48,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .recipe import RecipeError
+
+    try:
+        return _run(cmd, rest)
+    except RecipeError as e:  # a mistake in a recipe: the message says which file and key, no traceback
+        print(f"mirage-rl {cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(cmd: str, rest: list[str]) -> int:
     if cmd == "build-data":
         from .data.build import BuildDataArguments, build_vsp_dataset
 

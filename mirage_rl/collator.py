@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .data.images import check_pixel_budget, pixel_budget
 from .data.vsp import LATENT_MARKER
 from .modeling import LatentTokens
 
@@ -65,10 +66,17 @@ class LatentCollator:
         self.pad_id = tok.pad_token_id
 
     def encode(self, example: dict, index: int = 0) -> dict:
-        """Tokenize one row (no padding). Raises ``ValueError`` naming the row and key on bad input."""
+        """Tokenize one row (no padding).
+
+        Raises:
+            ValueError: naming the row (its ``map_id``/``id`` when it has one) and the key: a missing key, an
+                image far larger than the processor's pixel budget, more than ``max_length`` tokens, or (stage 1)
+                a helper-image count different from the number of latent blocks.
+        """
+        row = _row_name(example, index)
         for key in ("prompt", "image") + (("answer",) if self.with_answer else ()):
             if key not in example or example[key] is None:
-                raise ValueError(f"row {index}: missing {key!r} (expected keys prompt, image, answer"
+                raise ValueError(f"{row}: missing {key!r} (expected keys prompt, image, answer"
                                  f"{', helper_image' if self.stage == 1 else ''})")
         prompt = self.processor.apply_chat_template(example["prompt"], add_generation_prompt=True, tokenize=False)
         text = prompt
@@ -76,12 +84,15 @@ class LatentCollator:
             answer = answer_text(example["answer"], self.latent_tokens, self.latent_mode)
             text = prompt + answer + "<|im_end|>"
         images = example["image"] if isinstance(example["image"], list) else [example["image"]]
+        budget = pixel_budget(self.processor.image_processor)
+        for im in images:
+            check_pixel_budget(im, budget, f"{row} image")
         enc = self.processor(text=[text], images=[im.convert("RGB") for im in images], return_tensors="pt")
         ids = enc["input_ids"][0]
         out = {"input_ids": ids, "mm_token_type_ids": enc["mm_token_type_ids"][0],
                "pixel_values": enc["pixel_values"], "image_grid_thw": enc["image_grid_thw"]}
         if self.max_length is not None and len(ids) > self.max_length:
-            raise ValueError(f"row {index}: {len(ids)} tokens > max_length={self.max_length}; image tokens and the "
+            raise ValueError(f"{row}: {len(ids)} tokens > max_length={self.max_length}; image tokens and the "
                              "latent block are never cut: raise max_length or shrink the image budget")
         lt = self.latent_tokens
         latent = (ids == lt.pad) if (lt is not None and self.latent_mode != "none") else torch.zeros_like(ids, dtype=torch.bool)
@@ -98,8 +109,10 @@ class LatentCollator:
                 helpers = example.get("helper_image")
                 helpers = [] if helpers is None else (helpers if isinstance(helpers, list) else [helpers])
                 if len(helpers) != n_blocks:
-                    raise ValueError(f"row {index}: {n_blocks} latent block(s) but {len(helpers)} helper image(s); "
+                    raise ValueError(f"{row}: {n_blocks} latent block(s) but {len(helpers)} helper image(s); "
                                      "stage 1 needs one 'helper_image' per <output_image> marker")
+                for im in helpers:
+                    check_pixel_budget(im, budget, f"{row} helper_image")
                 if helpers:
                     h = self.processor.image_processor(images=[im.convert("RGB") for im in helpers], return_tensors="pt")
                     out["helper_pixel_values"], out["helper_image_grid_thw"] = h["pixel_values"], h["image_grid_thw"]
@@ -157,3 +170,11 @@ class LatentCollator:
             batch["helper_pixel_values"] = torch.cat([r["helper_pixel_values"] for r in rows if "helper_pixel_values" in r])
             batch["helper_image_grid_thw"] = torch.cat([r["helper_image_grid_thw"] for r in rows if "helper_image_grid_thw" in r])
         return batch
+
+
+def _row_name(example: dict, index: int) -> str:
+    """``row 3 (map_id=level3/7)``: the batch index plus the row's id when the dataset has one."""
+    for key in ("map_id", "id"):
+        if example.get(key) is not None:
+            return f"row {index} ({key}={example[key]})"
+    return f"row {index}"

@@ -1,6 +1,8 @@
 """``mirage-rl eval``: run a checkpoint on a VSP folder with latent-interleaved greedy decoding.
 
-Writes, each atomically (temp file + rename), into ``output_dir``:
+While it runs, every batch of samples is appended to ``output_dir/samples.partial.jsonl`` (the journal); a
+killed evaluation run again with the same settings continues from it. At the end it writes, each atomically
+(temp file + rename), into ``output_dir``:
 ``report.json`` (``benchmark``, ``n``, ``accuracy``, ``accuracy_strict``, ``invalid_rate``, ``by_level``),
 ``samples.jsonl`` (one line per map: ``prompt_id``, ``level``, ``completion``, ``plan``, ``verdict``,
 ``success``, ``success_strict``) and ``accuracy_by_level.png``.
@@ -15,12 +17,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
 from tqdm.auto import tqdm
 
 from .atomic import atomic_save_figure, atomic_write_text
-from .collator import LatentCollator
+from .collator import LATENT_MODES, LatentCollator
 from .data import vsp
+from .data.images import open_image
 from .generation import generate
 from .modeling import LatentTokens, load_model, load_processor
 from .scoring import score_plan
@@ -44,6 +46,14 @@ class EvalArguments:
     batch_size: int = field(default=32, metadata={"help": "Maps decoded together."})
     max_new_tokens: int = field(default=48, metadata={"help": "Generated tokens per map, latent slots included."})
     prompt: str = field(default="test", metadata={"help": "'test' (VSP/Mirage test prompt) or 'train' (Mirage train prompt)."})
+    resume: bool = field(default=True, metadata={
+        "help": "Continue a killed run from its per-sample journal (samples.partial.jsonl) when its settings match."})
+
+    def __post_init__(self):
+        if self.prompt not in ("test", "train"):
+            raise ValueError(f"prompt must be 'test' or 'train', got {self.prompt!r}")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {self.batch_size}, {self.max_new_tokens}")
 
 
 def summarize(samples: list[dict], benchmark: str) -> dict:
@@ -94,34 +104,115 @@ def evaluate(args: EvalArguments, model=None, processor=None) -> dict:
     processor = processor if processor is not None else load_processor(args.model)
     model.eval()
     has_latent = getattr(model.config, "latent_token_ids", None) is not None
-    mode = args.latent_mode or getattr(model.config, "latent_mode", None) or ("hidden" if has_latent else "none")
-    tokens = LatentTokens.from_config(model.config, where=args.model) if mode != "none" else None
+    mode = args.latent_mode or getattr(model.config, "latent_mode", None)
+    if mode is None and not has_latent:
+        raise ValueError(f"{args.model}: the checkpoint has no latent tokens and records no latent_mode; pass "
+                         "--latent_mode none to evaluate it as a plain VLM, or evaluate a Mirage stage output")
+    mode = mode or "hidden"
+    if mode not in LATENT_MODES:
+        raise ValueError(f"latent_mode must be one of {LATENT_MODES}, got {mode!r}")
+    tokens = LatentTokens.for_model(model, processor, where=str(args.model)) if mode != "none" else None
     maps = vsp.load_benchmark(args.benchmark_dir, args.levels)
     if args.limit is not None:
         maps = maps[: args.limit]
     prompt_text = vsp.TEST_PROMPT if args.prompt == "test" else vsp.TRAIN_PROMPT
     messages = vsp.to_messages(prompt_text)
     collator = LatentCollator(processor, tokens, latent_mode=mode, with_answer=False)
-    samples = []
-    bar = tqdm(total=len(maps), desc=f"eval {Path(args.model).name} ({mode})", unit="map")
-    for i in range(0, len(maps), args.batch_size):
+    out_dir = Path(args.output_dir)
+    journal = Journal(out_dir / JOURNAL, run_identity(args, mode, len(maps)), resume=args.resume)
+    samples = journal.resume(maps, args.batch_size)
+    bar = tqdm(total=len(maps), initial=len(samples), desc=f"eval {Path(args.model).name} ({mode})", unit="map")
+    for i in range(len(samples), len(maps), args.batch_size):
         chunk = maps[i : i + args.batch_size]
-        batch = collator([{"prompt": messages, "image": Image.open(m.image_path)} for m in chunk])
+        batch = collator([{"prompt": messages, "image": open_image(m.image_path, where=f"{args.benchmark_dir} map "
+                                                                                     f"level{m.level}/{m.map_id}"),
+                           "map_id": f"level{m.level}/{m.map_id}"} for m in chunk])
         out = generate(model, processor, batch, max_new_tokens=args.max_new_tokens, latent_mode=mode)
+        rows = []
         for m, text in zip(chunk, out.texts):
             s = score_plan(m.map_desc, text)
-            samples.append({"prompt_id": f"level{m.level}/{m.map_id}", "level": m.level, "completion": text,
-                            "plan": s.plan, "verdict": s.verdict, "success": s.success,
-                            "success_strict": s.success_strict})
+            rows.append({"prompt_id": f"level{m.level}/{m.map_id}", "level": m.level, "completion": text,
+                         "plan": s.plan, "verdict": s.verdict, "success": s.success,
+                         "success_strict": s.success_strict})
+        journal.append(rows)
+        samples += rows
         bar.update(len(chunk))
     bar.close()
     report = summarize(samples, benchmark=str(args.benchmark_dir))
-    report.update({"model": str(args.model), "latent_mode": mode, "max_new_tokens": args.max_new_tokens})
-    out_dir = Path(args.output_dir)
+    report.update({"model": str(args.model), "latent_mode": mode, "max_new_tokens": args.max_new_tokens,
+                   "resumed_at": journal.resumed_at})
     atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
     plot_by_level(report, out_dir / "accuracy_by_level.png", f"{Path(args.model).name} ({mode}) on {Path(args.benchmark_dir).name}")
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    journal.close()
     return report
+
+
+JOURNAL = "samples.partial.jsonl"
+
+
+def run_identity(args: EvalArguments, mode: str, n_maps: int) -> dict:
+    """What must match for a journal to be continued: the settings that change any sample, and the weights
+    (names, sizes and modification times of the ``*.safetensors`` files)."""
+    weights = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in Path(args.model).glob("*.safetensors"))
+    return {"model": str(args.model), "weights": [list(w) for w in weights], "benchmark_dir": str(args.benchmark_dir),
+            "latent_mode": mode, "levels": args.levels, "n_maps": n_maps, "batch_size": args.batch_size,
+            "max_new_tokens": args.max_new_tokens, "prompt": args.prompt}
+
+
+class Journal:
+    """The per-sample journal of a running evaluation: a header line (the run identity), then one JSON line per
+    map, appended and flushed after every batch. A killed run leaves it behind; the next run with the same
+    identity continues after its last complete batch. Removed once ``samples.jsonl`` and ``report.json`` exist.
+    """
+
+    def __init__(self, path: Path, identity: dict, resume: bool = True):
+        self.path, self.identity, self.allow_resume = path, identity, resume
+        self.resumed_at = 0
+        self._file = None
+
+    def resume(self, maps, batch_size: int) -> list[dict]:
+        """Samples already done (a whole number of batches, in map order); rewrites the journal to hold exactly
+        those. Raises ``ValueError`` when a journal of other settings is in the way (naming the keys)."""
+        done: list[dict] = []
+        if self.allow_resume and self.path.exists():
+            lines = self.path.read_text().splitlines()
+            try:
+                header = json.loads(lines[0])["run"] if lines else None
+            except (json.JSONDecodeError, KeyError, TypeError):
+                header = None
+            if header is not None and header != self.identity:
+                diff = sorted(k for k in set(header) | set(self.identity) if header.get(k) != self.identity.get(k))
+                raise ValueError(f"{self.path}: a journal of an interrupted evaluation with other settings ({diff} "
+                                 "differ); delete it, use another output_dir, or pass --resume false")
+            for line in lines[1:]:
+                try:
+                    done.append(json.loads(line))
+                except json.JSONDecodeError:  # the line being written when the process was killed
+                    break
+            expected = [f"level{m.level}/{m.map_id}" for m in maps[: len(done)]]
+            if [d.get("prompt_id") for d in done] != expected:
+                raise ValueError(f"{self.path}: its samples do not follow the benchmark's map order; delete it")
+            if len(done) < len(maps):
+                done = done[: len(done) - len(done) % batch_size]
+            if done:
+                logger.warning("eval: resuming from %s: %d of %d maps already done", self.path, len(done), len(maps))
+        self.resumed_at = len(done)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in [{"run": self.identity}, *done]))
+        self._file = open(self.path, "a")
+        return done
+
+    def append(self, rows: list[dict]) -> None:
+        """Append one batch of samples and flush it to disk."""
+        self._file.write("".join(json.dumps(r) + "\n" for r in rows))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        """Close and delete the journal (the run's outputs are complete)."""
+        if self._file is not None:
+            self._file.close()
+        self.path.unlink(missing_ok=True)
 
 
 def format_table(report: dict) -> str:

@@ -15,6 +15,7 @@ from .atomic import atomic_save_figure, atomic_write_text
 from .modeling import save_pretrained
 from .sft import SFTScriptArguments, load_model_and_processor, load_train_split
 from .trainers import MirageGRPOConfig, MirageGRPOTrainer
+from .trainers.checkpointing import resolve_resume
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +57,17 @@ def run_grpo(script_args: GRPOScriptArguments, training_args: MirageGRPOConfig, 
     if training_args.reward_weights is not None and len(training_args.reward_weights) != len(reward_funcs):
         raise ValueError(f"reward_weights has {len(training_args.reward_weights)} values for "
                          f"{len(reward_funcs)} reward_funcs {script_args.reward_funcs}")
-    model, processor = load_model_and_processor(model_args)
     train = load_train_split(script_args)
+    where = f"{script_args.dataset_path}[{script_args.dataset_split}]"
+    missing = [c for c in ("prompt", "image") if c not in train.column_names]
+    if missing:
+        raise ValueError(f"{where}: no column(s) {missing} (has {train.column_names}); GRPO needs prompt and image")
     train = train.remove_columns([c for c in SFT_ONLY_COLUMNS if c in train.column_names])
+    resume = resolve_resume(training_args)
+    model, processor = load_model_and_processor(model_args, training_args.trust_remote_code)
     trainer = MirageGRPOTrainer(model=model, reward_funcs=reward_funcs, args=training_args, train_dataset=train,
                                 processing_class=processor)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
     if trainer.accelerator.is_main_process:
         final = trainer.accelerator.unwrap_model(trainer.model)
         final.config.latent_mode = trainer.latent_mode

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
-from .atomic import atomic_directory
+from .atomic import atomic_directory, recover_directory
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,24 @@ class LatentTokens:
             )
         return cls(int(ids["start"]), int(ids["pad"]), int(ids["end"]), int(size))
 
+    @classmethod
+    def for_model(cls, model, processor, where: str = "model") -> "LatentTokens":
+        """:meth:`from_config`, then check that the processor's tokenizer maps the three latent token strings to
+        the same ids (a config copied onto another tokenizer would silently train the wrong rows).
+
+        Raises:
+            ValueError: no latent tokens in the config, or a tokenizer that disagrees (naming the ids).
+        """
+        tokens = cls.from_config(model.config, where=where)
+        if processor is not None:
+            vocab = processor.tokenizer.get_vocab()
+            have = {name: vocab.get(t) for name, t in zip(("start", "pad", "end"), LATENT_TOKENS)}
+            want = {"start": tokens.start, "pad": tokens.pad, "end": tokens.end}
+            if have != want:
+                raise ValueError(f"{where}: config.latent_token_ids {want} but the tokenizer maps the latent tokens to "
+                                 f"{have}; save model and processor together (mirage_rl.modeling.save_pretrained)")
+        return tokens
+
     def block(self) -> str:
         """The latent block as text: start, k pads, end."""
         return LATENT_START + LATENT_PAD * self.latent_size + LATENT_END
@@ -132,14 +150,31 @@ def add_latent_tokens(model, processor, latent_size: int) -> LatentTokens:
     return LatentTokens(ids["start"], ids["pad"], ids["end"], int(latent_size))
 
 
-def load_processor(path: str | Path) -> MirageProcessor:
-    """Load a Qwen2.5-VL processor (tokenizer + image processor) from a folder or hub id."""
-    return MirageProcessor.from_pretrained(str(path))
+def load_processor(path: str | Path, trust_remote_code: bool = False) -> MirageProcessor:
+    """Load a Qwen2.5-VL processor (tokenizer + image processor) from a folder or hub id; code shipped with the
+    checkpoint runs only with ``trust_remote_code=True``."""
+    return MirageProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False,
                attn_implementation: str | None = None):
-    """Load a ``Qwen2_5_VLForConditionalGeneration`` (safetensors only) and freeze its vision tower."""
+    """Load a ``Qwen2_5_VLForConditionalGeneration`` (safetensors only) and freeze its vision tower.
+
+    Raises:
+        FileNotFoundError: a local folder without ``config.json`` or without ``*.safetensors`` weights (pickled
+            ``.bin`` weights are refused: loading them can run code).
+    """
+    local = Path(path)
+    if local.exists() or str(path).startswith((".", "/")):
+        recover_directory(local)
+        if not (local / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: no config.json; not a saved model folder (a stage's output_dir, or "
+                                    "`mirage-rl create-model`)")
+        if not any(local.glob("*.safetensors")):
+            pickled = sorted(p.name for p in local.glob("*.bin"))
+            raise FileNotFoundError(f"{path}: no *.safetensors weights{f' (only pickled {pickled})' if pickled else ''}; "
+                                    "mirage-rl loads safetensors only: convert the checkpoint with "
+                                    "save_pretrained(safe_serialization=True)")
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
         attn_implementation=attn_implementation,
@@ -232,7 +267,8 @@ def create_tiny_model(output_dir: str | Path, latent_size: int = 4, hidden_size:
 
 
 def save_pretrained(model, processor, output_dir: str | Path) -> None:
-    """Save model (safetensors) and processor to ``output_dir`` atomically (temp folder + rename)."""
-    with atomic_directory(output_dir) as tmp:
+    """Save model (safetensors) and processor to ``output_dir`` atomically (temp folder + rename); the training
+    checkpoints (``checkpoint-*``) already in ``output_dir`` are kept."""
+    with atomic_directory(output_dir, keep=("checkpoint-*",)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)

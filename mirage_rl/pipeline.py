@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, recover_directory
 from .cli import _parse
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ def recipe_path(args: PipelineArguments, name: str) -> Path:
 
 def finished(output_dir: str | Path) -> bool:
     """True when ``output_dir`` holds a saved model (written atomically by ``save_pretrained``)."""
+    recover_directory(output_dir)
     out = Path(output_dir)
     return (out / "config.json").exists() and any(out.glob("model*.safetensors"))
 

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from trl import ModelConfig
 
 from . import latent
-from .modeling import LatentTokens, add_latent_tokens, load_model, load_processor, save_pretrained
+from .atomic import atomic_write_text, recover_directory
+from .data.vsp import LATENT_MARKER
+from .modeling import add_latent_tokens, load_model, load_processor, save_pretrained
 from .trainers import MirageSFTConfig, Stage1Trainer, Stage2Trainer
+from .trainers.checkpointing import resolve_resume
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +34,7 @@ def load_train_split(script_args: SFTScriptArguments):
     """Load the training split; raises ``ValueError`` naming the path when it is missing or empty."""
     from datasets import load_from_disk
 
+    recover_directory(script_args.dataset_path, keep=())
     try:
         ds = load_from_disk(script_args.dataset_path)
     except FileNotFoundError as e:
@@ -40,22 +46,66 @@ def load_train_split(script_args: SFTScriptArguments):
     if script_args.max_train_samples is not None:
         ds = ds.select(range(min(script_args.max_train_samples, len(ds))))
     if len(ds) == 0:
-        raise ValueError(f"{script_args.dataset_path}[{script_args.dataset_split}] is empty")
+        raise ValueError(f"{script_args.dataset_path}[{script_args.dataset_split}] is empty: rebuild it with "
+                         "`mirage-rl build-data` (its build_report.json lists skipped rows)")
     return ds
 
 
-def load_model_and_processor(model_args: ModelConfig):
+def check_sft_dataset(ds, args: MirageSFTConfig, where: str) -> None:
+    """Check a training split before any step runs (text columns only; images were decoded by the builder).
+
+    Checks: the columns the stage needs exist; with latent tokens every ``answer`` holds ``args.latent_blocks``
+    ``<output_image>`` markers; in stage 1 no ``helper_image`` is missing.
+    Raises:
+        ValueError: naming ``where``, the row and its ``map_id``, what is wrong and how to fix it.
+    """
+    from datasets import Image
+
+    need = ["prompt", "image", "answer"] + (["helper_image"] if args.stage == 1 else [])
+    missing = [c for c in need if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"{where}: no column(s) {missing} (has {ds.column_names}); stage {args.stage} needs {need}: "
+                         "build the dataset with `mirage-rl build-data`")
+    ids = ds["map_id"] if "map_id" in ds.column_names else [None] * len(ds)
+
+    def row(i):
+        return f"{where} row {i}" + (f" (map_id={ids[i]})" if ids[i] is not None else "")
+
+    if args.latent_mode != "none" and args.latent_blocks is not None:
+        for i, answer in enumerate(ds["answer"]):
+            n = (answer or "").count(LATENT_MARKER)
+            if n != args.latent_blocks:
+                raise ValueError(f"{row(i)}: answer has {n} {LATENT_MARKER} marker(s), latent_mode "
+                                 f"{args.latent_mode!r} needs {args.latent_blocks} (latent_blocks); fix the row, rebuild "
+                                 "with skip_bad_rows: true, or set latent_blocks: null to allow any number")
+    if args.stage == 1:
+        helpers = ds.cast_column("helper_image", Image(decode=False))["helper_image"]
+        for i, h in enumerate(helpers):
+            if h is None or (h.get("bytes") is None and h.get("path") is None):
+                raise ValueError(f"{row(i)}: helper_image is missing; stage 1 teacher-forces the latent slots with the "
+                                 "helper image: add it or drop the row")
+
+
+def load_model_and_processor(model_args: ModelConfig, trust_remote_code: bool = False):
     """The model (``model_args.dtype``, default float32; vision tower frozen) and processor of a recipe."""
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
-    model = load_model(model_args.model_name_or_path, dtype=dtype or torch.float32,
-                       trust_remote_code=getattr(model_args, "trust_remote_code", False),
+    trust = trust_remote_code
+    model = load_model(model_args.model_name_or_path, dtype=dtype or torch.float32, trust_remote_code=trust,
                        attn_implementation=model_args.attn_implementation)
-    return model, load_processor(model_args.model_name_or_path)
+    return model, load_processor(model_args.model_name_or_path, trust_remote_code=trust)
 
 
 def run_sft(script_args: SFTScriptArguments, training_args: MirageSFTConfig, model_args: ModelConfig):
-    """Train one SFT stage and save model + processor to ``training_args.output_dir``; returns the trainer."""
-    model, processor = load_model_and_processor(model_args)
+    """Train one SFT stage and save model + processor and ``train_log.json`` (the trainer's log history) to
+    ``training_args.output_dir``; returns the trainer.
+
+    The data is checked (:func:`check_sft_dataset`) before the model is loaded. Training resumes from the last
+    complete checkpoint in ``output_dir`` (see :func:`mirage_rl.trainers.checkpointing.resolve_resume`).
+    """
+    train = load_train_split(script_args)
+    check_sft_dataset(train, training_args, f"{script_args.dataset_path}[{script_args.dataset_split}]")
+    resume = resolve_resume(training_args)
+    model, processor = load_model_and_processor(model_args, training_args.trust_remote_code)
     if training_args.train_vision_tower:
         latent.backbone(model).visual.requires_grad_(True)
     if training_args.latent_mode != "none":
@@ -63,14 +113,14 @@ def run_sft(script_args: SFTScriptArguments, training_args: MirageSFTConfig, mod
         if not has and training_args.stage == 1:
             # stage 1 is the entry point for a stock Qwen2.5-VL checkpoint
             add_latent_tokens(model, processor, training_args.latent_size)
-        LatentTokens.from_config(model.config, where=model_args.model_name_or_path)
-    train = load_train_split(script_args)
     trainer_cls = Stage1Trainer if training_args.stage == 1 else Stage2Trainer
     trainer = trainer_cls(model=model, args=training_args, train_dataset=train, processing_class=processor)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
     if trainer.accelerator.is_main_process:
         final = trainer.accelerator.unwrap_model(trainer.model)
         # evaluation decodes the way the checkpoint was trained (hidden, dummy or none) unless told otherwise
         final.config.latent_mode = training_args.latent_mode
         save_pretrained(final, processor, training_args.output_dir)
+        atomic_write_text(Path(training_args.output_dir) / "train_log.json",
+                          json.dumps(trainer.state.log_history, indent=1) + "\n")
     return trainer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -71,3 +72,37 @@ def small_rows(small_dataset_dir):
     from datasets import load_from_disk
 
     return load_from_disk(str(small_dataset_dir))["train"]
+
+
+# ------------------------------------------------ reliability suite: datasets with one broken row, stock checkpoints
+@pytest.fixture()
+def rows_of(small_rows):
+    """``rows_of(n)``: the first n rows of the small real dataset as plain dicts (decoded images)."""
+    return lambda n: [dict(small_rows[i]) for i in range(n)]
+
+
+@pytest.fixture()
+def save_rows(small_rows, tmp_path):
+    """``save_rows(rows)``: save rows with the small dataset's features as a DatasetDict; returns the folder."""
+    from datasets import Dataset, DatasetDict
+
+    def save(rows, name="data"):
+        out = tmp_path / name
+        DatasetDict({"train": Dataset.from_list(rows, features=small_rows.features)}).save_to_disk(str(out))
+        return out
+
+    return save
+
+
+@pytest.fixture(scope="session")
+def no_latent_dir(tiny_dir, tmp_path_factory):
+    """The tiny checkpoint with its latent-token records removed from config.json (a stock Qwen2.5-VL shape)."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("models") / "no_latent"
+    shutil.copytree(tiny_dir, out)
+    cfg = json.loads((out / "config.json").read_text())
+    for key in ("latent_token_ids", "latent_size", "latent_mode"):
+        cfg.pop(key, None)
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out

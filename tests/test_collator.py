@@ -30,11 +30,11 @@ def test_stage1_needs_one_helper_image_per_block(tiny, small_rows):
     model, processor = tiny
     row = dict(small_rows[0])
     row["helper_image"] = None
-    with pytest.raises(ValueError, match="row 0: 1 latent block.*0 helper image"):
+    with pytest.raises(ValueError, match=r"row 0 \(map_id=.*\): 1 latent block.*0 helper image"):
         LatentCollator(processor, LatentTokens.from_config(model.config), "hidden", stage=1)([row])
 
 
 def test_long_rows_raise_instead_of_truncating(tiny, small_rows):
     model, processor = tiny
-    with pytest.raises(ValueError, match="row 0: .* tokens > max_length=50"):
+    with pytest.raises(ValueError, match=r"row 0 \(map_id=.*\): .* tokens > max_length=50"):
         LatentCollator(processor, LatentTokens.from_config(model.config), "hidden", max_length=50)([small_rows[0]])

@@ -267,7 +267,7 @@ def load_benchmark(root: str | Path, levels: list[int] | None = None) -> list[Be
     Maps are ordered by level, then by numeric id.
 
     Raises:
-        FileNotFoundError: if ``root`` has no ``level*`` folders or a map has no table/image.
+        FileNotFoundError: if ``root`` has no ``level*`` folders or a map has no table or no image.
     """
     root = Path(root)
     level_dirs = sorted((d for d in root.glob("level*") if re.fullmatch(r"level\d+", d.name)),
@@ -282,6 +282,10 @@ def load_benchmark(root: str | Path, levels: list[int] | None = None) -> list[Be
         images = sorted((d / "img").glob("*.png"), key=lambda p: (len(p.stem), p.stem))
         if not images:
             raise FileNotFoundError(f"{d / 'img'}: no PNG maps")
+        orphans = sorted({t.stem for t in (d / "table").glob("*.txt")} - {p.stem for p in images})
+        if orphans:
+            raise FileNotFoundError(f"{d / 'table'}: tables {orphans[:5]} have no image {d / 'img'}/<id>.png; "
+                                    "restore the images or remove the tables (no map is skipped silently)")
         for img in images:
             table = d / "table" / f"{img.stem}.txt"
             if not table.exists():
@@ -292,15 +296,38 @@ def load_benchmark(root: str | Path, levels: list[int] | None = None) -> list[Be
     return maps
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Read a JSONL file; errors name the file and the 1-based line."""
+def iter_jsonl(path: str | Path, on_error=None) -> list[tuple[int, dict]]:
+    """``(1-based line, row)`` for every non-empty line of a JSONL file.
+
+    A line that is not a JSON object raises ``ValueError`` naming the file and line, or is handed to
+    ``on_error(error, line)`` (which may raise it or record it, see ``mirage_rl.data.build.BadRows``).
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such JSONL file")
     rows = []
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{i}: expected a JSON object per line, got {type(row).__name__}")
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}); fix or remove that line") from None
+                err = ValueError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno}); fix or remove that line")
+            except ValueError as e:
+                err = e
+            else:
+                rows.append((i, row))
+                continue
+            if on_error is None:
+                raise err
+            on_error(err, i)
     return rows
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Read a JSONL file of JSON objects; errors name the file and the 1-based line."""
+    return [row for _, row in iter_jsonl(path)]

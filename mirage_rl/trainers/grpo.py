@@ -17,7 +17,8 @@ latent block is scored under the latents its policy produced. Two ``latent_objec
 TRL hooks overridden (TRL pinned to 1.16; ``tests/test_grpo.py`` checks they exist with these signatures):
 ``_generate_single_turn`` (the rollout), ``_generate`` (completions decoded with their latent tokens for the
 reward functions), ``_generate_and_score_completions`` (latent loss mask, Gaussian latents),
-``_get_per_token_logps_and_entropies`` (latent fill) and ``_compute_loss`` (passes the Gaussian latents).
+``_get_per_token_logps_and_entropies`` (latent fill) and ``_compute_loss`` (passes the Gaussian latents); and
+transformers' ``Trainer._save_checkpoint`` (complete-or-ignored checkpoints, ``trainers/checkpointing.py``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from .. import latent
 from ..collator import LATENT_MODES
 from ..generation import generate
 from ..modeling import LatentTokens
+from .checkpointing import AtomicCheckpointMixin
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +111,7 @@ def install_latent_forward(model) -> None:
         bb.forward = types.MethodType(_latent_backbone_forward, bb)
 
 
-class MirageGRPOTrainer(GRPOTrainer):
+class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
     """``GRPOTrainer`` whose rollouts interleave latent steps (see the module docstring).
 
     Args: as ``GRPOTrainer``; ``model`` must be a loaded Qwen2.5-VL model (not a path) with latent tokens unless
@@ -130,8 +132,8 @@ class MirageGRPOTrainer(GRPOTrainer):
         self.latent_mode = args.latent_mode or getattr(model.config, "latent_mode", None) or "hidden"
         if self.latent_mode not in LATENT_MODES:
             raise ValueError(f"latent_mode must be one of {LATENT_MODES}, got {self.latent_mode!r}")
-        self.latent_tokens = None if self.latent_mode == "none" else LatentTokens.from_config(
-            model.config, where=getattr(model, "name_or_path", "model"))
+        self.latent_tokens = None if self.latent_mode == "none" else LatentTokens.for_model(
+            model, processing_class, where=getattr(model, "name_or_path", "model"))
         self.latent_objective = args.latent_objective
         if self.latent_objective == "gaussian" and self.latent_mode != "hidden":
             raise ValueError(f"latent_objective: gaussian samples around hidden states: it needs latent_mode: hidden, "

@@ -24,6 +24,7 @@ from .. import latent
 from ..collator import LATENT_MODES, LatentCollator
 from ..latent import COMPRESS_MODES
 from ..modeling import LatentTokens
+from .checkpointing import AtomicCheckpointMixin
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class MirageSFTConfig(SFTConfig):
         compress: how stage 1 pools the helper image into k vectors: ``average`` or ``grid``.
         gamma: weight of the CE term in stage 1 (paper: 0.1).
         latent_fill: ``auto`` / ``cached`` / ``multipass`` (see :func:`mirage_rl.latent.latent_fill`).
+        latent_blocks: latent blocks (``<output_image>`` markers) every answer must hold (``None``: any number).
     """
 
     stage: int = field(default=2, metadata={"help": "Mirage stage: 1 or 2."})
@@ -49,6 +51,9 @@ class MirageSFTConfig(SFTConfig):
     compress: str = field(default="average", metadata={"help": f"Stage-1 pooling, one of {COMPRESS_MODES}."})
     gamma: float = field(default=0.1, metadata={"help": "Stage-1 weight of the CE loss (paper: 0.1)."})
     latent_fill: str = field(default="auto", metadata={"help": "auto, cached or multipass."})
+    latent_blocks: int | None = field(default=1, metadata={
+        "help": "<output_image> markers (latent blocks) every answer must hold; checked before training. "
+                "null: any number."})
     train_vision_tower: bool = field(default=False, metadata={
         "help": "Train the vision tower too (for from-scratch models; Mirage keeps a pretrained one frozen). "
                 "Stage 1 needs it frozen: its targets come from the same tower."})
@@ -107,10 +112,12 @@ def answer_ce(model, hidden: torch.Tensor, labels: torch.Tensor):
     return ce, (logits.argmax(-1) == tgt).sum(), n
 
 
-class Stage2Trainer(SFTTrainer):
+class Stage2Trainer(AtomicCheckpointMixin, SFTTrainer):
     """Stage 2 (recurrent latents), the dummy-latent control and Direct SFT, by ``args.latent_mode``.
 
-    Overrides ``SFTTrainer.compute_loss`` only; the collator is :class:`mirage_rl.collator.LatentCollator`.
+    Overrides ``SFTTrainer.compute_loss`` (and ``Trainer._save_checkpoint`` through
+    :class:`~mirage_rl.trainers.checkpointing.AtomicCheckpointMixin`); the collator is
+    :class:`mirage_rl.collator.LatentCollator`.
     Raises ``ValueError`` when the checkpoint lacks latent tokens or its latent size differs from the recipe.
     """
 
@@ -121,7 +128,7 @@ class Stage2Trainer(SFTTrainer):
             raise ValueError(f"{type(self).__name__} runs stage {self.stage}, the config says stage {args.stage}")
         tokens = None
         if args.latent_mode != "none":
-            tokens = LatentTokens.from_config(model.config, where=getattr(model, "name_or_path", "model"))
+            tokens = LatentTokens.for_model(model, processing_class, where=getattr(model, "name_or_path", "model"))
             if tokens.latent_size != args.latent_size:
                 raise ValueError(f"latent_size={args.latent_size} in the recipe but {tokens.latent_size} in the checkpoint "
                                  f"{getattr(model, 'name_or_path', '')}: set latent_size: {tokens.latent_size}")

@@ -1,0 +1,68 @@
+"""Opening images from disk with errors that name the file, and the pixel-budget check.
+
+Every image the project reads from a path (benchmark maps, Mirage-format JSONL rows) goes through
+:func:`open_image`; every image that meets a processor goes through :func:`check_pixel_budget`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+#: An image whose area exceeds the processor's ``max_pixels`` budget by more than this factor is refused:
+#: the processor would shrink it more than 4x per side, silently erasing the detail the task depends on.
+MAX_DOWNSCALE_AREA = 16.0
+
+
+def open_image(path: str | Path, where: str | None = None) -> Image.Image:
+    """Open and fully decode the image at ``path``; returns an RGB ``PIL.Image``.
+
+    Args:
+        path: the file.
+        where: what refers to it (``"data.jsonl:12 image_input"``), prefixed to every error.
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is truncated, not an image, or a decompression bomb (PIL's pixel limit).
+    """
+    p = Path(path)
+    label = f"{where}: " if where else ""
+    if not p.is_file():
+        raise FileNotFoundError(f"{label}image file {p} does not exist; fix the path (relative paths resolve "
+                                "against the image_root folder) or remove the row")
+    try:
+        with Image.open(p) as im:
+            im.load()  # decode now: a truncated file fails here, not inside a training step
+            return im.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{label}{p}: image too large to decode safely ({e}); resize it offline") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"{label}{p} is not a readable image ({type(e).__name__}: {e}); the file is truncated or "
+                         "not an image: re-export it or remove the row") from None
+
+
+def pixel_budget(image_processor) -> int | None:
+    """The most pixels a Qwen2-VL-style image processor keeps (``max_pixels``; transformers 5 stores it as
+    ``size["longest_edge"]``, an area), or None when it has no such budget."""
+    value = getattr(image_processor, "max_pixels", None)
+    size = getattr(image_processor, "size", None)
+    if value is None and size is not None:
+        get = size.get if isinstance(size, dict) else (lambda k: getattr(size, k, None))
+        value = get("max_pixels") or get("longest_edge")
+    return int(value) if value else None
+
+
+def check_pixel_budget(image: Image.Image, max_pixels: int | None, where: str) -> None:
+    """Refuse an image far larger than the processor's pixel budget (``MAX_DOWNSCALE_AREA`` times ``max_pixels``).
+
+    Raises:
+        ValueError: naming ``where``, the image size, the budget and the fix.
+    """
+    if not max_pixels:
+        return
+    w, h = image.size
+    if w * h > MAX_DOWNSCALE_AREA * max_pixels:
+        raise ValueError(f"{where}: image is {w}x{h} = {w * h} pixels, more than {MAX_DOWNSCALE_AREA:g}x the "
+                         f"processor's budget max_pixels={max_pixels}; the processor would shrink it by "
+                         f"{(w * h / max_pixels) ** 0.5:.1f}x per side and erase its detail. Resize the image "
+                         "offline or raise the image processor's max_pixels")

@@ -1,0 +1,134 @@
+"""Recipe files: every key checked against the argument dataclasses before ``trl.TrlParser`` reads them.
+
+``TrlParser`` rejects an unknown key with a generic message and lets a wrong type through to a failure deep in
+training (``latent_size: [4]`` crashes in a comparison). :func:`check_recipe` names the file, the key, what is
+wrong (with the closest known key for a typo) and the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import types
+import typing
+from pathlib import Path
+
+_BOOL_STRINGS = {"true", "false", "yes", "no", "1", "0"}
+
+
+class RecipeError(ValueError):
+    """A recipe file that cannot be used; the message names the file and key."""
+
+
+def load_recipe(path: str | Path) -> dict:
+    """Read a YAML recipe into a dict.
+
+    Raises:
+        FileNotFoundError: no such file. RecipeError: YAML syntax error (with line) or a top level that is not a mapping.
+    """
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"recipe {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{p}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{p}: a recipe is a mapping of key: value lines, got a {type(data).__name__}")
+    return data
+
+
+def _hints(cls) -> dict:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # an unresolvable annotation in a third-party dataclass: check names only
+        return {}
+
+
+def _accepts(value, tp) -> bool:
+    """Whether ``value`` (as YAML gives it) can fill a field annotated ``tp`` (HfArgumentParser's conversions)."""
+    if tp is typing.Any or tp is None:
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        return isinstance(value, list) and (not args or all(_accepts(v, args[0]) for v in value))
+    if origin is dict or tp is dict:
+        return isinstance(value, (dict, str))
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return value in {m.value for m in tp} or value in tp.__members__
+    if tp is bool:
+        return isinstance(value, bool) or (isinstance(value, str) and value.lower() in _BOOL_STRINGS)
+    if tp is int:
+        if isinstance(value, bool):
+            return False
+        if isinstance(value, int):
+            return True
+        return isinstance(value, str) and value.strip().lstrip("+-").isdigit()
+    if tp is float:
+        if isinstance(value, bool):
+            return False
+        if isinstance(value, (int, float)):
+            return True
+        try:
+            float(value)
+            return isinstance(value, str)
+        except (TypeError, ValueError):
+            return False
+    if tp is str:
+        return isinstance(value, str)
+    return True
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+
+def check_recipe(path: str | Path, dataclass_types) -> dict:
+    """Check every key of the recipe at ``path`` against the fields of ``dataclass_types``; returns the recipe.
+
+    Raises:
+        RecipeError: a key no dataclass has (with the closest known keys), or a value of the wrong type (with the
+            expected type); naming the file.
+    """
+    data = load_recipe(path)
+    fields: dict[str, object] = {}
+    for cls in dataclass_types:
+        hints = _hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.init:
+                fields.setdefault(f.name, hints.get(f.name))
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=3, cutoff=0.7)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            raise RecipeError(f"{path}: unknown key {key!r}; {hint}(valid keys are the fields of "
+                              f"{', '.join(c.__name__ for c in dataclass_types)}; remove it or fix its spelling)")
+        tp = fields[key]
+        if tp is not None and not _accepts(value, tp):
+            raise RecipeError(f"{path}: key {key!r} must be {_type_name(tp)}, got {value!r} "
+                              f"({type(value).__name__})")
+    return data
+
+
+def parse(dataclass_types, argv: list[str]):
+    """``TrlParser(dataclass_types).parse_args_and_config(argv)`` after :func:`check_recipe` on ``--config``."""
+    from trl import TrlParser
+
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise RecipeError("--config needs a file path")
+        check_recipe(argv[i + 1], dataclass_types)
+    return TrlParser(dataclass_types).parse_args_and_config(args=argv)

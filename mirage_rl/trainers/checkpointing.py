@@ -1,0 +1,144 @@
+"""Checkpoints that are complete or ignored, and resuming from the last complete one.
+
+``transformers.Trainer`` writes ``checkpoint-N/`` file by file and then deletes older checkpoints; a process
+killed during the save leaves a half-written ``checkpoint-N`` that ``get_last_checkpoint`` would pick. Here a
+checkpoint counts only when its completion marker ``mirage_checkpoint.json`` exists (written atomically after
+every file of the save, model, optimizer, scheduler, RNG states and trainer state), and older checkpoints are
+deleted only after the marker is written, so a kill at any moment leaves the previous complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from ..atomic import atomic_write_text, recover_directory
+
+logger = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "mirage_checkpoint.json"
+_CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+_FRESH = ("false", "no", "none", "never")
+_LAST = ("true", "yes", "last")
+
+
+def is_complete(checkpoint: str | os.PathLike) -> bool:
+    """True when ``checkpoint`` holds the completion marker."""
+    return (Path(checkpoint) / COMPLETE_MARKER).is_file()
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> tuple[list[Path], list[Path]]:
+    """``(complete, incomplete)`` ``checkpoint-N`` folders of ``output_dir``, each sorted by step."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return [], []
+    found = sorted((p for p in out.iterdir() if p.is_dir() and _CHECKPOINT.match(p.name)),
+                   key=lambda p: int(_CHECKPOINT.match(p.name).group(1)))
+    return [p for p in found if is_complete(p)], [p for p in found if not is_complete(p)]
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The complete checkpoint with the highest step in ``output_dir``, or None; incomplete ones are logged."""
+    recover_directory(output_dir)
+    complete, incomplete = list_checkpoints(output_dir)
+    if incomplete:
+        logger.warning("%s: ignoring incomplete checkpoint(s) %s (their save was interrupted)", output_dir,
+                       [p.name for p in incomplete])
+    return str(complete[-1]) if complete else None
+
+
+def resolve_resume(args) -> str | None:
+    """The checkpoint ``Trainer.train(resume_from_checkpoint=...)`` gets, from ``args.resume_from_checkpoint``:
+
+    * unset (default) or ``auto``: the last complete checkpoint in ``args.output_dir`` if there is one (logged),
+      else None: a killed run restarted with the same command continues where it stopped (as open-r1 does);
+    * ``true`` / ``last``: the last complete checkpoint, which must exist;
+    * ``false`` / ``none``: start from scratch;
+    * a path: that checkpoint, which must be complete.
+
+    Raises:
+        FileNotFoundError: ``true`` with no complete checkpoint, or a path that does not exist.
+        ValueError: a path to an incomplete checkpoint (naming the last complete one).
+    """
+    value = args.resume_from_checkpoint
+    value = None if value is None else str(value)
+    if value is not None and value.lower() in _FRESH:
+        return None
+    if value is None or value.lower() in _LAST + ("auto",):
+        last = last_complete_checkpoint(args.output_dir)
+        if last is None and value is not None and value.lower() in _LAST:
+            raise FileNotFoundError(f"resume_from_checkpoint: {value}: {args.output_dir} holds no complete checkpoint "
+                                    f"(folders {PREFIX_CHECKPOINT_DIR}-N with {COMPLETE_MARKER}); drop the option to "
+                                    "start from scratch")
+        if last is not None:
+            logger.warning("resuming from %s (the last complete checkpoint in output_dir; pass "
+                           "--resume_from_checkpoint false to start over)", last)
+        return last
+    path = Path(value)
+    if not path.is_dir():
+        raise FileNotFoundError(f"resume_from_checkpoint: {value} does not exist")
+    if not is_complete(path):
+        last = last_complete_checkpoint(path.parent)
+        raise ValueError(f"resume_from_checkpoint: {value} is incomplete (no {COMPLETE_MARKER}: its save was "
+                         f"interrupted); resume from {last or 'scratch'} instead")
+    return str(path)
+
+
+class AtomicCheckpointMixin:
+    """``Trainer`` mixin: ``checkpoint-N`` counts only once complete, and resuming really restores the weights.
+
+    Overrides ``transformers.Trainer._save_checkpoint(model, trial)``: removes the debris of an earlier
+    interrupted save of the same step, saves with rotation switched off, writes the completion marker
+    (main process, after every rank has saved), then rotates (``save_total_limit``).
+
+    Overrides ``transformers.Trainer._load_from_checkpoint(resume_from_checkpoint, model=None)``: transformers 5.23
+    loads the checkpoint's state dict without its key conversion (Qwen2.5-VL saves ``visual.*`` / ``model.layers.*``
+    and names them ``model.visual.*`` / ``model.language_model.layers.*`` in memory), non-strictly, so every weight
+    is reported missing and training silently restarts from the initial weights. Here the weights are read
+    through ``from_pretrained`` (which converts the keys) and copied in strictly. DeepSpeed, FSDP and PEFT
+    checkpoints keep transformers' own loaders.
+    """
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        model = self.model if model is None else model
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or hasattr(model, "peft_config"):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        if not any(Path(resume_from_checkpoint).glob("*.safetensors")):
+            raise FileNotFoundError(f"{resume_from_checkpoint}: no *.safetensors weights to resume from")
+        base = self.accelerator.unwrap_model(model)
+        dtype = next(base.parameters()).dtype
+        saved = type(base).from_pretrained(resume_from_checkpoint, dtype=dtype, use_safetensors=True)
+        result = base.load_state_dict(saved.state_dict(), strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise RuntimeError(f"{resume_from_checkpoint}: weights do not match the model (missing "
+                               f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}); resume with the "
+                               "recipe that wrote the checkpoint")
+        del saved
+        logger.info("resumed weights from %s", resume_from_checkpoint)
+
+    def _save_checkpoint(self, model, trial):
+        run_dir = self._get_output_dir(trial=trial)
+        folder = Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save and folder.is_dir() and not is_complete(folder):
+            shutil.rmtree(folder)
+        self.accelerator.wait_for_everyone()
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+            atomic_write_text(folder / COMPLETE_MARKER, json.dumps(
+                {"global_step": self.state.global_step, "files": files}, indent=1) + "\n")
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        self.accelerator.wait_for_everyone()
