@@ -43,7 +43,10 @@ def _move_kept(src: Path, dst: Path, keep: tuple[str, ...]) -> None:
     for pattern in keep:
         for child in src.glob(pattern):
             if not (dst / child.name).exists():
-                child.rename(dst / child.name)
+                try:
+                    child.rename(dst / child.name)
+                except FileNotFoundError:  # another process (rank) moved it first
+                    pass
 
 
 def recover_directory(path: str | os.PathLike, keep: tuple[str, ...] = ("checkpoint-*",)) -> None:
@@ -54,14 +57,17 @@ def recover_directory(path: str | os.PathLike, keep: tuple[str, ...] = ("checkpo
     * ``path`` present and a ``.NAME.old-*`` sibling (killed while moving kept children): the kept children are
       moved on and the sibling removed.
     * ``.NAME.tmp-*`` siblings (killed while writing): removed; they were never complete.
-    Single writer per folder assumed (the main process).
+    Safe to call from every rank at once: a repair another process already made is skipped.
     """
     out = Path(path)
     if not out.parent.is_dir():
         return
     for old in sorted(out.parent.glob(f".{out.name}.old-*")):
         if not out.exists():
-            old.rename(out)
+            try:
+                old.rename(out)
+            except (FileNotFoundError, OSError):  # another rank repaired it first (rename onto a full folder fails)
+                pass
             continue
         _move_kept(old, out, keep)
         shutil.rmtree(old, ignore_errors=True)
