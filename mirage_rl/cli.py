@@ -1,7 +1,8 @@
 """The ``mirage-rl`` command: ``build-data``, ``create-model``, ``sft``, ``grpo``, ``eval``, ``pipeline``.
 
-Every sub-command is parsed by ``trl.TrlParser``: ``--config file.yaml`` sets values, the command line
-overrides them, an unknown key is an error.
+Every sub-command is parsed by ``trl.TrlParser`` after :func:`mirage_rl.recipe.check_recipe`: ``--config
+file.yaml`` sets values (an unknown key or a value of the wrong type is an error naming the file, printed
+without a traceback, exit code 2), the command line overrides them.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import json
 import logging
 import sys
 from dataclasses import dataclass, field
+
+from .recipe import RecipeError, parse
 
 USAGE = """usage: mirage-rl <command> [--config FILE.yaml] [--key value ...]
 
@@ -35,12 +38,6 @@ class CreateModelArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the random weights."})
 
 
-def _parse(types, argv):
-    from .recipe import parse
-
-    return parse(types, argv)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -48,7 +45,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from .recipe import RecipeError
 
     try:
         return _run(cmd, rest)
@@ -59,15 +55,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(cmd: str, rest: list[str]) -> int:
     if cmd == "build-data":
-        from .data.build import BuildDataArguments, build_vsp_dataset
+        from .data.build import BuildDataArguments, build_dataset
 
-        (args,) = _parse((BuildDataArguments,), rest)
-        _, counts = build_vsp_dataset(args)
+        (args,) = parse((BuildDataArguments,), rest)
+        _, counts = build_dataset(args)
         print(json.dumps({"output_dir": args.output_dir, **counts}))
     elif cmd == "create-model":
         from .modeling import create_tiny_model
 
-        (args,) = _parse((CreateModelArguments,), rest)
+        (args,) = parse((CreateModelArguments,), rest)
         model, processor = create_tiny_model(args.output_dir, latent_size=args.latent_size, hidden_size=args.hidden_size,
                                              num_layers=args.num_layers, vocab_size=args.vocab_size, seed=args.seed)
         n = sum(p.numel() for p in model.parameters())
@@ -79,7 +75,7 @@ def _run(cmd: str, rest: list[str]) -> int:
         from .sft import SFTScriptArguments, run_sft
         from .trainers import MirageSFTConfig
 
-        script_args, training_args, model_args = _parse((SFTScriptArguments, MirageSFTConfig, ModelConfig), rest)
+        script_args, training_args, model_args = parse((SFTScriptArguments, MirageSFTConfig, ModelConfig), rest)
         run_sft(script_args, training_args, model_args)
     elif cmd == "grpo":
         from trl import ModelConfig
@@ -87,17 +83,17 @@ def _run(cmd: str, rest: list[str]) -> int:
         from .grpo import GRPOScriptArguments, run_grpo
         from .trainers import MirageGRPOConfig
 
-        script_args, training_args, model_args = _parse((GRPOScriptArguments, MirageGRPOConfig, ModelConfig), rest)
+        script_args, training_args, model_args = parse((GRPOScriptArguments, MirageGRPOConfig, ModelConfig), rest)
         run_grpo(script_args, training_args, model_args)
     elif cmd == "pipeline":
         from .pipeline import PipelineArguments, run_pipeline
 
-        (args,) = _parse((PipelineArguments,), rest)
+        (args,) = parse((PipelineArguments,), rest)
         run_pipeline(args)
     elif cmd == "eval":
         from .evaluation import EvalArguments, evaluate, format_table
 
-        (args,) = _parse((EvalArguments,), rest)
+        (args,) = parse((EvalArguments,), rest)
         report = evaluate(args)
         print(format_table(report))
         print(f"wrote {args.output_dir}/report.json, samples.jsonl, accuracy_by_level.png")

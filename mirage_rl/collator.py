@@ -64,6 +64,7 @@ class LatentCollator:
             raise ValueError("stage 1 needs latent tokens: use latent_mode 'hidden'")
         tok = self.processor.tokenizer
         self.pad_id = tok.pad_token_id
+        self.max_pixels = pixel_budget(self.processor.image_processor)
 
     def encode(self, example: dict, index: int = 0) -> dict:
         """Tokenize one row (no padding).
@@ -84,9 +85,8 @@ class LatentCollator:
             answer = answer_text(example["answer"], self.latent_tokens, self.latent_mode)
             text = prompt + answer + "<|im_end|>"
         images = example["image"] if isinstance(example["image"], list) else [example["image"]]
-        budget = pixel_budget(self.processor.image_processor)
         for im in images:
-            check_pixel_budget(im, budget, f"{row} image")
+            check_pixel_budget(im, self.max_pixels, f"{row} image")
         enc = self.processor(text=[text], images=[im.convert("RGB") for im in images], return_tensors="pt")
         ids = enc["input_ids"][0]
         out = {"input_ids": ids, "mm_token_type_ids": enc["mm_token_type_ids"][0],
@@ -112,7 +112,7 @@ class LatentCollator:
                     raise ValueError(f"{row}: {n_blocks} latent block(s) but {len(helpers)} helper image(s); "
                                      "stage 1 needs one 'helper_image' per <output_image> marker")
                 for im in helpers:
-                    check_pixel_budget(im, budget, f"{row} helper_image")
+                    check_pixel_budget(im, self.max_pixels, f"{row} helper_image")
                 if helpers:
                     h = self.processor.image_processor(images=[im.convert("RGB") for im in helpers], return_tensors="pt")
                     out["helper_pixel_values"], out["helper_image_grid_thw"] = h["pixel_values"], h["image_grid_thw"]

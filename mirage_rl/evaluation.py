@@ -124,14 +124,14 @@ def evaluate(args: EvalArguments, model=None, processor=None) -> dict:
     bar = tqdm(total=len(maps), initial=len(samples), desc=f"eval {Path(args.model).name} ({mode})", unit="map")
     for i in range(len(samples), len(maps), args.batch_size):
         chunk = maps[i : i + args.batch_size]
-        batch = collator([{"prompt": messages, "image": open_image(m.image_path, where=f"{args.benchmark_dir} map "
-                                                                                     f"level{m.level}/{m.map_id}"),
-                           "map_id": f"level{m.level}/{m.map_id}"} for m in chunk])
+        batch = collator([{"prompt": messages, "map_id": m.prompt_id,
+                           "image": open_image(m.image_path, where=f"{args.benchmark_dir} map {m.prompt_id}")}
+                          for m in chunk])
         out = generate(model, processor, batch, max_new_tokens=args.max_new_tokens, latent_mode=mode)
         rows = []
         for m, text in zip(chunk, out.texts):
             s = score_plan(m.map_desc, text)
-            rows.append({"prompt_id": f"level{m.level}/{m.map_id}", "level": m.level, "completion": text,
+            rows.append({"prompt_id": m.prompt_id, "level": m.level, "completion": text,
                          "plan": s.plan, "verdict": s.verdict, "success": s.success,
                          "success_strict": s.success_strict})
         journal.append(rows)
@@ -190,7 +190,7 @@ class Journal:
                     done.append(json.loads(line))
                 except json.JSONDecodeError:  # the line being written when the process was killed
                     break
-            expected = [f"level{m.level}/{m.map_id}" for m in maps[: len(done)]]
+            expected = [m.prompt_id for m in maps[: len(done)]]
             if [d.get("prompt_id") for d in done] != expected:
                 raise ValueError(f"{self.path}: its samples do not follow the benchmark's map order; delete it")
             if len(done) < len(maps):

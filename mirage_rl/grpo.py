@@ -11,9 +11,15 @@ from pathlib import Path
 
 from trl import ModelConfig
 
-from .atomic import atomic_save_figure, atomic_write_text
-from .modeling import save_pretrained
-from .sft import SFTScriptArguments, load_model_and_processor, load_train_split
+from .atomic import atomic_save_figure
+from .sft import (
+    SFTScriptArguments,
+    load_model_and_processor,
+    load_train_split,
+    require_columns,
+    save_final,
+    split_name,
+)
 from .trainers import MirageGRPOConfig, MirageGRPOTrainer
 from .trainers.checkpointing import resolve_resume
 
@@ -58,10 +64,7 @@ def run_grpo(script_args: GRPOScriptArguments, training_args: MirageGRPOConfig, 
         raise ValueError(f"reward_weights has {len(training_args.reward_weights)} values for "
                          f"{len(reward_funcs)} reward_funcs {script_args.reward_funcs}")
     train = load_train_split(script_args)
-    where = f"{script_args.dataset_path}[{script_args.dataset_split}]"
-    missing = [c for c in ("prompt", "image") if c not in train.column_names]
-    if missing:
-        raise ValueError(f"{where}: no column(s) {missing} (has {train.column_names}); GRPO needs prompt and image")
+    require_columns(train, ["prompt", "image"], split_name(script_args), "GRPO")
     train = train.remove_columns([c for c in SFT_ONLY_COLUMNS if c in train.column_names])
     resume = resolve_resume(training_args)
     model, processor = load_model_and_processor(model_args, training_args.trust_remote_code)
@@ -69,12 +72,9 @@ def run_grpo(script_args: GRPOScriptArguments, training_args: MirageGRPOConfig, 
                                 processing_class=processor)
     trainer.train(resume_from_checkpoint=resume)
     if trainer.accelerator.is_main_process:
-        final = trainer.accelerator.unwrap_model(trainer.model)
-        final.config.latent_mode = trainer.latent_mode
-        save_pretrained(final, processor, training_args.output_dir)
+        save_final(trainer, processor, trainer.latent_mode, training_args.output_dir)
         out = Path(training_args.output_dir)
         history = trainer.state.log_history
-        atomic_write_text(out / "train_log.json", json.dumps(history, indent=1) + "\n")
         plot_rewards(history, out / "reward_curve.png", title=f"GRPO {Path(model_args.model_name_or_path).name}")
         logger.info("GRPO time split (s/step): %s", json.dumps(time_split(history)))
     return trainer

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .atomic import atomic_write_text, recover_directory
-from .cli import _parse
+from .recipe import parse
 
 logger = logging.getLogger(__name__)
 
@@ -63,13 +63,13 @@ def run_stage(stage: str, argv: list[str], retrain: bool = False) -> str:
         from .grpo import GRPOScriptArguments, run_grpo
         from .trainers import MirageGRPOConfig
 
-        script, train, model = _parse((GRPOScriptArguments, MirageGRPOConfig, ModelConfig), argv)
+        script, train, model = parse((GRPOScriptArguments, MirageGRPOConfig, ModelConfig), argv)
         runner = run_grpo
     else:
         from .sft import SFTScriptArguments, run_sft
         from .trainers import MirageSFTConfig
 
-        script, train, model = _parse((SFTScriptArguments, MirageSFTConfig, ModelConfig), argv)
+        script, train, model = parse((SFTScriptArguments, MirageSFTConfig, ModelConfig), argv)
         expected = int(stage[-1])
         if train.stage != expected:
             raise ValueError(f"{argv[1]}: recipe says stage: {train.stage}, the pipeline runs it as {stage}")
@@ -120,7 +120,7 @@ def evaluate_stage(stage: str, model_dir: str, eval_recipe: Path) -> dict:
     from .evaluation import EvalArguments, evaluate, format_table
 
     out = Path(model_dir) / "eval"
-    (eval_args,) = _parse((EvalArguments,), ["--config", str(eval_recipe), "--model", model_dir,
+    (eval_args,) = parse((EvalArguments,), ["--config", str(eval_recipe), "--model", model_dir,
                                              "--output_dir", str(out)])
     report = evaluate(eval_args)
     print(f"\n== {stage}: {model_dir}\n{format_table(report)}")

@@ -30,6 +30,19 @@ class SFTScriptArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Train on the first N rows only."})
 
 
+def split_name(script_args: SFTScriptArguments) -> str:
+    """``path[split]``: how errors name the training split."""
+    return f"{script_args.dataset_path}[{script_args.dataset_split}]"
+
+
+def require_columns(ds, need: list[str], where: str, who: str) -> None:
+    """Raise ``ValueError`` naming ``where`` and the missing columns when ``ds`` lacks one of ``need``."""
+    missing = [c for c in need if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"{where}: no column(s) {missing} (has {ds.column_names}); {who} needs {need}: "
+                         "build the dataset with `mirage-rl build-data`")
+
+
 def load_train_split(script_args: SFTScriptArguments):
     """Load the training split; raises ``ValueError`` naming the path when it is missing or empty."""
     from datasets import load_from_disk
@@ -46,7 +59,7 @@ def load_train_split(script_args: SFTScriptArguments):
     if script_args.max_train_samples is not None:
         ds = ds.select(range(min(script_args.max_train_samples, len(ds))))
     if len(ds) == 0:
-        raise ValueError(f"{script_args.dataset_path}[{script_args.dataset_split}] is empty: rebuild it with "
+        raise ValueError(f"{split_name(script_args)} is empty: rebuild it with "
                          "`mirage-rl build-data` (its build_report.json lists skipped rows)")
     return ds
 
@@ -62,10 +75,7 @@ def check_sft_dataset(ds, args: MirageSFTConfig, where: str) -> None:
     from datasets import Image
 
     need = ["prompt", "image", "answer"] + (["helper_image"] if args.stage == 1 else [])
-    missing = [c for c in need if c not in ds.column_names]
-    if missing:
-        raise ValueError(f"{where}: no column(s) {missing} (has {ds.column_names}); stage {args.stage} needs {need}: "
-                         "build the dataset with `mirage-rl build-data`")
+    require_columns(ds, need, where, f"stage {args.stage}")
     ids = ds["map_id"] if "map_id" in ds.column_names else [None] * len(ds)
 
     def row(i):
@@ -89,10 +99,9 @@ def check_sft_dataset(ds, args: MirageSFTConfig, where: str) -> None:
 def load_model_and_processor(model_args: ModelConfig, trust_remote_code: bool = False):
     """The model (``model_args.dtype``, default float32; vision tower frozen) and processor of a recipe."""
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
-    trust = trust_remote_code
-    model = load_model(model_args.model_name_or_path, dtype=dtype or torch.float32, trust_remote_code=trust,
-                       attn_implementation=model_args.attn_implementation)
-    return model, load_processor(model_args.model_name_or_path, trust_remote_code=trust)
+    model = load_model(model_args.model_name_or_path, dtype=dtype or torch.float32,
+                       trust_remote_code=trust_remote_code, attn_implementation=model_args.attn_implementation)
+    return model, load_processor(model_args.model_name_or_path, trust_remote_code=trust_remote_code)
 
 
 def run_sft(script_args: SFTScriptArguments, training_args: MirageSFTConfig, model_args: ModelConfig):
@@ -103,7 +112,7 @@ def run_sft(script_args: SFTScriptArguments, training_args: MirageSFTConfig, mod
     complete checkpoint in ``output_dir`` (see :func:`mirage_rl.trainers.checkpointing.resolve_resume`).
     """
     train = load_train_split(script_args)
-    check_sft_dataset(train, training_args, f"{script_args.dataset_path}[{script_args.dataset_split}]")
+    check_sft_dataset(train, training_args, split_name(script_args))
     resume = resolve_resume(training_args)
     model, processor = load_model_and_processor(model_args, training_args.trust_remote_code)
     if training_args.train_vision_tower:
@@ -117,10 +126,14 @@ def run_sft(script_args: SFTScriptArguments, training_args: MirageSFTConfig, mod
     trainer = trainer_cls(model=model, args=training_args, train_dataset=train, processing_class=processor)
     trainer.train(resume_from_checkpoint=resume)
     if trainer.accelerator.is_main_process:
-        final = trainer.accelerator.unwrap_model(trainer.model)
-        # evaluation decodes the way the checkpoint was trained (hidden, dummy or none) unless told otherwise
-        final.config.latent_mode = training_args.latent_mode
-        save_pretrained(final, processor, training_args.output_dir)
-        atomic_write_text(Path(training_args.output_dir) / "train_log.json",
-                          json.dumps(trainer.state.log_history, indent=1) + "\n")
+        save_final(trainer, processor, training_args.latent_mode, training_args.output_dir)
     return trainer
+
+
+def save_final(trainer, processor, latent_mode: str, output_dir: str) -> None:
+    """Save the trained model + processor (recording ``latent_mode`` in its config, so that evaluation decodes the
+    way it was trained) and ``train_log.json`` (the trainer's log history) to ``output_dir``, atomically."""
+    final = trainer.accelerator.unwrap_model(trainer.model)
+    final.config.latent_mode = latent_mode
+    save_pretrained(final, processor, output_dir)
+    atomic_write_text(Path(output_dir) / "train_log.json", json.dumps(trainer.state.log_history, indent=1) + "\n")

@@ -121,8 +121,30 @@ def _row(map_desc, plan, level, source, map_id, prompt_text) -> dict:
     }
 
 
+def build_dataset(args: BuildDataArguments):
+    """``mirage-rl build-data``: :func:`build_vsp_dataset` or :func:`build_mirage_jsonl_dataset` by ``args.source``."""
+    return build_mirage_jsonl_dataset(args) if args.source == "mirage_jsonl" else build_vsp_dataset(args)
+
+
+def _save_rows(rows: list[dict], args: BuildDataArguments, bad: BadRows, extra_features: dict, **counts):
+    """Turn rows into split ``train`` (the columns every builder writes plus ``extra_features``), save it with its
+    ``build_report.json`` atomically, log the counts; returns ``(DatasetDict, counts)``."""
+    from datasets import Dataset, DatasetDict, Features, Image, Value
+
+    features = Features({
+        "prompt": [{"role": Value("string"), "content": [{"type": Value("string"), "text": Value("string")}]}],
+        "image": Image(), "helper_image": Image(), "answer": Value("string"), "solution": Value("string"),
+        "source": Value("string"), "map_id": Value("string"), **extra_features,
+    })
+    ds = DatasetDict({"train": Dataset.from_list(rows, features=features)})
+    counts = {"train": len(rows), **counts, **bad.report()}
+    save_dataset_atomic(ds, args.output_dir, report={**counts, "skip_reasons": bad.reasons})
+    logger.info("built %s: %s", args.output_dir, counts)
+    return ds, counts
+
+
 def build_vsp_dataset(args: BuildDataArguments):
-    """Build the training set described in the module docstring and save it to ``args.output_dir``.
+    """Build the VSP training set described in the module docstring and save it to ``args.output_dir``.
 
     Returns the ``datasets.DatasetDict`` (split ``train``) and a dict of counts.
 
@@ -130,10 +152,8 @@ def build_vsp_dataset(args: BuildDataArguments):
         ValueError: naming the file and line of a Mirage row that is malformed or whose plan fails (unless
             ``skip_bad_rows``: then counted and reported), or no row left.
     """
-    from datasets import Dataset, DatasetDict, Features, Image, Sequence, Value
+    from datasets import Sequence, Value
 
-    if args.source == "mirage_jsonl":
-        return build_mirage_jsonl_dataset(args)
     test_keys = {vsp.map_key(m.map_desc) for m in vsp.load_benchmark(args.test_dir)}
     bad = BadRows(args.skip_bad_rows)
     train = vsp.iter_jsonl(args.train_jsonl, on_error=bad)
@@ -159,18 +179,8 @@ def build_vsp_dataset(args: BuildDataArguments):
         rows.append(_row(m, vsp.shortest_plan(m), len(m), "generated", f"gen-{args.seed}-{j}", vsp.TRAIN_PROMPT))
     if not rows:
         raise ValueError(f"{args.train_jsonl}: no training maps left after removing test maps and generating {args.num_generated}")
-    features = Features({
-        "prompt": [{"role": Value("string"), "content": [{"type": Value("string"), "text": Value("string")}]}],
-        "image": Image(), "helper_image": Image(), "answer": Value("string"), "solution": Value("string"),
-        "map_desc": Sequence(Sequence(Value("int32"))), "level": Value("int32"), "source": Value("string"),
-        "map_id": Value("string"),
-    })
-    ds = DatasetDict({"train": Dataset.from_list(rows, features=features)})
-    counts = {"train": len(rows), "mirage": len(rows) - len(generated), "generated": len(generated),
-              "removed_test_overlap": leaked, **bad.report()}
-    save_dataset_atomic(ds, args.output_dir, report={**counts, "skip_reasons": bad.reasons})
-    logger.info("built %s: %s", args.output_dir, counts)
-    return ds, counts
+    return _save_rows(rows, args, bad, {"map_desc": Sequence(Sequence(Value("int32"))), "level": Value("int32")},
+                      mirage=len(rows) - len(generated), generated=len(generated), removed_test_overlap=leaked)
 
 
 def _check_vsp_row(r: dict, where: str):
@@ -205,8 +215,6 @@ def build_mirage_jsonl_dataset(args: BuildDataArguments):
             exactly one ``<image>``, a ``text_output`` whose ``<output_image>`` count is not ``latent_blocks``;
             or no row left.
     """
-    from datasets import Dataset, DatasetDict, Features, Image, Value
-
     path = Path(args.jsonl)
     root = Path(args.image_root) if args.image_root else path.parent
     bad = BadRows(args.skip_bad_rows)
@@ -219,16 +227,7 @@ def build_mirage_jsonl_dataset(args: BuildDataArguments):
             bad(e, i)
     if not rows:
         raise ValueError(f"{path}: no usable rows ({len(bad.reasons)} skipped); first reasons: {bad.reasons[:3]}")
-    features = Features({
-        "prompt": [{"role": Value("string"), "content": [{"type": Value("string"), "text": Value("string")}]}],
-        "image": Image(), "helper_image": Image(), "answer": Value("string"), "solution": Value("string"),
-        "source": Value("string"), "map_id": Value("string"),
-    })
-    ds = DatasetDict({"train": Dataset.from_list(rows, features=features)})
-    counts = {"train": len(rows), **bad.report()}
-    save_dataset_atomic(ds, args.output_dir, report={**counts, "skip_reasons": bad.reasons})
-    logger.info("built %s: %s", args.output_dir, counts)
-    return ds, counts
+    return _save_rows(rows, args, bad, {})
 
 
 def _mirage_row(r: dict, line: int, where: str, root: Path, args: BuildDataArguments) -> dict:

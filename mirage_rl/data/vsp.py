@@ -242,6 +242,11 @@ class BenchmarkMap:
     image_path: str
     map_desc: list[list[int]]
 
+    @property
+    def prompt_id(self) -> str:
+        """``level3/7``: the map's identity in evaluation samples and error messages."""
+        return f"level{self.level}/{self.map_id}"
+
 
 def parse_table(path: Path) -> list[list[int]]:
     """Parse a VSP ``table/N.txt`` (``| Row 1 | _ | * | ...``) into ``map_desc``.

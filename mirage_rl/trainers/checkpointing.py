@@ -66,13 +66,12 @@ def resolve_resume(args) -> str | None:
         FileNotFoundError: ``true`` with no complete checkpoint, or a path that does not exist.
         ValueError: a path to an incomplete checkpoint (naming the last complete one).
     """
-    value = args.resume_from_checkpoint
-    value = None if value is None else str(value)
-    if value is not None and value.lower() in _FRESH:
+    value = "auto" if args.resume_from_checkpoint is None else str(args.resume_from_checkpoint)
+    if value.lower() in _FRESH:
         return None
-    if value is None or value.lower() in _LAST + ("auto",):
+    if value.lower() in _LAST + ("auto",):
         last = last_complete_checkpoint(args.output_dir)
-        if last is None and value is not None and value.lower() in _LAST:
+        if last is None and value.lower() in _LAST:
             raise FileNotFoundError(f"resume_from_checkpoint: {value}: {args.output_dir} holds no complete checkpoint "
                                     f"(folders {PREFIX_CHECKPOINT_DIR}-N with {COMPLETE_MARKER}); drop the option to "
                                     "start from scratch")

@@ -9,7 +9,7 @@ from PIL import Image
 
 from mirage_rl.cli import main
 from mirage_rl.collator import LatentCollator
-from mirage_rl.data.build import BuildDataArguments, build_vsp_dataset
+from mirage_rl.data.build import BuildDataArguments, build_dataset, build_vsp_dataset
 from mirage_rl.data.images import open_image
 from mirage_rl.modeling import LatentTokens, load_model, load_processor
 from mirage_rl.sft import SFTScriptArguments, check_sft_dataset, load_train_split
@@ -81,13 +81,13 @@ def mirage_row(tmp_path, **kw):
 def build_mirage(tmp_path, rows, **kw):
     jsonl = tmp_path / "rows.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return jsonl, build_vsp_dataset(BuildDataArguments(source="mirage_jsonl", jsonl=str(jsonl),
-                                                       output_dir=str(tmp_path / "built"), **kw))
+    return jsonl, build_dataset(BuildDataArguments(source="mirage_jsonl", jsonl=str(jsonl),
+                                                   output_dir=str(tmp_path / "built"), **kw))
 
 
 def test_mirage_jsonl_builds_the_published_reasoning_sample(vsp_dir, tmp_path):
     sample = vsp_dir / "mirage_reasoning_sample"
-    ds, counts = build_vsp_dataset(BuildDataArguments(
+    ds, counts = build_dataset(BuildDataArguments(
         source="mirage_jsonl", jsonl=str(sample / "sample.jsonl"), strip_image_prefix="./data/examples/",
         output_dir=str(tmp_path / "built")))
     assert counts == {"train": 10, "skipped_rows": 0, "skip_reasons": []}
