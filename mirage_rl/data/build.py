@@ -156,7 +156,7 @@ def build_vsp_dataset(args: BuildDataArguments):
 
     test_keys = {vsp.map_key(m.map_desc) for m in vsp.load_benchmark(args.test_dir)}
     bad = BadRows(args.skip_bad_rows)
-    train = vsp.iter_jsonl(args.train_jsonl, on_error=bad)
+    train = vsp.jsonl_rows(args.train_jsonl, on_error=bad)
     if args.max_train_maps is not None:
         train = train[: args.max_train_maps]
     rows, leaked, seen = [], 0, set(test_keys)
@@ -219,7 +219,7 @@ def build_mirage_jsonl_dataset(args: BuildDataArguments):
     root = Path(args.image_root) if args.image_root else path.parent
     bad = BadRows(args.skip_bad_rows)
     rows = []
-    for i, r in tqdm(vsp.iter_jsonl(path, on_error=bad), desc=f"read {path.name}"):
+    for i, r in tqdm(vsp.jsonl_rows(path, on_error=bad), desc=f"read {path.name}"):
         where = f"{path}:{i}"
         try:
             rows.append(_mirage_row(r, i, where, root, args))

@@ -301,7 +301,7 @@ def load_benchmark(root: str | Path, levels: list[int] | None = None) -> list[Be
     return maps
 
 
-def iter_jsonl(path: str | Path, on_error=None) -> list[tuple[int, dict]]:
+def jsonl_rows(path: str | Path, on_error=None) -> list[tuple[int, dict]]:
     """``(1-based line, row)`` for every non-empty line of a JSONL file.
 
     A line that is not a JSON object raises ``ValueError`` naming the file and line, or is handed to
@@ -335,4 +335,4 @@ def iter_jsonl(path: str | Path, on_error=None) -> list[tuple[int, dict]]:
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """Read a JSONL file of JSON objects; errors name the file and the 1-based line."""
-    return [row for _, row in iter_jsonl(path)]
+    return [row for _, row in jsonl_rows(path)]
