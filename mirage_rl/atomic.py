@@ -14,7 +14,7 @@ from pathlib import Path
 
 @contextmanager
 def atomic_directory(path: str | os.PathLike, keep: tuple[str, ...] = ()):
-    """Yield a temp folder beside ``path``; on success it replaces ``path``.
+    """Yield a temp folder beside ``path``; on success it replaces ``path`` (:func:`commit_directory`).
 
     Children of the old ``path`` matching a glob in ``keep`` (e.g. ``checkpoint-*``) are moved into the new one
     (each move is a rename); the rest of the old folder is removed. A kill between the renames leaves the old
@@ -30,6 +30,20 @@ def atomic_directory(path: str | os.PathLike, keep: tuple[str, ...] = ()):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    commit_directory(tmp, out, keep)
+
+
+def temp_sibling(path: str | os.PathLike, tag: str) -> Path:
+    """``.NAME.tmp-TAG`` beside ``path``: a temp folder whose name every rank of a distributed job can compute
+    (a collective save writes into it from several processes; :func:`recover_directory` removes it if left)."""
+    out = Path(path)
+    return out.with_name(f".{out.name}.tmp-{tag}")
+
+
+def commit_directory(tmp: str | os.PathLike, path: str | os.PathLike, keep: tuple[str, ...] = ()) -> None:
+    """Replace ``path`` with the finished folder ``tmp`` (two renames), moving the children of the old ``path`` that
+    match ``keep`` into it. One process only."""
+    out, tmp = Path(path), Path(tmp)
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
         out.rename(old)

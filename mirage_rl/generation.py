@@ -36,6 +36,25 @@ def _logprob(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> 
     return torch.log_softmax(logits.float() / temperature, -1).gather(-1, tokens[:, None]).squeeze(-1)
 
 
+def row_generators(seeds: list[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One ``torch.Generator`` per row, seeded with ``seeds``: sampling that does not depend on a row's batch mates
+    (pass the list as ``generate(..., generator=...)``)."""
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
+def _multinomial(probs: torch.Tensor, generator) -> torch.Tensor:
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.multinomial(p[None], 1, generator=g) for p, g in zip(probs, generator)]).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _randn(shape: tuple[int, int], generator, device) -> torch.Tensor:
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(shape[1:], generator=g, device=g.device) for g in generator]).to(device)
+    dev = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=dev).to(device)
+
+
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator) -> torch.Tensor:
     if not do_sample:
         return logits.argmax(-1)
@@ -45,13 +64,13 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: floa
         drop = sorted_p.cumsum(-1) - sorted_p > top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return _multinomial(probs, generator)
 
 
 @torch.no_grad()
 def generate(model, processor, batch: dict, max_new_tokens: int = 64, latent_mode: str = "hidden",
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-             generator: torch.Generator | None = None, return_logprobs: bool = False,
+             generator: torch.Generator | list[torch.Generator] | None = None, return_logprobs: bool = False,
              latent_sigma: float | None = None, suppress_token_ids: list[int] | None = None) -> GenerationOutput:
     """Decode a left-padded prompt batch (``LatentCollator(with_answer=False)`` or TRL's tokenized prompts).
 
@@ -60,6 +79,9 @@ def generate(model, processor, batch: dict, max_new_tokens: int = 64, latent_mod
             ``image_grid_thw``. A prompt that ends with ``<|latent_start|>`` enters latent mode at once.
         latent_mode: ``"hidden"``, ``"dummy"`` or ``"none"``.
         do_sample / temperature / top_p: greedy when ``do_sample`` is False.
+        generator: the random stream of sampling and Gaussian latents: one ``torch.Generator`` for the batch, or a
+            list with one per row (:func:`row_generators`), which makes each row's sample independent of the batch
+            it is decoded in (GRPO uses this so that N ranks reproduce one process).
         return_logprobs: also return ``logprobs`` (B, T) float32: log p(token) at ``temperature`` for sampled
             text tokens (0.0 at forced positions: latent slots, forced ``<|latent_end|>``, padding), or, with
             ``latent_sigma``, the Gaussian log-density of each latent slot's input (up to a constant).
@@ -109,8 +131,7 @@ def generate(model, processor, batch: dict, max_new_tokens: int = 64, latent_mod
         if latent_mode == "hidden":
             z = h.float()
             if latent_sigma is not None:
-                dev = generator.device if generator is not None else z.device
-                z = z + latent_sigma * torch.randn(z.shape, generator=generator, device=dev).to(device)
+                z = z + latent_sigma * _randn(tuple(z.shape), generator, z.device)
                 lat.append(torch.where(in_latent[:, None], z, 0.0))
             nxt_emb = torch.where(in_latent[:, None], z.to(nxt_emb.dtype), nxt_emb)
         if return_logprobs:

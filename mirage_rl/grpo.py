@@ -49,9 +49,10 @@ class GRPOScriptArguments(SFTScriptArguments):
                 raise ValueError(f"reward_kwargs must be a JSON object, got {self.reward_kwargs!r}: {e}") from e
 
 
-def run_grpo(script_args: GRPOScriptArguments, training_args: MirageGRPOConfig, model_args: ModelConfig):
+def run_grpo(script_args: GRPOScriptArguments, training_args: MirageGRPOConfig, model_args: ModelConfig,
+             callbacks: list | None = None):
     """Train GRPO and save model + processor, ``train_log.json`` and ``reward_curve.png`` to
-    ``training_args.output_dir``; returns the trainer.
+    ``training_args.output_dir``; returns the trainer. ``callbacks``: extra ``TrainerCallback``s.
 
     Raises:
         ValueError: an unknown reward name (listing the known ones, before the model is loaded) or a checkpoint
@@ -69,10 +70,10 @@ def run_grpo(script_args: GRPOScriptArguments, training_args: MirageGRPOConfig, 
     resume = resolve_resume(training_args)
     model, processor = load_model_and_processor(model_args, training_args.trust_remote_code)
     trainer = MirageGRPOTrainer(model=model, reward_funcs=reward_funcs, args=training_args, train_dataset=train,
-                                processing_class=processor)
+                                processing_class=processor, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)
+    save_final(trainer, processor, trainer.latent_mode, training_args.output_dir)
     if trainer.accelerator.is_main_process:
-        save_final(trainer, processor, trainer.latent_mode, training_args.output_dir)
         out = Path(training_args.output_dir)
         history = trainer.state.log_history
         plot_rewards(history, out / "reward_curve.png", title=f"GRPO {Path(model_args.model_name_or_path).name}")

@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from trl import ModelConfig
 
 from . import latent
-from .atomic import atomic_write_text, recover_directory
+from .atomic import atomic_write_text, commit_directory, recover_directory, temp_sibling
 from .data.vsp import LATENT_MARKER
-from .modeling import add_latent_tokens, load_model, load_processor, save_pretrained
+from .modeling import add_latent_tokens, load_model, load_processor
 from .trainers import MirageSFTConfig, Stage1Trainer, Stage2Trainer
 from .trainers.checkpointing import resolve_resume
 
@@ -104,9 +103,10 @@ def load_model_and_processor(model_args: ModelConfig, trust_remote_code: bool = 
     return model, load_processor(model_args.model_name_or_path, trust_remote_code=trust_remote_code)
 
 
-def run_sft(script_args: SFTScriptArguments, training_args: MirageSFTConfig, model_args: ModelConfig):
+def run_sft(script_args: SFTScriptArguments, training_args: MirageSFTConfig, model_args: ModelConfig,
+            callbacks: list | None = None):
     """Train one SFT stage and save model + processor and ``train_log.json`` (the trainer's log history) to
-    ``training_args.output_dir``; returns the trainer.
+    ``training_args.output_dir``; returns the trainer. ``callbacks``: extra ``TrainerCallback``s.
 
     The data is checked (:func:`check_sft_dataset`) before the model is loaded. Training resumes from the last
     complete checkpoint in ``output_dir`` (see :func:`mirage_rl.trainers.checkpointing.resolve_resume`).
@@ -123,17 +123,38 @@ def run_sft(script_args: SFTScriptArguments, training_args: MirageSFTConfig, mod
             # stage 1 is the entry point for a stock Qwen2.5-VL checkpoint
             add_latent_tokens(model, processor, training_args.latent_size)
     trainer_cls = Stage1Trainer if training_args.stage == 1 else Stage2Trainer
-    trainer = trainer_cls(model=model, args=training_args, train_dataset=train, processing_class=processor)
+    trainer = trainer_cls(model=model, args=training_args, train_dataset=train, processing_class=processor,
+                          callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)
-    if trainer.accelerator.is_main_process:
-        save_final(trainer, processor, training_args.latent_mode, training_args.output_dir)
+    save_final(trainer, processor, training_args.latent_mode, training_args.output_dir)
     return trainer
 
 
 def save_final(trainer, processor, latent_mode: str, output_dir: str) -> None:
     """Save the trained model + processor (recording ``latent_mode`` in its config, so that evaluation decodes the
-    way it was trained) and ``train_log.json`` (the trainer's log history) to ``output_dir``, atomically."""
-    final = trainer.accelerator.unwrap_model(trainer.model)
-    final.config.latent_mode = latent_mode
-    save_pretrained(final, processor, output_dir)
-    atomic_write_text(Path(output_dir) / "train_log.json", json.dumps(trainer.state.log_history, indent=1) + "\n")
+    way it was trained) and ``train_log.json`` (the trainer's log history) to ``output_dir``, atomically; the
+    ``checkpoint-*`` folders already there are kept.
+
+    Collective: call it on every rank. The weights go through ``Trainer.save_model``, which gathers them under
+    DeepSpeed ZeRO-3 (``zero3_save_16bit_model: true`` in the launch config; without it ZeRO-3 saves shards
+    that ``from_pretrained`` cannot read, so this raises ``ValueError``) and writes only the adapter of a PEFT
+    model. Every rank writes into the same temp folder; the main process renames it into place.
+    """
+    acc = trainer.accelerator
+    tmp = temp_sibling(output_dir, "final")
+    if acc.is_main_process:
+        recover_directory(output_dir)  # also removes a temp folder left by an interrupted save
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    acc.unwrap_model(trainer.model).config.latent_mode = latent_mode
+    trainer.save_model(str(tmp))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        if not any(tmp.glob("*.safetensors")):
+            raise ValueError(f"{output_dir}: the final save wrote no *.safetensors (DeepSpeed ZeRO-3 without "
+                             "zero3_save_16bit_model: true in the launch config?); use launch/zero3.yaml")
+        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle: never needed to load the model
+        processor.save_pretrained(tmp)
+        atomic_write_text(tmp / "train_log.json", json.dumps(trainer.state.log_history, indent=1) + "\n")
+        commit_directory(tmp, output_dir, keep=("checkpoint-*",))
+    acc.wait_for_everyone()

@@ -99,8 +99,9 @@ def text_after_block(out, lt):
     return after & (out["completion_mask"] * out["tool_mask"]).bool() & (ids != lt.end)
 
 
-@pytest.mark.parametrize("objective,dtype,tol", [("none", torch.float32, 1e-5), ("none", torch.float64, 1e-5),
-                                                 ("gaussian", torch.float32, 1e-5)])
+# float32: the cached decode and the full-sequence recompute round differently (up to ~1.2e-5 measured on -1.1)
+@pytest.mark.parametrize("objective,dtype,tol", [("none", torch.float32, 3e-5), ("none", torch.float64, 1e-5),
+                                                 ("gaussian", torch.float32, 3e-5)])
 def test_recomputed_logprobs_match_sampling_logprobs(tiny_dir, grpo_rows, tmp_path, objective, dtype, tol):
     trainer, lt = make_trainer(tiny_dir, grpo_rows, tmp_path, dtype=dtype, latent_objective=objective)
     out = rollout(trainer, grpo_rows)
@@ -193,3 +194,38 @@ def test_grpo_raises_a_reachable_toy_reward(tiny_dir, grpo_rows, tmp_path):
     logged = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     assert after > before + 0.05, (before, after, logged)
     assert sum(logged[-3:]) / 3 > sum(logged[:3]) / 3
+
+
+def test_use_vllm_is_refused_for_latent_rollouts_and_reaches_trl_for_text_only(tiny_dir, grpo_rows, tmp_path):
+    with pytest.raises(ValueError, match="latent_mode: hidden.*docs/vllm_latent_rollouts.md"):
+        make_trainer(tiny_dir, grpo_rows, tmp_path, latent_mode="hidden", use_vllm=True)
+    # the latent mode recorded in the checkpoint (latent_mode unset in the recipe) is refused too, naming it
+    with pytest.raises(ValueError, match="decodes with latent_mode 'hidden'"):
+        make_trainer(tiny_dir, grpo_rows, tmp_path, use_vllm=True)
+    # latent_mode: none passes and reaches TRL's vLLM integration (GPU-only: not installed on CPU machines)
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="vLLM|vllm"):
+            make_trainer(tiny_dir, grpo_rows, tmp_path, latent_mode="none", use_vllm=True)
+    else:
+        assert make_trainer(tiny_dir, grpo_rows, tmp_path, latent_mode="none", use_vllm=True)[0].use_vllm
+
+
+def test_text_only_rollouts_go_through_trls_vllm_generation(tiny_dir, grpo_rows, tmp_path):
+    """With ``use_vllm`` (text-only policy), ``_generate_single_turn`` is TRL's: weights synced, vLLM's ids returned."""
+    trainer, _ = make_trainer(tiny_dir, grpo_rows, tmp_path, latent_mode="none")
+    calls = []
+
+    class FakeVLLM:
+        def sync_weights(self):
+            calls.append("sync")
+
+        def generate(self, prompts, images, num_generations, profiler):
+            calls.append(("generate", len(prompts), num_generations))
+            return None, [[5, 6, 7]] * len(prompts), [[[-0.5]] * 3] * len(prompts), None
+
+    trainer.use_vllm, trainer.vllm_generation, trainer._last_loaded_step = True, FakeVLLM(), -1
+    ids, logps = trainer._generate_single_turn([[1, 2], [3, 4]], None, {}, 1)[:2]
+    assert calls == ["sync", ("generate", 2, 1)]
+    assert ids == [[5, 6, 7]] * 2 and logps == [[-0.5] * 3] * 2

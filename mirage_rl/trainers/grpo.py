@@ -24,6 +24,7 @@ transformers' ``Trainer._save_checkpoint`` (complete-or-ignored checkpoints, ``t
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import time
 import types
@@ -38,7 +39,7 @@ from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, pad
 
 from .. import latent
 from ..collator import LATENT_MODES
-from ..generation import generate
+from ..generation import generate, row_generators
 from ..modeling import LatentTokens
 from .checkpointing import AtomicCheckpointMixin
 
@@ -66,6 +67,10 @@ class MirageGRPOConfig(GRPOConfig):
     latent_fill: str = field(default="auto", metadata={"help": "auto, cached or multipass."})
 
     def __post_init__(self):
+        if self.use_vllm and self.latent_mode not in (None, "none"):  # before TRL's own vLLM checks
+            raise ValueError(f"use_vllm with latent_mode: {self.latent_mode}: vLLM cannot feed hidden states back as "
+                             "inputs, so latent rollouts run in mirage_rl.generation (docs/vllm_latent_rollouts.md); "
+                             "use_vllm is for text-only policies (latent_mode: none)")
         super().__post_init__()
         if self.latent_mode is not None and self.latent_mode not in LATENT_MODES:
             raise ValueError(f"latent_mode must be one of {LATENT_MODES}, got {self.latent_mode!r}")
@@ -78,9 +83,6 @@ class MirageGRPOConfig(GRPOConfig):
         for name, (value, neutral) in unsupported.items():
             if value not in neutral:
                 raise ValueError(f"{name}={value}: latent rollouts sample with temperature and top_p only; unset {name}")
-        if self.use_vllm:
-            raise ValueError("use_vllm: vLLM cannot feed hidden states back as inputs, so it cannot run latent "
-                             "rollouts; unset use_vllm (see the README, 'vLLM')")
         if self.use_transformers_continuous_batching:
             raise ValueError("use_transformers_continuous_batching: latent rollouts use mirage_rl.generation; unset it")
 
@@ -132,6 +134,10 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         self.latent_mode = args.latent_mode or getattr(model.config, "latent_mode", None) or "hidden"
         if self.latent_mode not in LATENT_MODES:
             raise ValueError(f"latent_mode must be one of {LATENT_MODES}, got {self.latent_mode!r}")
+        if args.use_vllm and self.latent_mode != "none":
+            raise ValueError(f"use_vllm: the checkpoint {getattr(model, 'name_or_path', '')} decodes with latent_mode "
+                             f"{self.latent_mode!r}, which vLLM cannot run (docs/vllm_latent_rollouts.md); set "
+                             "latent_mode: none for a text-only policy or unset use_vllm")
         self.latent_tokens = None if self.latent_mode == "none" else LatentTokens.for_model(
             model, processing_class, where=getattr(model, "name_or_path", "model"))
         self.latent_objective = args.latent_objective
@@ -183,9 +189,14 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
     # ----------------------------------------------------------------------------------------- rollouts
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         """TRL hook (``GRPOTrainer._generate_single_turn``): one latent-interleaved rollout per prompt row (the rows
-        already repeat each prompt ``num_generations`` times). Returns ``(completion_ids, logprobs)``: per row the
+        already repeat each prompt ``num_generations`` times). Row i of the global generation batch samples with its
+        own generator seeded by :func:`rollout_seed` (``args.seed``, train/eval, global step, i), so rollouts do not
+        depend on the number of processes or on a row's batch mates, and a resumed run samples what it would have. Returns ``(completion_ids, logprobs)``: per row the
         ids up to and including the first end-of-sequence token, and the sampling-time log-probs (0.0 at forced
-        positions; the Gaussian log-density at latent slots with ``latent_objective: gaussian``)."""
+        positions; the Gaussian log-density at latent slots with ``latent_objective: gaussian``). With ``use_vllm``
+        (only allowed for ``latent_mode: none``) TRL's vLLM generation runs instead."""
+        if self.use_vllm:  # a text-only policy (latent_mode: none): TRL's vLLM rollouts, unchanged
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
         if self.tools or has_tool_images:
             raise ValueError("MirageGRPOTrainer does not support tools")
         device = self.accelerator.device
@@ -203,6 +214,11 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         suppress = [i for i in (getattr(self.model.config, "image_token_id", None),
                                 getattr(self.model.config, "video_token_id", None)) if i is not None]
         sigma = self.args.latent_sigma if self.latent_objective == "gaussian" else None
+        # one random stream per row of the global generation batch: N ranks sample what one process samples
+        mode = "train" if self.model.training else "eval"
+        first = self.accelerator.process_index * len(prompt_ids)
+        generators = row_generators([rollout_seed(self.args.seed, mode, self.state.global_step, first + i)
+                                     for i in range(len(prompt_ids))], device)
         t0 = time.perf_counter()
         with (unwrap_model_for_generation(self.model_wrapped, self.accelerator,
                                           gather_deepspeed3_params=self.args.ds3_gather_for_generation,
@@ -210,7 +226,8 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
               as unwrapped, torch.no_grad()):
             out = generate(unwrapped, self.processing_class, batch, max_new_tokens=self.max_completion_length,
                            latent_mode=self.latent_mode, do_sample=True, temperature=self.temperature,
-                           top_p=self.top_p, return_logprobs=True, latent_sigma=sigma, suppress_token_ids=suppress)
+                           top_p=self.top_p, generator=generators, return_logprobs=True, latent_sigma=sigma,
+                           suppress_token_ids=suppress)
         self._generation_time += time.perf_counter() - t0
         eos = set(self.eos_token_ids) | {self._tokenizer.pad_token_id}
         seqs, logps = out.sequences.tolist(), out.logprobs.tolist()
@@ -353,6 +370,12 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         entropies = torch.cat(all_entropies, 0) if compute_entropy else None
         aux = torch.stack(all_aux).mean() if compute_aux_loss else None
         return logps, entropies, aux
+
+
+def rollout_seed(seed: int, mode: str, step: int, row: int) -> int:
+    """The seed of one rollout row: a 63-bit hash of (``seed``, ``mode``, global ``step``, global ``row``)."""
+    digest = hashlib.blake2b(f"{seed}/{mode}/{step}/{row}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & (2**63 - 1)
 
 
 def _pad_latents(latents: list[torch.Tensor]) -> torch.Tensor:

@@ -85,9 +85,12 @@ class MirageSFTConfig(SFTConfig):
 
 @dataclass
 class LatentSFTOutput(ModelOutput):
-    """What the installed forward returns. ``loss`` is the training loss; the rest feed the logs."""
+    """What the installed forward returns. ``loss`` is the micro-batch loss (token-mean CE, plus the stage-1
+    terms); ``ce_sum`` (summed over the answer tokens) and ``n_tokens`` let ``compute_loss`` normalise the CE by
+    the tokens of the whole global batch instead."""
 
     loss: torch.Tensor | None = None
+    ce_sum: torch.Tensor | None = None
     ce_loss: torch.Tensor | None = None
     cos_loss: torch.Tensor | None = None
     n_correct: torch.Tensor | None = None
@@ -98,7 +101,8 @@ def answer_ce(model, hidden: torch.Tensor, labels: torch.Tensor):
     """Next-token CE on the label positions only (logits are never built for the prompt).
 
     Args: hidden ``(B, L, H)``, labels ``(B, L)`` with -100 where ignored.
-    Returns: ``(mean CE, number of correct top-1 predictions, number of label tokens)``.
+    Returns: ``(summed CE, number of correct top-1 predictions, number of label tokens)``; the number of label
+    tokens counts ``labels[:, 1:] != -100``, as ``Trainer`` counts ``num_items_in_batch``.
     """
     target = labels[:, 1:]
     keep = target != -100
@@ -108,7 +112,7 @@ def answer_ce(model, hidden: torch.Tensor, labels: torch.Tensor):
     if logits.shape[0] == 0:
         zero = hidden.sum() * 0.0
         return zero, n, n
-    ce = F.cross_entropy(logits, tgt)
+    ce = F.cross_entropy(logits, tgt, reduction="sum")
     return ce, (logits.argmax(-1) == tgt).sum(), n
 
 
@@ -137,8 +141,9 @@ class Stage2Trainer(AtomicCheckpointMixin, SFTTrainer):
             processing_class, tokens, args.latent_mode, stage=self.stage, max_length=args.max_length)
         super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
                          data_collator=collator, **kwargs)
-        # our loss is a per-micro-batch mean: let Trainer divide by the accumulation steps
-        self.model_accepts_loss_kwargs = False
+        # Trainer then counts the answer tokens of the whole global batch (every rank, every accumulation step) and
+        # passes them to compute_loss as num_items_in_batch: the loss does not depend on the world size
+        self.model_accepts_loss_kwargs = True
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         base.forward = self._make_forward(base)
 
@@ -157,20 +162,40 @@ class Stage2Trainer(AtomicCheckpointMixin, SFTTrainer):
             hidden = latent.latent_fill(model, embeds, pos, attention_mask, latent_mask, self.args.latent_fill)
         else:  # dummy: the slots keep the <|latent_pad|> embedding; none: there are no slots
             hidden = latent._lm_forward(latent.language_model(model), embeds, pos, attention_mask)
-        ce, n_correct, n = answer_ce(model, hidden, labels)
-        return LatentSFTOutput(loss=ce, ce_loss=ce.detach(), n_correct=n_correct, n_tokens=n)
+        ce_sum, n_correct, n = answer_ce(model, hidden, labels)
+        ce = ce_sum / n.clamp(min=1)
+        return LatentSFTOutput(loss=ce, ce_sum=ce_sum, ce_loss=ce.detach(), n_correct=n_correct, n_tokens=n)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Run the installed latent forward and log ``ce_loss`` (+ ``cos_loss``) and ``mean_token_accuracy``."""
+        """Run the installed latent forward; log ``ce_loss`` (+ ``cos_loss``), ``mean_token_accuracy`` and
+        ``num_tokens``. Overrides ``SFTTrainer.compute_loss``.
+
+        With ``num_items_in_batch`` (the answer tokens of the global batch: every rank and accumulation step, which
+        ``Trainer`` counts because ``model_accepts_loss_kwargs`` is True) the CE is the sum over this micro-batch's
+        tokens divided by it, times the number of processes (DDP and DeepSpeed average gradients over ranks), as
+        TRL's ``SFTTrainer.compute_loss`` does: one step on N ranks equals one step on one process with the same
+        global batch. The stage-1 cosine term is a per-micro-batch mean over latent slots, divided by the
+        accumulation steps; it equals the global mean when every micro-batch holds as many slots (one latent
+        block per answer, ``latent_blocks: 1``, and equal micro-batch sizes).
+        """
         out = model(**inputs)
+        loss = out.loss
+        if num_items_in_batch is not None:
+            scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+            ce = out.ce_sum / torch.as_tensor(num_items_in_batch).clamp(min=1) * scale
+            loss = ce if out.cos_loss is None else (
+                self.args.gamma * ce + out.cos_loss / self.current_gradient_accumulation_steps)
         mode = "train" if self.model.training else "eval"
         gather = self.accelerator.gather_for_metrics
-        self._metrics[mode]["ce_loss"].append(gather(out.ce_loss.detach()).mean().item())
+        n = gather(out.n_tokens).sum()
+        self._metrics[mode]["ce_loss"].append((gather(out.ce_sum.detach()).sum() / n.clamp(min=1)).item())
         if out.cos_loss is not None:
             self._metrics[mode]["cos_loss"].append(gather(out.cos_loss.detach()).mean().item())
-        n = gather(out.n_tokens).sum()
         self._metrics[mode]["mean_token_accuracy"].append((gather(out.n_correct).sum() / n.clamp(min=1)).item())
-        return (out.loss, out) if return_outputs else out.loss
+        if mode == "train":
+            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return (loss, out) if return_outputs else loss
 
 
 class Stage1Trainer(Stage2Trainer):
@@ -195,9 +220,11 @@ class Stage1Trainer(Stage2Trainer):
         embeds = latent.teacher_forced(embeds, latent_mask, targets)
         pos, _ = latent.position_ids(model, input_ids, attention_mask, mm_token_type_ids, image_grid_thw)
         hidden = latent._lm_forward(latent.language_model(model), embeds, pos, attention_mask)
-        ce, n_correct, n = answer_ce(model, hidden, labels)
+        ce_sum, n_correct, n = answer_ce(model, hidden, labels)
+        ce = ce_sum / n.clamp(min=1)
         before = torch.roll(latent_mask, shifts=-1, dims=1)  # position p_t - 1 of every slot p_t
         pred = hidden[before].float()
         cos = 1.0 - F.cosine_similarity(pred, targets.reshape(-1, targets.shape[-1]).float(), dim=-1).mean()
         loss = self.args.gamma * ce + cos
-        return LatentSFTOutput(loss=loss, ce_loss=ce.detach(), cos_loss=cos.detach(), n_correct=n_correct, n_tokens=n)
+        return LatentSFTOutput(loss=loss, ce_sum=ce_sum, ce_loss=ce.detach(), cos_loss=cos, n_correct=n_correct,
+                               n_tokens=n)
