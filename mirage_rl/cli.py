@@ -23,6 +23,7 @@ commands:
   grpo          GRPO with latent-interleaved rollouts and reward plugins, from a recipe
   eval          evaluate a checkpoint on a VSP folder (report.json, samples.jsonl, plot)
   pipeline      stage 1 -> stage 2 -> GRPO -> eval from one recipe folder, with a summary table
+  export        merge a LoRA adapter (a stage trained with use_peft: true) into a full checkpoint
 """
 
 
@@ -36,6 +37,16 @@ class CreateModelArguments:
     num_layers: int = field(default=4, metadata={"help": "Decoder layers."})
     vocab_size: int = field(default=2048, metadata={"help": "Upper bound of the BPE vocabulary."})
     seed: int = field(default=0, metadata={"help": "Seed of the random weights."})
+
+
+@dataclass
+class ExportArguments:
+    """Arguments of ``mirage-rl export``."""
+
+    adapter_dir: str = field(metadata={"help": "A stage's output_dir trained with use_peft: true."})
+    output_dir: str = field(metadata={"help": "Where the merged full checkpoint (safetensors + processor) goes."})
+    dtype: str = field(default="float32", metadata={"help": "Weights dtype of the export: float32 or bfloat16."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the base checkpoint."})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +108,17 @@ def _run(cmd: str, rest: list[str]) -> int:
         report = evaluate(args)
         print(format_table(report))
         print(f"wrote {args.output_dir}/report.json, samples.jsonl, accuracy_by_level.png")
+    elif cmd == "export":
+        import torch
+
+        from .lora import export_merged
+
+        (args,) = parse((ExportArguments,), rest)
+        if args.dtype not in ("float32", "bfloat16", "float16"):
+            raise RecipeError(f"dtype: {args.dtype!r} is not float32, bfloat16 or float16")
+        export_merged(args.adapter_dir, args.output_dir, dtype=getattr(torch, args.dtype),
+                      trust_remote_code=args.trust_remote_code)
+        print(json.dumps({"adapter_dir": args.adapter_dir, "output_dir": args.output_dir, "dtype": args.dtype}))
     else:
         print(f"unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
         return 2

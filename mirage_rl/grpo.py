@@ -16,6 +16,7 @@ from .sft import (
     SFTScriptArguments,
     load_model_and_processor,
     load_train_split,
+    peft_config_for,
     require_columns,
     save_final,
     split_name,
@@ -54,6 +55,9 @@ def run_grpo(script_args: GRPOScriptArguments, training_args: MirageGRPOConfig, 
     """Train GRPO and save model + processor, ``train_log.json`` and ``reward_curve.png`` to
     ``training_args.output_dir``; returns the trainer. ``callbacks``: extra ``TrainerCallback``s.
 
+    With ``use_peft`` GRPO trains LoRA only: the latent token rows (learned in stages 1-2) stay fixed, because TRL's
+    fused LM head reads ``lm_head.weight`` directly, which would skip peft's trainable-token rows in the log-probs.
+
     Raises:
         ValueError: an unknown reward name (listing the known ones, before the model is loaded) or a checkpoint
             without latent tokens when the latent mode needs them (``MirageGRPOTrainer``, before any training).
@@ -70,7 +74,8 @@ def run_grpo(script_args: GRPOScriptArguments, training_args: MirageGRPOConfig, 
     resume = resolve_resume(training_args)
     model, processor = load_model_and_processor(model_args, training_args.trust_remote_code)
     trainer = MirageGRPOTrainer(model=model, reward_funcs=reward_funcs, args=training_args, train_dataset=train,
-                                processing_class=processor, callbacks=callbacks)
+                                processing_class=processor, callbacks=callbacks,
+                                peft_config=peft_config_for(model_args, model, latent_rows=False))
     trainer.train(resume_from_checkpoint=resume)
     save_final(trainer, processor, trainer.latent_mode, training_args.output_dir)
     if trainer.accelerator.is_main_process:

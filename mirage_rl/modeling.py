@@ -120,11 +120,13 @@ class LatentTokens:
 
 
 def add_latent_tokens(model, processor, latent_size: int) -> LatentTokens:
-    """Add the latent tokens to ``processor.tokenizer`` if missing, resize ``model``'s embeddings and
-    record ids and ``latent_size`` in ``model.config``.
+    """Add the latent tokens to ``processor.tokenizer`` if missing, resize ``model``'s embeddings when the vocabulary
+    outgrows them, and record ids and ``latent_size`` in ``model.config``.
 
-    New embedding rows (input and output) are initialised to the mean of the existing rows.
-    Raises ``ValueError`` if the checkpoint already records a different latent size.
+    The rows of tokens added here and the rows a resize creates (input embedding and LM head) are set to the mean of the
+    rows before them, also when no resize is needed (Qwen2.5-VL-7B's embedding has spare rows past its tokenizer). Works on a model loaded
+    sharded under DeepSpeed ZeRO-3 (the rows are gathered, written on rank 0 and re-partitioned); call it on every
+    rank then. Raises ``ValueError`` if the checkpoint already records a different latent size.
     """
     if latent_size < 1:
         raise ValueError(f"latent_size must be >= 1, got {latent_size}")
@@ -137,17 +139,33 @@ def add_latent_tokens(model, processor, latent_size: int) -> LatentTokens:
     if missing:
         tok.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     ids = {name: tok.convert_tokens_to_ids(t) for name, t in zip(("start", "pad", "end"), LATENT_TOKENS)}
-    n_vocab = len(tok)
-    emb = model.get_input_embeddings()
-    if emb.weight.shape[0] < n_vocab:
-        old_rows = emb.weight.shape[0]
-        model.resize_token_embeddings(n_vocab, mean_resizing=False)
-        with torch.no_grad():
-            for layer in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())}.values():
-                layer.weight[old_rows:] = layer.weight[:old_rows].mean(0, keepdim=True)
+    weight = model.get_input_embeddings().weight
+    old_rows = getattr(weight, "ds_shape", weight.shape)[0]
+    new_rows = set(range(old_rows, len(tok))) | {tok.convert_tokens_to_ids(t) for t in missing}
+    if old_rows < len(tok):
+        model.resize_token_embeddings(len(tok), mean_resizing=False)
+    if new_rows:
+        _init_rows_to_mean(model, sorted(new_rows))
     model.config.latent_token_ids = ids
     model.config.latent_size = int(latent_size)
     return LatentTokens(ids["start"], ids["pad"], ids["end"], int(latent_size))
+
+
+def _init_rows_to_mean(model, rows: list[int]) -> None:
+    """Set embedding/LM-head ``rows`` to the mean of the rows before the first of them (gathered under ZeRO-3)."""
+    from contextlib import nullcontext
+
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    layers = list({id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())}.values())
+    gather = nullcontext()
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters([m.weight for m in layers], modifier_rank=0)
+    with gather, torch.no_grad():
+        for layer in layers:
+            layer.weight[rows] = layer.weight[: rows[0]].mean(0, keepdim=True).to(layer.weight.dtype)
 
 
 def load_processor(path: str | Path, trust_remote_code: bool = False) -> MirageProcessor:
@@ -158,15 +176,22 @@ def load_processor(path: str | Path, trust_remote_code: bool = False) -> MirageP
 
 def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False,
                attn_implementation: str | None = None):
-    """Load a ``Qwen2_5_VLForConditionalGeneration`` (safetensors only) and freeze its vision tower.
+    """Load a ``Qwen2_5_VLForConditionalGeneration`` (safetensors only) and freeze its vision tower. A LoRA adapter
+    folder (a stage trained with ``use_peft: true``) loads as its base with the adapter merged
+    (:func:`mirage_rl.lora.load_adapter_model`).
 
     Raises:
         FileNotFoundError: a local folder without ``config.json`` or without ``*.safetensors`` weights (pickled
             ``.bin`` weights are refused: loading them can run code).
     """
+    from .lora import is_adapter_dir, load_adapter_model
+
     local = Path(path)
     if local.exists() or str(path).startswith((".", "/")):
         recover_directory(local)
+        if is_adapter_dir(local):  # a stage trained with use_peft: base + adapter, merged
+            return load_adapter_model(local, dtype=dtype, trust_remote_code=trust_remote_code,
+                                      attn_implementation=attn_implementation)
         if not (local / "config.json").is_file():
             raise FileNotFoundError(f"{path}: no config.json; not a saved model folder (a stage's output_dir, or "
                                     "`mirage-rl create-model`)")
@@ -236,13 +261,14 @@ def tiny_config(vocab_size: int, hidden_size: int = 128, num_layers: int = 4, nu
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **(token_ids or {}))
 
 
-def create_tiny_model(output_dir: str | Path, latent_size: int = 4, hidden_size: int = 128, num_layers: int = 4,
-                      vocab_size: int = 2048, seed: int = 0):
+def create_tiny_model(output_dir: str | Path, latent_size: int | None = 4, hidden_size: int = 128,
+                      num_layers: int = 4, vocab_size: int = 2048, seed: int = 0):
     """Build, save and return ``(model, processor)`` of the tiny offline default.
 
     Steps: train the tokenizer on :func:`tiny_corpus`, build a Qwen2.5-VL from :func:`tiny_config`
     with random weights (seeded), add the latent tokens through :func:`add_latent_tokens` (the same
     call a 7B checkpoint goes through) and ``save_pretrained`` model and processor to ``output_dir``.
+    ``latent_size=None`` leaves the latent tokens out: a checkpoint shaped like a stock Qwen2.5-VL.
     """
     from transformers import Qwen2VLImageProcessorPil
 
@@ -261,7 +287,8 @@ def create_tiny_model(output_dir: str | Path, latent_size: int = 4, hidden_size:
     model.generation_config.eos_token_id = [im_end, tok.pad_token_id]
     model.generation_config.bos_token_id = None
     model.generation_config.pad_token_id = tok.pad_token_id
-    add_latent_tokens(model, processor, latent_size)
+    if latent_size is not None:
+        add_latent_tokens(model, processor, latent_size)
     save_pretrained(model, processor, output_dir)
     return model, processor
 

@@ -12,6 +12,7 @@ from trl import ModelConfig
 from . import latent
 from .atomic import atomic_write_text, commit_directory, recover_directory, temp_sibling
 from .data.vsp import LATENT_MARKER
+from .lora import is_adapter_dir, lora_config, write_adapter_info
 from .modeling import add_latent_tokens, load_model, load_processor
 from .trainers import MirageSFTConfig, Stage1Trainer, Stage2Trainer
 from .trainers.checkpointing import resolve_resume
@@ -124,10 +125,17 @@ def run_sft(script_args: SFTScriptArguments, training_args: MirageSFTConfig, mod
             add_latent_tokens(model, processor, training_args.latent_size)
     trainer_cls = Stage1Trainer if training_args.stage == 1 else Stage2Trainer
     trainer = trainer_cls(model=model, args=training_args, train_dataset=train, processing_class=processor,
-                          callbacks=callbacks)
+                          callbacks=callbacks, peft_config=peft_config_for(model_args, model))
     trainer.train(resume_from_checkpoint=resume)
     save_final(trainer, processor, training_args.latent_mode, training_args.output_dir)
     return trainer
+
+
+def peft_config_for(model_args: ModelConfig, model, latent_rows: bool = True):
+    """The recipe's LoRA config (``use_peft: true``) for ``model`` (None otherwise), with the latent token rows
+    trainable when ``latent_rows``."""
+    ids = getattr(model.config, "latent_token_ids", None) if latent_rows else None
+    return lora_config(model_args, model, list(ids.values()) if ids else None)
 
 
 def save_final(trainer, processor, latent_mode: str, output_dir: str) -> None:
@@ -138,7 +146,8 @@ def save_final(trainer, processor, latent_mode: str, output_dir: str) -> None:
     Collective: call it on every rank. The weights go through ``Trainer.save_model``, which gathers them under
     DeepSpeed ZeRO-3 (``zero3_save_16bit_model: true`` in the launch config; without it ZeRO-3 saves shards
     that ``from_pretrained`` cannot read, so this raises ``ValueError``) and writes only the adapter of a PEFT
-    model. Every rank writes into the same temp folder; the main process renames it into place.
+    model (with ``mirage_adapter.json``: latent size and mode). Every rank writes into the same temp folder; the main
+    process renames it into place.
     """
     acc = trainer.accelerator
     tmp = temp_sibling(output_dir, "final")
@@ -146,7 +155,8 @@ def save_final(trainer, processor, latent_mode: str, output_dir: str) -> None:
         recover_directory(output_dir)  # also removes a temp folder left by an interrupted save
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    acc.unwrap_model(trainer.model).config.latent_mode = latent_mode
+    model = acc.unwrap_model(trainer.model)
+    model.config.latent_mode = latent_mode
     trainer.save_model(str(tmp))
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -154,6 +164,8 @@ def save_final(trainer, processor, latent_mode: str, output_dir: str) -> None:
             raise ValueError(f"{output_dir}: the final save wrote no *.safetensors (DeepSpeed ZeRO-3 without "
                              "zero3_save_16bit_model: true in the launch config?); use launch/zero3.yaml")
         (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle: never needed to load the model
+        if is_adapter_dir(tmp):
+            write_adapter_info(tmp, model.config)
         processor.save_pretrained(tmp)
         atomic_write_text(tmp / "train_log.json", json.dumps(trainer.state.log_history, indent=1) + "\n")
         commit_directory(tmp, output_dir, keep=("checkpoint-*",))

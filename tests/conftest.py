@@ -37,6 +37,16 @@ def tiny_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def stock_dir(tmp_path_factory):
+    """A tiny checkpoint shaped like a stock Qwen2.5-VL: no latent tokens in its tokenizer, config or embeddings."""
+    from mirage_rl.modeling import create_tiny_model
+
+    out = tmp_path_factory.mktemp("models") / "stock"
+    create_tiny_model(out, latent_size=None, seed=0)
+    return out
+
+
 def scramble(model, std: float = 0.5, seed: int = 0):
     """Random weights with a large scale: the fresh tiny model predicts one token everywhere, which
     would make decoding tests vacuous."""

@@ -100,7 +100,7 @@ def deepspeed_available() -> bool:
     return True
 
 
-LAUNCHERS = ["ddp", pytest.param("zero2", marks=pytest.mark.deepspeed), pytest.param("zero3", marks=pytest.mark.deepspeed)]
+LAUNCHERS = ["ddp"] + [pytest.param(n, marks=pytest.mark.deepspeed) for n in ("zero2", "zero3", "zero3_offload")]
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -112,10 +112,10 @@ def test_two_ranks_match_one_process(launcher, stage, single, tiny_dir, small_da
     records = launch("sft", sft_args(stage, tiny_dir, small_dataset_dir, tmp_path / "out", 2), tmp_path / "logs",
                      launcher)
     assert len(records) == 2 and all(r["world_size"] == 2 for r in records)
-    expected = {"ddp": None, "zero2": 2, "zero3": 3}[launcher]
+    expected = {"ddp": None, "zero2": 2, "zero3": 3, "zero3_offload": 3}[launcher]
     assert all(r["zero_stage"] == expected for r in records), records[0]["distributed_type"]
     assert_same_steps(records, reference)
-    if launcher == "zero3":  # the gathered 16-bit save holds the trained weights
+    if launcher.startswith("zero3"):  # the gathered 16-bit save holds the trained weights
         from mirage_rl.modeling import load_model
 
         got, ref = load_model(tmp_path / "out").state_dict(), load_model(ref_out).state_dict()
@@ -124,6 +124,24 @@ def test_two_ranks_match_one_process(launcher, stage, single, tiny_dir, small_da
         assert worst < 1e-4, worst
         assert got["model.language_model.embed_tokens.weight"].shape[0] == json.loads(
             (tmp_path / "out" / "config.json").read_text())["text_config"]["vocab_size"]
+
+
+@pytest.mark.deepspeed
+def test_zero3_stage1_from_a_stock_checkpoint(stock_dir, small_dataset_dir, tmp_path):
+    """The 7B entry path: stage 1 adds the latent tokens (resize + mean rows) to a model loaded sharded by ZeRO-3;
+    losses, gradient norms and the saved weights equal one process's."""
+    if not deepspeed_available():
+        pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]'; `make test` installs it)")
+    (reference,) = launch("sft", sft_args(1, stock_dir, small_dataset_dir, tmp_path / "single", 4), tmp_path / "l1", None)
+    records = launch("sft", sft_args(1, stock_dir, small_dataset_dir, tmp_path / "zero3", 2), tmp_path / "l2", "zero3")
+    assert_same_steps(records, reference)
+    from mirage_rl.modeling import LatentTokens, load_model
+
+    got, ref = load_model(tmp_path / "zero3"), load_model(tmp_path / "single")
+    assert LatentTokens.from_config(got.config) == LatentTokens.from_config(ref.config)
+    assert got.get_input_embeddings().weight.shape[0] > load_model(stock_dir).get_input_embeddings().weight.shape[0]
+    a, b = got.state_dict(), ref.state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in b) < 1e-4
 
 
 def test_grpo_two_ranks_match_one_process(tiny_dir, small_dataset_dir, tmp_path):
