@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -105,6 +106,9 @@ def _run(cmd: str, rest: list[str]) -> int:
         from .evaluation import EvalArguments, evaluate, format_table
 
         (args,) = parse((EvalArguments,), rest)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise RecipeError("eval runs in one process (every rank would decode and write the same report): run "
+                              "`mirage-rl eval` without accelerate launch / torchrun")
         report = evaluate(args)
         print(format_table(report))
         print(f"wrote {args.output_dir}/report.json, samples.jsonl, accuracy_by_level.png")

@@ -144,22 +144,36 @@ def test_zero3_stage1_from_a_stock_checkpoint(stock_dir, small_dataset_dir, tmp_
     assert max((a[k] - b[k]).abs().max().item() for k in b) < 1e-4
 
 
-def test_grpo_two_ranks_match_one_process(tiny_dir, small_dataset_dir, tmp_path):
-    """Rollouts sample with one generator per row of the global batch (``rollout_seed``): 2 ranks x 4 rollouts
-    sample what 1 process x 8 samples, so losses and gradient norms agree."""
-    def args(out, batch):
-        return ["--config", str(RECIPES / "grpo_tiny.yaml"), "--model_name_or_path", str(tiny_dir),
-                "--dataset_path", str(small_dataset_dir), "--output_dir", str(out), "--per_device_train_batch_size",
-                str(batch), "--num_generations", "4", "--max_completion_length", "16", "--max_steps", str(STEPS),
-                "--logging_steps", "1", "--save_strategy", "no", "--learning_rate", "1e-3",
-                "--reward_funcs", "toy_rewards.length_reward", "--reward_weights", "1.0", "--reward_kwargs", "{}"]
+def grpo_args(model, data, out, batch: int) -> list[str]:
+    return ["--config", str(RECIPES / "grpo_tiny.yaml"), "--model_name_or_path", str(model), "--dataset_path", str(data),
+            "--output_dir", str(out), "--per_device_train_batch_size", str(batch), "--num_generations", "4",
+            "--max_completion_length", "16", "--max_steps", str(STEPS), "--logging_steps", "1", "--save_strategy", "no",
+            "--learning_rate", "1e-3", "--beta", "0.04",
+            "--reward_funcs", "toy_rewards.length_reward", "--reward_weights", "1.0", "--reward_kwargs", "{}"]
 
-    (reference,) = launch("grpo", args(tmp_path / "single", 8), tmp_path / "single_logs", None)
-    records = launch("grpo", args(tmp_path / "ddp", 4), tmp_path / "ddp_logs", "ddp")
+
+@pytest.fixture(scope="module")
+def single_grpo(tmp_path_factory, tiny_dir, small_dataset_dir):
+    root = tmp_path_factory.mktemp("single_grpo")
+    (record,) = launch("grpo", grpo_args(tiny_dir, small_dataset_dir, root / "out", 8), root / "logs", None)
+    return record
+
+
+@pytest.mark.parametrize("launcher", ["ddp"] + [pytest.param(n, marks=pytest.mark.deepspeed) for n in ("zero2", "zero3")])
+def test_grpo_two_ranks_match_one_process(launcher, single_grpo, tiny_dir, small_dataset_dir, tmp_path):
+    """Rollouts sample with one generator per row of the global batch (``rollout_seed``): 2 ranks x 4 rollouts
+    sample what 1 process x 8 samples, so rewards, losses, KL (beta > 0: the frozen reference copy, reloaded sharded
+    under ZeRO-3) and gradient norms agree."""
+    if launcher != "ddp" and not deepspeed_available():
+        pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]'; `make test` installs it)")
+    records = launch("grpo", grpo_args(tiny_dir, small_dataset_dir, tmp_path / "out", 4), tmp_path / "logs", launcher)
     assert len(records) == 2
-    assert_same_steps(records, reference)
-    rewards = [[h["reward"] for h in r["log_history"] if "reward" in h] for r in [reference, *records]]
-    assert rewards[1] == pytest.approx(rewards[0], rel=1e-6) and rewards[2] == rewards[1]
+    assert_same_steps(records, single_grpo)
+    for key in ("reward", "kl"):
+        ref = [h[key] for h in single_grpo["log_history"] if key in h]
+        assert len(ref) == STEPS and any(v != 0 for v in ref), key
+        for record in records:
+            assert [h[key] for h in record["log_history"] if key in h] == pytest.approx(ref, rel=REL, abs=1e-7), key
 
 
 @pytest.mark.deepspeed

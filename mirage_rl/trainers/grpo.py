@@ -151,7 +151,7 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         # stock class from the checkpoint path, so it builds none (beta is set to 0 during its __init__).
         beta, sync = args.beta, args.sync_ref_model
         own_ref = beta != 0.0 and not is_peft_model(model) and peft_config is None
-        ref = copy.deepcopy(model).eval().requires_grad_(False) if own_ref else None
+        ref = self._reference_copy(model, args).eval().requires_grad_(False) if own_ref else None
         if own_ref:
             args.beta, args.sync_ref_model = 0.0, False
         try:
@@ -169,6 +169,18 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         self._rollout_latents = None  # Gaussian latents of the generation batch being scored
         self._loss_latents = None  # Gaussian latents of the micro-batch in _compute_loss
         self._generation_time = 0.0  # seconds of latent decoding in the current generation batch
+
+    @staticmethod
+    def _reference_copy(model, args):
+        """A copy of the start policy. Under DeepSpeed ZeRO-3 the loaded parameters are shards (a deepcopy would copy
+        empty tensors), so the checkpoint is loaded again, sharded the same way."""
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if not is_deepspeed_zero3_enabled():
+            return copy.deepcopy(model)
+        from ..modeling import load_model
+
+        return load_model(model.name_or_path, dtype=model.dtype, trust_remote_code=args.trust_remote_code)
 
     def _prepare_reference(self, ref, args):
         if args.disable_dropout:
