@@ -59,3 +59,15 @@ def test_sft_command_runs_a_recipe_and_records_the_latent_mode(tiny_dir, small_d
     assert main(["eval", "--model", str(out), "--benchmark_dir", str(vsp_dir / "maze_planning"),
                  "--output_dir", str(tmp_path / "ev"), "--limit", "4", "--max_new_tokens", "4"]) == 0
     assert json.loads((tmp_path / "ev" / "report.json").read_text())["latent_mode"] == "dummy"
+
+
+def test_export_and_multi_process_eval_give_clear_errors(tiny_dir, tmp_path, monkeypatch, capsys):
+    import pytest
+
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json.*use_peft"):
+        main(["export", "--adapter_dir", str(tiny_dir), "--output_dir", str(tmp_path / "merged")])
+    assert main(["export", "--adapter_dir", str(tiny_dir), "--output_dir", str(tmp_path / "m"), "--dtype", "int8"]) == 2
+    assert "int8" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under accelerate launch / torchrun
+    assert main(["eval", "--model", str(tiny_dir), "--output_dir", str(tmp_path / "eval")]) == 2
+    assert "without accelerate launch" in capsys.readouterr().err and not (tmp_path / "eval").exists()

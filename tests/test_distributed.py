@@ -193,3 +193,28 @@ def test_zero3_checkpoint_feeds_stage2_and_eval(tiny_dir, small_dataset_dir, vsp
                                     output_dir=str(tmp_path / "eval"), limit=4, max_new_tokens=8))
     assert report["n"] == 4 and 0.0 <= report["accuracy"] <= 1.0
     assert (tmp_path / "eval" / "report.json").is_file()
+
+
+@pytest.mark.deepspeed
+def test_zero3_run_resumes_exactly_from_its_checkpoint(tiny_dir, small_dataset_dir, tmp_path):
+    """A ZeRO-3 run stopped after step 2 (sharded checkpoint with its completion marker) and relaunched with the same
+    command continues to the loss curve of the uninterrupted run."""
+    if not deepspeed_available():
+        pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]'; `make test` installs it)")
+
+    def args(out, max_steps):
+        a = sft_args(2, tiny_dir, small_dataset_dir, out, 2)
+        a[a.index("--max_steps") + 1] = str(max_steps)
+        a[a.index("--save_strategy") + 1] = "steps"
+        return a + ["--save_steps", "2", "--lr_scheduler_type", "constant"]
+
+    (full, _) = launch("sft", args(tmp_path / "full", 4), tmp_path / "l_full", "zero3")
+    launch("sft", args(tmp_path / "part", 2), tmp_path / "l_part1", "zero3")
+    from mirage_rl.trainers.checkpointing import is_complete
+
+    assert is_complete(tmp_path / "part" / "checkpoint-2")
+    (resumed, _) = launch("sft", args(tmp_path / "part", 4), tmp_path / "l_part2", "zero3")
+    assert full["start_step"] == 0 and resumed["start_step"] == 2  # steps 3-4 only were trained again
+    assert len(steps(resumed)) == len(steps(full)) == 4
+    for got, ref in zip(steps(resumed), steps(full)):
+        assert got == pytest.approx(ref, rel=1e-6)

@@ -18,13 +18,18 @@ from mirage_rl.recipe import parse
 
 
 class RankLog(TrainerCallback):
+    start_step = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start_step = state.global_step  # > 0 when the run resumed from a checkpoint
+
     def on_train_end(self, args, state, control, **kwargs):
         out = Path(os.environ["RANK_LOG_DIR"])
         out.mkdir(parents=True, exist_ok=True)
         acc = AcceleratorState()
         zero = acc.deepspeed_plugin.zero_stage if acc.deepspeed_plugin is not None else None
         (out / f"rank{args.process_index}.json").write_text(json.dumps(
-            {"world_size": args.world_size, "distributed_type": str(acc.distributed_type), "zero_stage": zero,
+            {"world_size": args.world_size, "start_step": self.start_step, "distributed_type": str(acc.distributed_type), "zero_stage": zero,
              "log_history": state.log_history}, indent=1))
 
 
