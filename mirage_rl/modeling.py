@@ -22,6 +22,7 @@ import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
 from .atomic import atomic_directory, recover_directory
+from .lora import is_adapter_dir, load_adapter_model
 
 logger = logging.getLogger(__name__)
 
@@ -184,8 +185,6 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, trust
         FileNotFoundError: a local folder without ``config.json`` or without ``*.safetensors`` weights (pickled
             ``.bin`` weights are refused: loading them can run code).
     """
-    from .lora import is_adapter_dir, load_adapter_model
-
     local = Path(path)
     if local.exists() or str(path).startswith((".", "/")):
         recover_directory(local)

@@ -100,14 +100,18 @@ def deepspeed_available() -> bool:
     return True
 
 
-LAUNCHERS = ["ddp"] + [pytest.param(n, marks=pytest.mark.deepspeed) for n in ("zero2", "zero3", "zero3_offload")]
+# the `deepspeed` marker selects these tests; without deepspeed they skip, saying why
+requires_deepspeed = pytest.mark.skipif(
+    not deepspeed_available(), reason="deepspeed is not installed (pip install -e '.[deepspeed]'; `make test` installs it)")
+DEEPSPEED = [pytest.mark.deepspeed, requires_deepspeed]
+
+
+LAUNCHERS = ["ddp"] + [pytest.param(n, marks=DEEPSPEED) for n in ("zero2", "zero3", "zero3_offload")]
 
 
 @pytest.mark.parametrize("stage", [1, 2])
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_two_ranks_match_one_process(launcher, stage, single, tiny_dir, small_dataset_dir, tmp_path):
-    if launcher != "ddp" and not deepspeed_available():
-        pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]'; `make test` installs it)")
     reference, ref_out = single(stage)
     records = launch("sft", sft_args(stage, tiny_dir, small_dataset_dir, tmp_path / "out", 2), tmp_path / "logs",
                      launcher)
@@ -127,11 +131,10 @@ def test_two_ranks_match_one_process(launcher, stage, single, tiny_dir, small_da
 
 
 @pytest.mark.deepspeed
+@requires_deepspeed
 def test_zero3_stage1_from_a_stock_checkpoint(stock_dir, small_dataset_dir, tmp_path):
     """The 7B entry path: stage 1 adds the latent tokens (resize + mean rows) to a model loaded sharded by ZeRO-3;
     losses, gradient norms and the saved weights equal one process's."""
-    if not deepspeed_available():
-        pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]'; `make test` installs it)")
     (reference,) = launch("sft", sft_args(1, stock_dir, small_dataset_dir, tmp_path / "single", 4), tmp_path / "l1", None)
     records = launch("sft", sft_args(1, stock_dir, small_dataset_dir, tmp_path / "zero3", 2), tmp_path / "l2", "zero3")
     assert_same_steps(records, reference)
@@ -159,13 +162,11 @@ def single_grpo(tmp_path_factory, tiny_dir, small_dataset_dir):
     return record
 
 
-@pytest.mark.parametrize("launcher", ["ddp"] + [pytest.param(n, marks=pytest.mark.deepspeed) for n in ("zero2", "zero3")])
+@pytest.mark.parametrize("launcher", ["ddp"] + [pytest.param(n, marks=DEEPSPEED) for n in ("zero2", "zero3")])
 def test_grpo_two_ranks_match_one_process(launcher, single_grpo, tiny_dir, small_dataset_dir, tmp_path):
     """Rollouts sample with one generator per row of the global batch (``rollout_seed``): 2 ranks x 4 rollouts
     sample what 1 process x 8 samples, so rewards, losses, KL (beta > 0: the frozen reference copy, reloaded sharded
     under ZeRO-3) and gradient norms agree."""
-    if launcher != "ddp" and not deepspeed_available():
-        pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]'; `make test` installs it)")
     records = launch("grpo", grpo_args(tiny_dir, small_dataset_dir, tmp_path / "out", 4), tmp_path / "logs", launcher)
     assert len(records) == 2
     assert_same_steps(records, single_grpo)
@@ -177,10 +178,9 @@ def test_grpo_two_ranks_match_one_process(launcher, single_grpo, tiny_dir, small
 
 
 @pytest.mark.deepspeed
+@requires_deepspeed
 def test_zero3_checkpoint_feeds_stage2_and_eval(tiny_dir, small_dataset_dir, vsp_dir, tmp_path):
     """Stage 1 under ZeRO-3 -> its final save -> stage 2 (one process) and ``mirage-rl eval`` load it."""
-    if not deepspeed_available():
-        pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]'; `make test` installs it)")
     stage1 = tmp_path / "stage1"
     launch("sft", sft_args(1, tiny_dir, small_dataset_dir, stage1, 2), tmp_path / "logs1", "zero3")
     config = json.loads((stage1 / "config.json").read_text())
@@ -196,11 +196,10 @@ def test_zero3_checkpoint_feeds_stage2_and_eval(tiny_dir, small_dataset_dir, vsp
 
 
 @pytest.mark.deepspeed
+@requires_deepspeed
 def test_zero3_run_resumes_exactly_from_its_checkpoint(tiny_dir, small_dataset_dir, tmp_path):
     """A ZeRO-3 run stopped after step 2 (sharded checkpoint with its completion marker) and relaunched with the same
     command continues to the loss curve of the uninterrupted run."""
-    if not deepspeed_available():
-        pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]'; `make test` installs it)")
 
     def args(out, max_steps):
         a = sft_args(2, tiny_dir, small_dataset_dir, out, 2)

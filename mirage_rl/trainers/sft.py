@@ -85,13 +85,11 @@ class MirageSFTConfig(SFTConfig):
 
 @dataclass
 class LatentSFTOutput(ModelOutput):
-    """What the installed forward returns. ``loss`` is the micro-batch loss (token-mean CE, plus the stage-1
-    terms); ``ce_sum`` (summed over the answer tokens) and ``n_tokens`` let ``compute_loss`` normalise the CE by
-    the tokens of the whole global batch instead."""
+    """What the installed forward returns: the loss terms, which ``compute_loss`` combines. ``ce_sum``: CE summed
+    over the answer tokens (normalised there by the tokens of the whole global batch); ``cos_loss``: stage 1's
+    mean (1 - cos) over the latent slots."""
 
-    loss: torch.Tensor | None = None
     ce_sum: torch.Tensor | None = None
-    ce_loss: torch.Tensor | None = None
     cos_loss: torch.Tensor | None = None
     n_correct: torch.Tensor | None = None
     n_tokens: torch.Tensor | None = None
@@ -163,8 +161,7 @@ class Stage2Trainer(AtomicCheckpointMixin, SFTTrainer):
         else:  # dummy: the slots keep the <|latent_pad|> embedding; none: there are no slots
             hidden = latent._lm_forward(latent.language_model(model), embeds, pos, attention_mask)
         ce_sum, n_correct, n = answer_ce(model, hidden, labels)
-        ce = ce_sum / n.clamp(min=1)
-        return LatentSFTOutput(loss=ce, ce_sum=ce_sum, ce_loss=ce.detach(), n_correct=n_correct, n_tokens=n)
+        return LatentSFTOutput(ce_sum=ce_sum, n_correct=n_correct, n_tokens=n)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Run the installed latent forward; log ``ce_loss`` (+ ``cos_loss``), ``mean_token_accuracy`` and
@@ -176,15 +173,17 @@ class Stage2Trainer(AtomicCheckpointMixin, SFTTrainer):
         TRL's ``SFTTrainer.compute_loss`` does: one step on N ranks equals one step on one process with the same
         global batch. The stage-1 cosine term is a per-micro-batch mean over latent slots, divided by the
         accumulation steps; it equals the global mean when every micro-batch holds as many slots (one latent
-        block per answer, ``latent_blocks: 1``, and equal micro-batch sizes).
+        block per answer, ``latent_blocks: 1``, and equal micro-batch sizes). Stage 1's loss is
+        ``gamma * CE + cos``. Without ``num_items_in_batch`` (evaluation) both terms are micro-batch means.
         """
         out = model(**inputs)
-        loss = out.loss
-        if num_items_in_batch is not None:
+        if num_items_in_batch is None:
+            ce, cos_weight = out.ce_sum / out.n_tokens.clamp(min=1), 1.0
+        else:
             scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
             ce = out.ce_sum / torch.as_tensor(num_items_in_batch).clamp(min=1) * scale
-            loss = ce if out.cos_loss is None else (
-                self.args.gamma * ce + out.cos_loss / self.current_gradient_accumulation_steps)
+            cos_weight = 1.0 / self.current_gradient_accumulation_steps
+        loss = ce if out.cos_loss is None else self.args.gamma * ce + out.cos_loss * cos_weight
         mode = "train" if self.model.training else "eval"
         gather = self.accelerator.gather_for_metrics
         n = gather(out.n_tokens).sum()
@@ -221,10 +220,7 @@ class Stage1Trainer(Stage2Trainer):
         pos, _ = latent.position_ids(model, input_ids, attention_mask, mm_token_type_ids, image_grid_thw)
         hidden = latent._lm_forward(latent.language_model(model), embeds, pos, attention_mask)
         ce_sum, n_correct, n = answer_ce(model, hidden, labels)
-        ce = ce_sum / n.clamp(min=1)
         before = torch.roll(latent_mask, shifts=-1, dims=1)  # position p_t - 1 of every slot p_t
         pred = hidden[before].float()
         cos = 1.0 - F.cosine_similarity(pred, targets.reshape(-1, targets.shape[-1]).float(), dim=-1).mean()
-        loss = self.args.gamma * ce + cos
-        return LatentSFTOutput(loss=loss, ce_sum=ce_sum, ce_loss=ce.detach(), cos_loss=cos, n_correct=n_correct,
-                               n_tokens=n)
+        return LatentSFTOutput(ce_sum=ce_sum, cos_loss=cos, n_correct=n_correct, n_tokens=n)
