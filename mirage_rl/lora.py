@@ -89,7 +89,7 @@ def load_adapter_model(path, dtype, trust_remote_code: bool = False, attn_implem
     """
     from peft import PeftModel
 
-    from .modeling import LatentTokens, add_latent_tokens, load_model, load_processor
+    from .modeling import add_latent_tokens, load_model, load_processor
 
     path = Path(path)
     cfg = json.loads((path / ADAPTER_CONFIG).read_text())
@@ -110,9 +110,8 @@ def load_adapter_model(path, dtype, trust_remote_code: bool = False, attn_implem
         tokens = add_latent_tokens(base, processor, int(info["latent_size"]))
         want = info.get("latent_token_ids")
         if want and want != {"start": tokens.start, "pad": tokens.pad, "end": tokens.end}:
-            raise ValueError(f"{info_file}: latent_token_ids {want} but the adapter's tokenizer gives "
-                             f"{LatentTokens(tokens.start, tokens.pad, tokens.end, tokens.latent_size)}; save the "
-                             "adapter and its processor together")
+            raise ValueError(f"{info_file}: latent_token_ids {want} but the adapter's tokenizer gives {tokens}; save "
+                             "the adapter and its processor together")
     if info.get("latent_mode"):
         base.config.latent_mode = info["latent_mode"]
     model = PeftModel.from_pretrained(base, str(path), is_trainable=False).merge_and_unload()

@@ -40,7 +40,7 @@ from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, pad
 from .. import latent
 from ..collator import LATENT_MODES
 from ..generation import generate, row_generators
-from ..modeling import LatentTokens
+from ..modeling import LatentTokens, load_model
 from .checkpointing import AtomicCheckpointMixin
 
 logger = logging.getLogger(__name__)
@@ -178,8 +178,6 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
 
         if not is_deepspeed_zero3_enabled():
             return copy.deepcopy(model)
-        from ..modeling import load_model
-
         return load_model(model.name_or_path, dtype=model.dtype, trust_remote_code=args.trust_remote_code)
 
     def _prepare_reference(self, ref, args):
