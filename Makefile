@@ -10,7 +10,7 @@ export OMP_NUM_THREADS ?= 2
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo baselines test clean
+.PHONY: install demo baselines test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ baselines: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# timing scripts (tiny model, CPU: about 4 minutes); each prints one JSON object, figures in bench/README.md
+bench: install
+	$(BIN)/python bench/sft_step.py
+	$(BIN)/python bench/generate.py
+	$(BIN)/python bench/grpo_step.py
 
 clean:
 	rm -rf outputs

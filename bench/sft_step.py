@@ -5,10 +5,14 @@
 
 One step = the trainer's ``training_step`` (forward + backward through the installed latent forward, the path
 ``Trainer.train`` runs) + optimizer step + ``zero_grad``, on one fixed collated batch per variant. Variants are
-interleaved (plain, stage 1, stage 2, plain, ...) so that machine noise hits them alike; medians, the
-interquartile spread and peak memory (CUDA: ``max_memory_allocated``; CPU: the process's peak RSS, which only
-grows) are reported. Prints one JSON object; the headline keys at batch 8, k = 4 are ``stage1_over_plain`` and
-``stage2_over_plain`` (median step time ratios).
+interleaved (plain, stage 1, stage 2, plain, ...) so that machine noise hits them alike; medians and the
+interquartile spread are reported. Prints one JSON object; the headline keys at batch 8, k = 4 are
+``stage1_over_plain`` and ``stage2_over_plain`` (median step time ratios).
+
+Memory: a step's peak memory above weights, gradients and optimizer state is measured in a fresh process per case
+(CPU: live malloc'd memory sampled during the step, ``common.PeakMemory``; CUDA: ``max_memory_allocated``) for plain
+SFT and stage 2, each with and without gradient checkpointing (``memory``); ``stage2_gc_over_plain_step_memory`` is stage 2 with checkpointing over plain SFT without,
+per batch size (<= 1: stage 2 fits wherever the plain step fits).
 
 Plain SFT is ``Stage2Trainer`` with ``latent_mode: none``: the same answers with the latent block removed, so it
 trains on k + 2 fewer tokens per row; the ratios therefore include the latent tokens' own cost.
@@ -17,49 +21,36 @@ trains on k + 2 fewer tokens per row; the ratios therefore include the latent to
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import platform
-import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import (
+    SIZES,
+    PeakMemory,
+    bench_model_dir,
+    build_rows,
+    header,
+    load_bench_model,
+    peak_memory_mb,
+    run,
+    summary,
+    sync,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("MIRAGE_SHARED_DATA", REPO.parent / "shared" / "data"))
-
-
-def peak_memory_mb(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def build_rows(n: int, out: Path):
-    from datasets import load_from_disk
-
-    from mirage_rl.data.build import BuildDataArguments, build_vsp_dataset
-
-    vsp = SHARED_DATA / "vsp"
-    if not vsp.exists():
-        sys.exit(f"bench/sft_step.py: the VSP data is not at {vsp}; set MIRAGE_SHARED_DATA to the shared/data folder")
-    build_vsp_dataset(BuildDataArguments(output_dir=str(out), train_jsonl=str(vsp / "mirage_train_maps.jsonl"),
-                                         test_dir=str(vsp / "maze_planning"), max_train_maps=n, num_generated=0,
-                                         seed=0))
-    return load_from_disk(str(out))["train"]
+VARIANTS = {"plain": (2, "none"), "stage1": (1, "hidden"), "stage2": (2, "hidden")}
 
 
-def make_trainer(variant: str, model_dir: Path, rows, batch: int, device: str, gradient_checkpointing: bool):
-    from mirage_rl.modeling import load_model, load_processor
+def make_trainer(variant: str, size: str, model_dir: Path, rows, batch: int, device: str, gradient_checkpointing: bool):
     from mirage_rl.trainers import MirageSFTConfig, Stage1Trainer, Stage2Trainer
 
-    model, processor = load_model(model_dir), load_processor(model_dir)
-    stage, mode = {"plain": (2, "none"), "stage1": (1, "hidden"), "stage2": (2, "hidden")}[variant]
+    model, processor = load_bench_model(size, model_dir, device)
+    stage, mode = VARIANTS[variant]
     args = MirageSFTConfig(output_dir=tempfile.mkdtemp(), stage=stage, latent_mode=mode,
                            latent_size=model.config.latent_size, per_device_train_batch_size=batch,
                            use_cpu=device == "cpu", bf16=device.startswith("cuda"), report_to="none",
@@ -67,6 +58,8 @@ def make_trainer(variant: str, model_dir: Path, rows, batch: int, device: str, g
                            gradient_checkpointing_kwargs={"use_reentrant": False}, learning_rate=1e-5)
     cls = Stage1Trainer if stage == 1 else Stage2Trainer
     trainer = cls(model=model, args=args, train_dataset=rows, processing_class=processor)
+    if gradient_checkpointing:  # what Trainer.train does before its loop
+        trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
     trainer.create_optimizer_and_scheduler(num_training_steps=10**6)
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train; training_step reads it
     trainer.model_wrapped = trainer.model = trainer.accelerator.prepare(trainer.model)
@@ -77,44 +70,78 @@ def make_trainer(variant: str, model_dir: Path, rows, batch: int, device: str, g
 
 
 def step(trainer, inputs, device: str) -> float:
+    sync(device)
     t0 = time.perf_counter()
     trainer.training_step(trainer.model, dict(inputs))
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    sync(device)
     return time.perf_counter() - t0
 
 
-def summary(times: list[float]) -> dict:
-    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
-    return {"median_s": statistics.median(times), "q1_s": q[0], "q3_s": q[2], "n": len(times)}
+def memory_probe(args) -> dict:
+    """In a fresh process: set up one variant, run one step (the optimizer allocates its state), then measure the
+    peak live memory of three more steps above the level before them (:class:`common.PeakMemory`; the median of the
+    three). That is the memory a step needs on top of weights, gradients and optimizer state, which are the same
+    for every variant."""
+    from datasets import load_from_disk
+
+    rows = load_from_disk(args.probe_data)["train"]
+    trainer, inputs, n_tokens = make_trainer(args.probe, args.size, Path(args.probe_model), rows, args.probe_batch,
+                                             args.device, args.gradient_checkpointing)
+    step(trainer, inputs, args.device)
+    peaks = []
+    for _ in range(3):
+        with PeakMemory(args.device) as peak:
+            step(trainer, inputs, args.device)
+        peaks.append(peak.mb)
+    return {"variant": args.probe, "batch": args.probe_batch, "gradient_checkpointing": args.gradient_checkpointing,
+            "step_peak_mb": statistics.median(peaks), "step_peaks_mb": peaks, "tokens": n_tokens}
+
+
+def memory_table(args, work: Path, data: Path, batches: list[int]) -> list[dict]:
+    """Step peak memory of plain SFT and stage 2, each with and without gradient checkpointing, at k = 4, one fresh
+    process per measurement."""
+    model_dir = bench_model_dir(args.size, 4, work)
+    out = []
+    for batch in batches:
+        for variant, gc in (("plain", False), ("plain", True), ("stage2", False), ("stage2", True)):
+            cmd = [sys.executable, __file__, "--size", args.size, "--device", args.device, "--probe", variant,
+                   "--probe_batch", str(batch), "--probe_model", str(model_dir), "--probe_data", str(data)]
+            done = subprocess.run(cmd + (["--gradient_checkpointing"] if gc else []), capture_output=True, text=True)
+            if done.returncode:
+                sys.exit(f"memory probe {variant} batch {batch} failed:\n{done.stderr[-3000:]}")
+            out.append(json.loads(done.stdout))
+            print(f"memory batch={batch} {variant}{' +GC' if gc else ''}: {out[-1]['step_peak_mb']:.1f} MB",
+                  file=sys.stderr)
+    return out
 
 
 def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="tiny", help="tiny (CPU default); larger shapes need a GPU (issue 6, part 3)")
+    parser.add_argument("--size", default="tiny", choices=SIZES, help="model shape (3b/7b need a GPU)")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--ks", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--repeats", type=int, default=7, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--memory_batch_sizes", type=int, nargs="*", default=[8],
+                        help="batch sizes of the step-memory table (none: skip it)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    for name in ("probe", "probe_batch", "probe_model", "probe_data"):  # internal: one memory measurement
+        parser.add_argument(f"--{name}", type=int if name == "probe_batch" else str, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.size != "tiny":
-        sys.exit(f"--size {args.size}: only the tiny model is wired up so far (larger shapes: issue 6, GPU part)")
-    from mirage_rl.modeling import create_tiny_model
-
+    if args.probe:
+        return memory_probe(args)
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="bench-sft-"))
-    rows = build_rows(max(args.batch_sizes), work / "data")
+    rows = build_rows(max(args.batch_sizes + args.memory_batch_sizes), work / "data", "bench/sft_step.py")
     results, t_start = [], time.perf_counter()
     for k in args.ks:
-        model_dir = work / f"tiny_k{k}"
-        create_tiny_model(model_dir, latent_size=k, seed=0)
+        model_dir = bench_model_dir(args.size, k, work)
         for batch in args.batch_sizes:
-            setups = {v: make_trainer(v, model_dir, rows, batch, args.device, args.gradient_checkpointing)
-                      for v in ("plain", "stage1", "stage2")}
+            setups = {v: make_trainer(v, args.size, model_dir, rows, batch, args.device, args.gradient_checkpointing)
+                      for v in VARIANTS}
             times = {v: [] for v in setups}
             for i in range(args.warmup + args.repeats):
                 for v, (trainer, inputs, _) in setups.items():
@@ -130,18 +157,19 @@ def main() -> dict:
             results.append(row)
             print(f"k={k} batch={batch}: plain {row['plain']['median_s']:.4f}s  stage1 x{row['stage1_over_plain']:.3f}"
                   f"  stage2 x{row['stage2_over_plain']:.3f}", file=sys.stderr)
+            del setups
+    memory = memory_table(args, work, work / "data", args.memory_batch_sizes) if args.memory_batch_sizes else []
     head = next((r for r in results if r["k"] == 4 and r["batch"] == 8), results[0])
-    return {
-        "bench": "sft_step", "size": args.size, "device": args.device, "machine": platform.node(),
-        "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"), "headline_at": {"k": head["k"], "batch": head["batch"]},
-        "stage1_over_plain": head["stage1_over_plain"], "stage2_over_plain": head["stage2_over_plain"],
-        "peak_memory_mb": peak_memory_mb(args.device), "gradient_checkpointing": args.gradient_checkpointing,
-        "wall_s": time.perf_counter() - t_start, "results": results}
+    fits = {}
+    for batch in args.memory_batch_sizes:
+        m = {(r["variant"], r["gradient_checkpointing"]): r["step_peak_mb"] for r in memory if r["batch"] == batch}
+        fits[str(batch)] = m[("stage2", True)] / m[("plain", False)]
+    return {**header("sft_step", args.size, args.device), "headline_at": {"k": head["k"], "batch": head["batch"]},
+            "stage1_over_plain": head["stage1_over_plain"], "stage2_over_plain": head["stage2_over_plain"],
+            "stage2_gc_over_plain_step_memory": fits, "peak_memory_mb": peak_memory_mb(args.device),
+            "gradient_checkpointing": args.gradient_checkpointing, "wall_s": time.perf_counter() - t_start,
+            "results": results, "memory": memory}
 
 
 if __name__ == "__main__":
-    stdout = sys.stdout
-    with contextlib.redirect_stdout(sys.stderr):  # libraries (deepspeed's accelerator probe) print to stdout
-        report = main()
-    print(json.dumps(report, indent=1), file=stdout)
+    run(main)

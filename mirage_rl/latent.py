@@ -149,7 +149,8 @@ def latent_fill(model, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, 
         position_ids: ``(3, B, L)`` mRoPE positions. attention_mask: ``(B, L)``, 1 for real tokens.
         latent_mask: ``(B, L)`` bool, True at latent slots. A slot may not sit in column 0.
         method: ``"cached"`` (a KV cache; the sequence is cut at every column that holds a slot in any
-            row, so aligned batches cost k single-column steps), ``"multipass"`` (no cache: full forwards
+            row, so aligned batches cost k single-column steps; misaligned rows, e.g. rollouts that opened their
+            blocks at different steps, are first realigned by :func:`aligned_columns`), ``"multipass"`` (no cache: full forwards
             repeated until every slot is exact; cost ~ (slots per row + 1) forwards; needed under gradient
             checkpointing, which drops the cache) or ``"auto"`` (multipass when gradient checkpointing is on
             in training, else cached). Both give the same values and gradients (tested).
@@ -164,7 +165,10 @@ def latent_fill(model, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, 
     if method == "auto":
         method = "multipass" if (lm.gradient_checkpointing and lm.training) else "cached"
     if method == "cached":
-        return _fill_cached(lm, inputs_embeds, position_ids, attention_mask, latent_mask)
+        cols = aligned_columns(latent_mask)
+        if cols is None:
+            return _fill_cached(lm, inputs_embeds, position_ids, attention_mask, latent_mask)
+        return _fill_cached_aligned(lm, inputs_embeds, position_ids, attention_mask, latent_mask, cols)
     if method == "multipass":
         return _fill_multipass(lm, inputs_embeds, position_ids, attention_mask, latent_mask)
     raise ValueError(f"latent fill method must be 'auto', 'cached' or 'multipass', got {method!r}")
@@ -185,6 +189,72 @@ def _fill_cached(lm, embeds, pos, attention_mask, latent_mask):
             chunk = torch.cat([first[:, None], chunk[:, 1:]], 1)
         outs.append(_lm_forward(lm, chunk, pos[..., s:e], attention_mask[:, :e], cache))
     return torch.cat(outs, 1)
+
+
+def _slot_runs(cols: list[int]) -> list[list[int]]:
+    """Consecutive slot columns grouped into runs ``[first column, length]`` (a latent block is one run)."""
+    runs: list[list[int]] = []
+    for c in cols:
+        if runs and c == runs[-1][0] + runs[-1][1]:
+            runs[-1][1] += 1
+        else:
+            runs.append([c, 1])
+    return runs
+
+
+def aligned_columns(latent_mask: torch.Tensor) -> torch.Tensor | None:
+    """A layout in which the r-th run of latent slots (the r-th latent block) starts in the same column in every row.
+
+    The cached fill cuts the sequence at every column that holds a slot in any row: rows whose blocks sit in
+    different columns (GRPO rollouts open ``<|latent_start|>`` at different steps) cost one decoder call per distinct
+    column, up to ``B * k`` calls. Shifting each row's columns right by masked gap columns inserted before the token
+    that precedes each block (a slot and the position it reads stay adjacent) lines the blocks up: k calls per
+    block. Positions are explicit (mRoPE ids) and gaps are masked out, so the values are those of the original
+    layout.
+
+    Args:
+        latent_mask: ``(B, L)`` bool.
+    Returns:
+        ``(B, L)`` long, the new column of every original column (strictly increasing per row), or None when the
+        realigned layout would not cut the sequence fewer times.
+    """
+    slots = [row.nonzero().flatten().tolist() for row in latent_mask.cpu()]
+    runs = [_slot_runs(cols) for cols in slots]
+    n_runs = max(len(r) for r in runs)
+    starts: list[int] = []  # the aligned first column of run r
+    for r in range(n_runs):
+        have = [rr for rr in runs if len(rr) > r]
+        if r == 0:
+            starts.append(max(rr[0][0] for rr in have))
+        else:  # room for the longest stretch since the previous run's start, in every row
+            starts.append(starts[-1] + max(rr[r][0] - rr[r - 1][0] for rr in have))
+    before = len({c for cols in slots for c in cols})
+    after = len({starts[r] + j for rr in runs for r, (_, n) in enumerate(rr) for j in range(n)})
+    if after >= before:
+        return None
+    B, L = latent_mask.shape
+    offset = torch.zeros(B, L, dtype=torch.long)
+    for i, rr in enumerate(runs):
+        for r, (first, _) in enumerate(rr):  # from the position the run reads onwards
+            offset[i, (first - 1 if r else 0):] = starts[r] - first
+    return (torch.arange(L)[None] + offset).to(latent_mask.device)
+
+
+def _fill_cached_aligned(lm, embeds, pos, attention_mask, latent_mask, cols):
+    """:func:`_fill_cached` on the layout of :func:`aligned_columns`, mapped back to the original columns."""
+    B, L, H = embeds.shape
+    width = int(cols.max()) + 1
+    rows = torch.arange(B, device=cols.device)[:, None].expand(B, L)
+    e = embeds.new_zeros(B, width, H)
+    e[rows, cols] = embeds
+    p = pos.new_zeros(pos.shape[0], B, width)
+    p[:, rows, cols] = pos
+    am = attention_mask.new_zeros(B, width)
+    am[rows, cols] = attention_mask
+    lmask = latent_mask.new_zeros(B, width)
+    lmask[rows, cols] = latent_mask
+    hidden = _fill_cached(lm, e, p, am, lmask)
+    return hidden.gather(1, cols[..., None].expand(B, L, hidden.shape[-1]))
 
 
 def _fill_multipass(lm, embeds, pos, attention_mask, latent_mask):

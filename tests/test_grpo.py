@@ -229,3 +229,78 @@ def test_text_only_rollouts_go_through_trls_vllm_generation(tiny_dir, grpo_rows,
     ids, logps = trainer._generate_single_turn([[1, 2], [3, 4]], None, {}, 1)[:2]
     assert calls == ["sync", ("generate", 2, 1)]
     assert ids == [[5, 6, 7]] * 2 and logps == [[-0.5] * 3] * 2
+
+
+def count_tower_images(model):
+    """A forward hook on the vision tower that counts the images it encodes; returns (counter list, handle)."""
+    seen = [0]
+
+    def hook(module, args, kwargs, output):
+        seen[0] += len(kwargs["grid_thw"])
+
+    return seen, model.model.visual.register_forward_hook(hook, with_kwargs=True)
+
+
+def one_step(trainer, rows, n_prompts):
+    out = rollout(trainer, rows, n_prompts=n_prompts)
+    trainer.current_gradient_accumulation_steps = 1
+    loss = trainer._compute_loss(trainer.model, out)
+    return out, loss
+
+
+def test_vision_tower_encodes_each_prompt_image_once_per_generation_batch(tiny_dir, grpo_rows, tmp_path):
+    n_prompts = 3
+    assert len({grpo_rows[i]["image"].tobytes() for i in range(n_prompts)}) == n_prompts  # distinct prompt images
+    # beta > 0 (a reference forward) and generate_every > GA steps (old log-probs): every phase runs on images
+    kw = dict(beta=0.1, num_iterations=2, per_device_train_batch_size=12, num_generations=4)
+    cached, _ = make_trainer(tiny_dir, grpo_rows, tmp_path / "a", **kw)
+    plain, _ = make_trainer(tiny_dir, grpo_rows, tmp_path / "b", cache_prompt_images=False, **kw)
+    counts = {}
+    for name, trainer in (("cached", cached), ("plain", plain)):
+        seen, h1 = count_tower_images(trainer.model)
+        seen_ref, h2 = count_tower_images(trainer.ref_model)
+        try:
+            counts[name] = (*one_step(trainer, grpo_rows, n_prompts), seen[0] + seen_ref[0])
+        finally:
+            h1.remove()
+            h2.remove()
+    (out_c, loss_c, n_c), (out_p, loss_p, n_p) = counts["cached"], counts["plain"]
+    assert out_c["old_per_token_logps"] is not None and out_c["ref_per_token_logps"] is not None
+    # rollout prefill + old + reference + loss forward, 12 rows each, without the cache; 3 images with it
+    assert n_p == 4 * 12 and n_c == n_prompts
+    assert cached.vision_cache.images_encoded == n_prompts and cached.vision_cache.images_reused == 4 * 12 - 3
+    # the image processor too: TRL preprocesses the batch twice (rollout, then scoring), 12 rows each
+    processing = cached.processing_cache
+    assert processing.images_processed == n_prompts and processing.images_reused == 2 * 12 - 3
+    assert "preprocess" not in vars(cached.processing_class.image_processor)  # unwrapped again: saves as JSON
+    # the same rollouts, log-probs and loss, bit for bit
+    for key in ("completion_ids", "sampling_per_token_logps", "old_per_token_logps", "ref_per_token_logps"):
+        assert torch.equal(out_c[key], out_p[key]), key
+    assert torch.equal(loss_c, loss_p)
+    # a new generation batch starts from an empty cache
+    rollout(cached, grpo_rows, n_prompts=1)
+    assert cached.vision_cache.images_encoded == n_prompts + 1 and len(cached.vision_cache) == 1
+
+
+def test_vision_cache_is_bypassed_while_the_tower_trains(tiny_dir, grpo_rows):
+    from mirage_rl.image_cache import VisionFeatureCache
+
+    model, processor = load_model(tiny_dir), load_processor(tiny_dir)
+    cache = VisionFeatureCache()
+    cache.install(model)
+    collate = LatentCollator(processor, LatentTokens.from_config(model.config), "hidden", with_answer=False)
+    seen, h = count_tower_images(model)
+    try:
+        batch = collate([dict(grpo_rows[i]) for i in (0, 0, 1)])
+        px, grid = batch["pixel_values"], batch["image_grid_thw"]
+        first = model.model.get_image_features(px, grid, return_dict=True).pooler_output
+        assert seen[0] == 2 and cache.images_encoded == 2  # the duplicate image is encoded once
+        again = model.model.get_image_features(px, grid, return_dict=True).pooler_output
+        assert seen[0] == 2 and all(torch.equal(a, b) for a, b in zip(first, again))
+        reference = model.model._mirage_original_get_image_features(px, grid, return_dict=True).pooler_output
+        assert all(torch.equal(a, b) for a, b in zip(first, reference))
+        model.model.visual.requires_grad_(True)  # train_vision_tower: features change every step
+        trained = model.model.get_image_features(px, grid, return_dict=True).pooler_output
+        assert seen[0] == 2 + 3 + 3 and trained[0].requires_grad
+    finally:
+        h.remove()

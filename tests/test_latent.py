@@ -123,3 +123,55 @@ def test_helper_targets_average_and_grid(tiny, small_rows):
     assert torch.allclose(grid[0, 0], top_left, atol=1e-5)
     with pytest.raises(ValueError, match="compress"):
         latent.helper_targets(model, b["helper_pixel_values"], b["helper_image_grid_thw"], 4, "max")
+
+
+def _stagger(b, emb, pos, shifts):
+    """Shift row i right by shifts[i] masked columns (the collator aligns blocks; rollouts do not)."""
+    width = b["input_ids"].shape[1] + max(shifts)
+    out = {"attention_mask": b["attention_mask"].new_zeros(len(shifts), width),
+           "latent_mask": b["latent_mask"].new_zeros(len(shifts), width)}
+    e, p = emb.new_zeros(len(shifts), width, emb.shape[-1]), pos.new_zeros(3, len(shifts), width)
+    for i, s in enumerate(shifts):
+        n = b["input_ids"].shape[1]
+        for key in out:
+            out[key][i, s:s + n] = b[key][i]
+        e[i, s:s + n], p[:, i, s:s + n] = emb[i], pos[:, i]
+    return out, e, p
+
+
+def test_misaligned_blocks_are_realigned_into_k_steps_per_block(tiny, small_rows):
+    model, processor = tiny
+    scramble(model, seed=4, std=0.1)
+    model.double().train()
+    rows = _mixed_rows(small_rows)  # rows with one block, two blocks, none
+    b, emb, pos = _stagger(*_batch(model, processor, rows), shifts=[0, 5, 9, 2])
+    mask, k = b["latent_mask"], model.config.latent_size
+    distinct = int(mask.any(0).sum())
+    assert distinct > 2 * k  # the blocks really sit in different columns
+    cols = latent.aligned_columns(mask)
+    assert cols is not None and bool((cols[:, 1:] > cols[:, :-1]).all())
+    moved = torch.zeros(mask.shape[0], int(cols.max()) + 1, dtype=torch.bool)
+    moved[torch.arange(mask.shape[0])[:, None], cols] = mask
+    assert int(moved.any(0).sum()) == 2 * k  # every row's r-th block in the same k columns
+    calls = []
+    hook = latent.language_model(model).register_forward_pre_hook(lambda m, a: calls.append(1))
+    outs, grads = {}, {}
+    try:
+        for method in ("cached", "multipass", "unaligned"):
+            model.zero_grad()
+            calls.clear()
+            e = emb.detach().requires_grad_(True)
+            if method == "unaligned":
+                h = latent._fill_cached(latent.language_model(model), e, pos, b["attention_mask"], mask)
+            else:
+                h = latent.latent_fill(model, e, pos, b["attention_mask"], mask, method)
+            (h * torch.linspace(-1, 1, h.shape[-1], dtype=h.dtype)).sum().backward()
+            outs[method], grads[method] = (h.detach(), len(calls)), e.grad
+    finally:
+        hook.remove()
+    assert outs["cached"][1] <= 2 * k + 3 < outs["unaligned"][1] == distinct + 1
+    real = b["attention_mask"].bool()
+    for other in ("multipass", "unaligned"):
+        assert (outs["cached"][0] - outs[other][0]).abs()[real].max() < 1e-9, other
+        scale = grads[other].abs().max()
+        assert (grads["cached"] - grads[other]).abs().max() <= 1e-6 * scale, other  # rounding: ~4e-7 measured

@@ -23,6 +23,7 @@ transformers' ``Trainer._save_checkpoint`` (complete-or-ignored checkpoints, ``t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
@@ -40,6 +41,7 @@ from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, pad
 from .. import latent
 from ..collator import LATENT_MODES
 from ..generation import generate, row_generators
+from ..image_cache import ImageProcessingCache, VisionFeatureCache
 from ..modeling import LatentTokens, load_model
 from .checkpointing import AtomicCheckpointMixin
 
@@ -59,12 +61,17 @@ class MirageGRPOConfig(GRPOConfig):
         latent_objective: ``none`` or ``gaussian`` (see the module docstring).
         latent_sigma: the fixed standard deviation of Gaussian latents (hidden-state units).
         latent_fill: ``auto`` / ``cached`` / ``multipass`` (:func:`mirage_rl.latent.latent_fill`).
+        cache_prompt_images: run the image processor and the frozen vision tower once per distinct prompt image of a
+            generation batch, and reuse their outputs in the rollout, old/reference log-probs and the loss
+            (:mod:`mirage_rl.image_cache`).
     """
 
     latent_mode: str | None = field(default=None, metadata={"help": f"One of {LATENT_MODES}; default: the checkpoint's."})
     latent_objective: str = field(default="none", metadata={"help": f"One of {LATENT_OBJECTIVES}."})
     latent_sigma: float = field(default=0.1, metadata={"help": "Std of Gaussian latents (latent_objective: gaussian)."})
     latent_fill: str = field(default="auto", metadata={"help": "auto, cached or multipass."})
+    cache_prompt_images: bool = field(default=True, metadata={
+        "help": "Process and encode each distinct prompt image once per generation batch (mirage_rl.image_cache)."})
 
     def __post_init__(self):
         if self.use_vllm and self.latent_mode not in (None, "none"):  # before TRL's own vLLM checks
@@ -166,6 +173,13 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         install_latent_forward(self.model)
         if self.ref_model is not None:
             install_latent_forward(self.accelerator.unwrap_model(self.ref_model))
+        self.vision_cache = self.processing_cache = None
+        if args.cache_prompt_images:
+            # one feature cache for policy and reference: the reference's frozen tower is a copy of the policy's
+            self.vision_cache, self.processing_cache = VisionFeatureCache(), ImageProcessingCache()
+            self.vision_cache.install(self.model)
+            if self.ref_model is not None:
+                self.vision_cache.install(self.accelerator.unwrap_model(self.ref_model))
         self._rollout_latents = None  # Gaussian latents of the generation batch being scored
         self._loss_latents = None  # Gaussian latents of the micro-batch in _compute_loss
         self._generation_time = 0.0  # seconds of latent decoding in the current generation batch
@@ -278,13 +292,19 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         """TRL hook (``GRPOTrainer._generate_and_score_completions``): as TRL, then latent slots (unless Gaussian)
         and forced ``<|latent_end|>`` tokens are removed from the loss through TRL's ``tool_mask`` (which
         ``_compute_loss`` multiplies into the completion mask) and ``num_items_in_batch`` is recounted; Gaussian
-        latents travel with the batch as ``latent_values`` ``(B, S, H)``. Logs ``time/generation`` (latent
+        latents travel with the batch as ``latent_values`` ``(B, S, H)``. The prompt-image caches start empty for each
+        generation batch (``cache_prompt_images``). Logs ``time/generation`` (latent
         decoding) and ``time/scoring`` (the rest: image processing, old/reference log-probs, rewards, advantages)
         in seconds, and ``latent/blocks_per_completion``."""
         self._rollout_latents = None
+        if self.vision_cache is not None:  # a new generation batch: the last one's images are done
+            self.vision_cache.clear()
+        processing = (self.processing_cache.active(self.processing_class.image_processor)
+                      if self.processing_cache is not None else contextlib.nullcontext())
         self._generation_time, t0 = 0.0, time.perf_counter()
         try:
-            output = super()._generate_and_score_completions(inputs)
+            with processing:
+                output = super()._generate_and_score_completions(inputs)
             mode = "train" if self.model.training else "eval"
             self._metrics[mode]["time/generation"].append(self._generation_time)
             self._metrics[mode]["time/scoring"].append(time.perf_counter() - t0 - self._generation_time)

@@ -1,0 +1,213 @@
+"""One GRPO step split into its phases: generation, reward, log-prob, optimisation (and the rest).
+
+    python bench/grpo_step.py                         # tiny model, CPU: batch 8 and 32 (4 rollouts per prompt), k = 4
+    python bench/grpo_step.py --batch_sizes 8 32 --repeats 5
+
+A step is what ``Trainer.train`` runs per optimizer step with one accumulation step: ``MirageGRPOTrainer.training_step``
+on a generation batch of VSP prompts (each repeated ``--num_generations`` times, as TRL's sampler does), then the
+optimizer step. Phases are timed by wrapping the trainer's methods on the instance:
+
+* ``generation``: ``_generate_single_turn`` (latent-interleaved sampling, ``mirage_rl.generation``);
+* ``reward``: ``_calculate_rewards`` (the recipe's reward functions, ``plan_success_reward`` + ``format_reward``);
+* ``log_prob``: every ``_get_per_token_logps_and_entropies`` call: old and reference log-probs (no gradient; the old
+  ones only when ``--num_iterations`` > 1) and the policy forward of the loss;
+* ``optimisation``: the rest of the loss and its backward, plus ``optimizer.step``;
+* ``other``: the rest of ``_generate_and_score_completions`` (prompt templating and tokenization, image processing,
+  advantages, gathers).
+
+The model has random weights; the ``<|latent_start|>`` row of its LM head is redrawn with ``--start_bias`` times the
+init std so that rollouts open latent blocks as a trained policy does (``latent_blocks_per_completion`` is reported).
+The default trainer (``cached``) runs interleaved with ``uncached`` (``cache_prompt_images: false``, what TRL does);
+both count the images that the image processor and the vision tower (policy and reference) handle per step. Headline
+key (batch 8, k = 4, median of the default trainer): ``generation_share``, the generation phase over the whole step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from common import (
+    SIZES,
+    bench_model_dir,
+    build_rows,
+    header,
+    load_bench_model,
+    peak_memory_mb,
+    run,
+    summary,
+    sync,
+)
+
+PHASES = ("generation", "reward", "log_prob", "optimisation", "image_processing", "other")
+
+
+class PhaseTimer:
+    """Wraps trainer methods so that each call adds its wall time to a phase; nested calls (a log-prob forward
+    inside the loss) are charged to the innermost phase only."""
+
+    def __init__(self, device: str):
+        self.device, self.times, self._stack = device, defaultdict(float), []
+
+    def wrap(self, obj, name: str, phase: str) -> None:
+        fn = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            sync(self.device)
+            t0 = time.perf_counter()
+            self._stack.append(0.0)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync(self.device)
+                inner = self._stack.pop()
+                spent = time.perf_counter() - t0
+                self.times[phase] += spent - inner
+                if self._stack:
+                    self._stack[-1] += spent
+
+        setattr(obj, name, timed)
+
+
+def make_trainer(model_dir: Path, size: str, rows, args, device: str, cache: bool, out: Path):
+    import rewards
+    from mirage_rl.modeling import LatentTokens
+    from mirage_rl.trainers import MirageGRPOConfig, MirageGRPOTrainer
+
+    model, processor = load_bench_model(size, model_dir, device)
+    lt = LatentTokens.from_config(model.config)
+    with torch.no_grad():  # a random policy that opens latent blocks
+        head = model.get_output_embeddings().weight
+        std = model.config.get_text_config().initializer_range * args.start_bias
+        row = torch.randn(head.shape[1], generator=torch.Generator().manual_seed(0)) * std
+        head[lt.start] = row.to(head.device, head.dtype)
+    config = MirageGRPOConfig(
+        output_dir=str(out), use_cpu=device == "cpu", bf16=device.startswith("cuda"), gradient_checkpointing=False,
+        per_device_train_batch_size=args.batch, num_generations=args.num_generations,
+        max_completion_length=args.max_completion_length, beta=args.beta, num_iterations=args.num_iterations,
+        loss_type="dapo", learning_rate=1e-5, report_to="none", save_strategy="no", seed=0,
+        latent_mode="hidden", cache_prompt_images=cache)
+    funcs = rewards.load_reward_funcs(["plan_success_reward", "format_reward"],
+                                      {"format_reward": {"latent_blocks_expected": 1}})
+    trainer = MirageGRPOTrainer(model, funcs, config, train_dataset=rows, processing_class=processor)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10**6)
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train; the loss reads it
+    trainer.model_wrapped = trainer.model = trainer.accelerator.prepare(trainer.model)
+    trainer.optimizer = trainer.accelerator.prepare(trainer.optimizer)
+    trainer.model.train()
+    timer = PhaseTimer(device)
+    timer.wrap(trainer, "_generate_single_turn", "generation")
+    timer.wrap(trainer, "_calculate_rewards", "reward")
+    timer.wrap(trainer, "_get_per_token_logps_and_entropies", "log_prob")
+    timer.wrap(trainer, "_generate_and_score_completions", "other")
+    timer.wrap(trainer, "training_step", "optimisation")
+    timer.wrap(trainer.optimizer, "step", "optimisation")
+    images = {"tower": 0, "processor": 0}
+
+    def count_tower(module, a, kwargs, output):
+        images["tower"] += len(kwargs["grid_thw"])
+
+    for m in filter(None, (trainer.model, trainer.ref_model)):
+        trainer.accelerator.unwrap_model(m).model.visual.register_forward_hook(count_tower, with_kwargs=True)
+    image_processor = trainer.processing_class.image_processor
+    inner = image_processor._preprocess  # the per-batch work under preprocess (the cache wraps preprocess)
+
+    def count_processed(imgs, *a, **kw):
+        images["processor"] += len(imgs)
+        return inner(imgs, *a, **kw)
+
+    image_processor._preprocess = count_processed
+    timer.wrap(image_processor, "_preprocess", "image_processing")
+    return trainer, timer, images
+
+
+def grpo_step(trainer, timer, images, generation_batch, device: str) -> dict:
+    """One optimizer step; returns the seconds per phase, the total and the images the vision tower encoded."""
+    timer.times.clear()
+    images.update(tower=0, processor=0)
+    sync(device)
+    t0 = time.perf_counter()
+    trainer.training_step(trainer.model, [dict(r) for r in generation_batch], None)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    sync(device)
+    total = time.perf_counter() - t0
+    trainer.state.global_step += 1  # new rollout seeds next step
+    return {**{p: timer.times[p] for p in PHASES}, "total": total, "tower_images": images["tower"],
+            "processed_images": images["processor"]}
+
+
+def main() -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="tiny", choices=SIZES, help="model shape (3b/7b need a GPU)")
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[8, 32], help="rollouts per step")
+    parser.add_argument("--num_generations", type=int, default=4, help="rollouts per prompt (group size)")
+    parser.add_argument("--ks", type=int, nargs="+", default=[4], help="latent sizes k")
+    parser.add_argument("--max_completion_length", type=int, default=48)
+    parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient (> 0: a reference forward)")
+    parser.add_argument("--num_iterations", type=int, default=1, help="> 1: old log-probs are computed too")
+    parser.add_argument("--start_bias", type=float, default=50.0, help="see above")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-grpo-"))
+    n_rows = max(b // args.num_generations for b in args.batch_sizes)
+    rows = build_rows(n_rows, work / "data", "bench/grpo_step.py")
+    rows = rows.remove_columns([c for c in ("helper_image", "answer") if c in rows.column_names])
+    results, t_start = [], time.perf_counter()
+    for k in args.ks:
+        model_dir = bench_model_dir(args.size, k, work)
+        for batch in args.batch_sizes:
+            if batch % args.num_generations:
+                sys.exit(f"batch {batch} is not a multiple of --num_generations {args.num_generations}")
+            args.batch = batch
+            prompts = batch // args.num_generations
+            generation_batch = [rows[i] for i in range(prompts) for _ in range(args.num_generations)]
+            setups = {name: make_trainer(model_dir, args.size, rows, args, args.device, cache, work / name)
+                      for name, cache in (("cached", True), ("uncached", False))}
+            steps = {name: [] for name in setups}
+            for i in range(args.warmup + args.repeats):
+                for name, (trainer, timer, images) in setups.items():
+                    s = grpo_step(trainer, timer, images, generation_batch, args.device)
+                    if i >= args.warmup:
+                        steps[name].append(s)
+            row = {"k": k, "batch": batch, "prompts": prompts, "num_generations": args.num_generations}
+            for name, ss in steps.items():
+                med = {key: summary([s[key] for s in ss])["median_s"] for key in (*PHASES, "total")}
+                total = summary([s["total"] for s in ss])
+                row[name] = {"median_s": med, "total": total,
+                             "share": {p: sum(s[p] for s in ss) / sum(s["total"] for s in ss) for p in PHASES},
+                             "tower_images_per_step": max(s["tower_images"] for s in ss),
+                             "processed_images_per_step": max(s["processed_images"] for s in ss)}
+                metrics = setups[name][0]._metrics["train"]
+                blocks = metrics.get("latent/blocks_per_completion", [])
+                row[name]["latent_blocks_per_completion"] = sum(blocks) / max(1, len(blocks))
+                lengths = metrics.get("completions/mean_length", [])
+                row[name]["mean_completion_length"] = sum(lengths) / max(1, len(lengths))
+            row["generation_share"] = row["cached"]["share"]["generation"]
+            row["uncached_over_cached_step"] = row["uncached"]["total"]["median_s"] / row["cached"]["total"]["median_s"]
+            results.append(row)
+            c, u = row["cached"], row["uncached"]
+            print(f"k={k} batch={batch}: step {c['total']['median_s']:.3f}s, "
+                  + ", ".join(f"{p} {c['share'][p]:.1%}" for p in PHASES)
+                  + f"; images processed/encoded per step {c['processed_images_per_step']}/{c['tower_images_per_step']}"
+                  f" (uncached {u['processed_images_per_step']}/{u['tower_images_per_step']}, step "
+                  f"x{row['uncached_over_cached_step']:.3f})", file=sys.stderr)
+            del setups
+    head = next((r for r in results if r["k"] == 4 and r["batch"] == 8), results[0])
+    return {**header("grpo_step", args.size, args.device), "headline_at": {"k": head["k"], "batch": head["batch"]},
+            "generation_share": head["generation_share"],
+            "uncached_over_cached_step": head["uncached_over_cached_step"],
+            "max_completion_length": args.max_completion_length, "beta": args.beta,
+            "num_iterations": args.num_iterations, "peak_memory_mb": peak_memory_mb(args.device),
+            "wall_s": time.perf_counter() - t_start, "results": results}
+
+
+if __name__ == "__main__":
+    run(main)
