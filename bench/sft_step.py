@@ -46,10 +46,17 @@ from common import (
 VARIANTS = {"plain": (2, "none"), "stage1": (1, "hidden"), "stage2": (2, "hidden")}
 
 
-def make_trainer(variant: str, size: str, model_dir: Path, rows, batch: int, device: str, gradient_checkpointing: bool):
+def make_trainer(variant: str, size: str, model_dir: Path, rows, batch: int, device: str, gradient_checkpointing: bool,
+                 share=None):
+    """A prepared trainer, its collated batch and its token count. ``share``: another trainer of this function whose
+    model and optimizer this one reuses (one copy of a 7B model and its AdamW state instead of three)."""
+    from mirage_rl.modeling import load_processor
     from mirage_rl.trainers import MirageSFTConfig, Stage1Trainer, Stage2Trainer
 
-    model, processor = load_bench_model(size, model_dir, device)
+    if share is None:
+        model, processor = load_bench_model(size, model_dir, device)
+    else:
+        model, processor = share.accelerator.unwrap_model(share.model), load_processor(model_dir)
     stage, mode = VARIANTS[variant]
     args = MirageSFTConfig(output_dir=tempfile.mkdtemp(), stage=stage, latent_mode=mode,
                            latent_size=model.config.latent_size, per_device_train_batch_size=batch,
@@ -58,18 +65,23 @@ def make_trainer(variant: str, size: str, model_dir: Path, rows, batch: int, dev
                            gradient_checkpointing_kwargs={"use_reentrant": False}, learning_rate=1e-5)
     cls = Stage1Trainer if stage == 1 else Stage2Trainer
     trainer = cls(model=model, args=args, train_dataset=rows, processing_class=processor)
-    if gradient_checkpointing:  # what Trainer.train does before its loop
+    if gradient_checkpointing and share is None:  # what Trainer.train does before its loop
         trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
-    trainer.create_optimizer_and_scheduler(num_training_steps=10**6)
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train; training_step reads it
-    trainer.model_wrapped = trainer.model = trainer.accelerator.prepare(trainer.model)
-    trainer.optimizer = trainer.accelerator.prepare(trainer.optimizer)
+    if share is None:
+        trainer.create_optimizer_and_scheduler(num_training_steps=10**6)
+        trainer.model_wrapped = trainer.model = trainer.accelerator.prepare(trainer.model)
+        trainer.optimizer = trainer.accelerator.prepare(trainer.optimizer)
+    else:
+        trainer.model_wrapped, trainer.model, trainer.optimizer = share.model_wrapped, share.model, share.optimizer
+    trainer._bench_forward = model.forward  # each trainer installs its own latent forward; step() puts it back
     batch_inputs = trainer.data_collator([rows[i % len(rows)] for i in range(batch)])
     n_tokens = int(batch_inputs["attention_mask"].sum())
     return trainer, batch_inputs, n_tokens
 
 
 def step(trainer, inputs, device: str) -> float:
+    trainer.accelerator.unwrap_model(trainer.model).forward = trainer._bench_forward  # a shared model: this variant's
     sync(device)
     t0 = time.perf_counter()
     trainer.training_step(trainer.model, dict(inputs))
@@ -128,9 +140,13 @@ def main() -> dict:
     parser.add_argument("--memory_batch_sizes", type=int, nargs="*", default=[8],
                         help="batch sizes of the step-memory table (none: skip it)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--share_model", type=lambda x: x.lower() in ("1", "true", "yes"), default=None,
+                        help="one model and optimizer for all variants (default: yes for 3b/7b, no for tiny)")
     for name in ("probe", "probe_batch", "probe_model", "probe_data"):  # internal: one memory measurement
         parser.add_argument(f"--{name}", type=int if name == "probe_batch" else str, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.share_model is None:
+        args.share_model = args.size != "tiny"
     if args.probe:
         return memory_probe(args)
     torch.manual_seed(0)
@@ -140,8 +156,11 @@ def main() -> dict:
     for k in args.ks:
         model_dir = bench_model_dir(args.size, k, work)
         for batch in args.batch_sizes:
-            setups = {v: make_trainer(v, args.size, model_dir, rows, batch, args.device, args.gradient_checkpointing)
-                      for v in VARIANTS}
+            setups = {}
+            for v in VARIANTS:
+                first = next(iter(setups.values()))[0] if setups and args.share_model else None
+                setups[v] = make_trainer(v, args.size, model_dir, rows, batch, args.device, args.gradient_checkpointing,
+                                         share=first)
             times = {v: [] for v in setups}
             for i in range(args.warmup + args.repeats):
                 for v, (trainer, inputs, _) in setups.items():

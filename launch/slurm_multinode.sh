@@ -30,7 +30,7 @@ fi
 GPUS_PER_NODE=${GPUS_PER_NODE:-$(nvidia-smi --list-gpus | wc -l)}
 NUM_NODES=${SLURM_NNODES:?run this script with sbatch (SLURM_NNODES is not set)}
 WORLD_SIZE=$((NUM_NODES * GPUS_PER_NODE))
-MAIN_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MAIN_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # sed reads it all: `head` could SIGPIPE scontrol under pipefail
 MAIN_PORT=${MAIN_PORT:-29500}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 export TOKENIZERS_PARALLELISM=false
