@@ -79,7 +79,11 @@ def bench_model_dir(size: str, latent_size: int | None, work: Path) -> Path:
 def load_bench_model(size: str, model_dir: Path, device: str):
     """``(model, processor)`` at ``size``: the tiny checkpoint as saved (fp32; bf16 on CUDA), or a ``3b``/``7b``-shaped
     model with random weights built in bf16 on ``device`` (vision tower frozen, as ``load_model`` does)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import (
+        AutoConfig,
+        GenerationConfig,
+        Qwen2_5_VLForConditionalGeneration,
+    )
 
     from mirage_rl.modeling import load_model, load_processor
 
@@ -89,11 +93,11 @@ def load_bench_model(size: str, model_dir: Path, device: str):
         return load_model(model_dir, dtype=dtype).to(device), processor
     if not device.startswith("cuda"):
         sys.exit(f"--size {size}: a {size}-shaped model needs a GPU (run with --device cuda on a GPU machine)")
-    tiny = load_model(model_dir)
+    config = shaped_config(size, AutoConfig.from_pretrained(model_dir))  # only the tiny ids and tokens are reused
     torch.manual_seed(0)
     with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(shaped_config(size, tiny.config), dtype=torch.bfloat16)
-    model.generation_config = tiny.generation_config
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+    model.generation_config = GenerationConfig.from_pretrained(model_dir)
     model.model.visual.requires_grad_(False)
     return model, processor
 
@@ -112,6 +116,15 @@ def build_rows(n: int, out: Path, script: str):
                                          test_dir=str(vsp / "maze_planning"), max_train_maps=n, num_generated=0,
                                          seed=0))
     return load_from_disk(str(out))["train"]
+
+
+def prepare_for_steps(trainer) -> None:
+    """What ``Trainer.train`` does before its loop, for scripts that call ``training_step`` themselves: create the
+    optimizer, set one accumulation step (the loss reads it) and let accelerate wrap model and optimizer."""
+    trainer.create_optimizer_and_scheduler(num_training_steps=10**6)
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model_wrapped = trainer.model = trainer.accelerator.prepare(trainer.model)
+    trainer.optimizer = trainer.accelerator.prepare(trainer.optimizer)
 
 
 def sync(device: str) -> None:

@@ -39,6 +39,7 @@ from common import (
     header,
     load_bench_model,
     peak_memory_mb,
+    prepare_for_steps,
     run,
     summary,
     sync,
@@ -95,10 +96,7 @@ def make_trainer(model_dir: Path, size: str, rows, args, device: str, cache: boo
     funcs = rewards.load_reward_funcs(["plan_success_reward", "format_reward"],
                                       {"format_reward": {"latent_blocks_expected": 1}})
     trainer = MirageGRPOTrainer(model, funcs, config, train_dataset=rows, processing_class=processor)
-    trainer.create_optimizer_and_scheduler(num_training_steps=10**6)
-    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train; the loss reads it
-    trainer.model_wrapped = trainer.model = trainer.accelerator.prepare(trainer.model)
-    trainer.optimizer = trainer.accelerator.prepare(trainer.optimizer)
+    prepare_for_steps(trainer)
     trainer.model.train()
     timer = PhaseTimer(device)
     timer.wrap(trainer, "_generate_single_turn", "generation")

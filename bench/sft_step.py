@@ -38,6 +38,7 @@ from common import (
     header,
     load_bench_model,
     peak_memory_mb,
+    prepare_for_steps,
     run,
     summary,
     sync,
@@ -67,12 +68,10 @@ def make_trainer(variant: str, size: str, model_dir: Path, rows, batch: int, dev
     trainer = cls(model=model, args=args, train_dataset=rows, processing_class=processor)
     if gradient_checkpointing and share is None:  # what Trainer.train does before its loop
         trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
-    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train; training_step reads it
     if share is None:
-        trainer.create_optimizer_and_scheduler(num_training_steps=10**6)
-        trainer.model_wrapped = trainer.model = trainer.accelerator.prepare(trainer.model)
-        trainer.optimizer = trainer.accelerator.prepare(trainer.optimizer)
+        prepare_for_steps(trainer)
     else:
+        trainer.current_gradient_accumulation_steps = 1  # as prepare_for_steps, on the shared model and optimizer
         trainer.model_wrapped, trainer.model, trainer.optimizer = share.model_wrapped, share.model, share.optimizer
     trainer._bench_forward = model.forward  # each trainer installs its own latent forward; step() puts it back
     batch_inputs = trainer.data_collator([rows[i % len(rows)] for i in range(batch)])
