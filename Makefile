@@ -10,7 +10,7 @@ export OMP_NUM_THREADS ?= 2
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo baselines test bench clean
+.PHONY: install demo baselines results test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ baselines: install
 	$(CLI) eval --model outputs/demo/direct_sft --output_dir outputs/demo/eval_direct_sft
 	$(CLI) sft --config $(RECIPES)/dummy_latent_tiny.yaml
 	$(CLI) eval --model outputs/demo/dummy_latent --output_dir outputs/demo/eval_dummy_latent
+
+# The small from-scratch comparison of docs/RESULTS.md (CPU, 2 cores): data, base model, 5 arms x 3 seeds, the 400
+# test maps; rewrites the tables of docs/RESULTS.md and docs/figures/results_small.png. Resumes where it stopped.
+results: install
+	$(CLI) results --config $(RECIPES)/small_results.yaml
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -1,4 +1,4 @@
-"""The ``mirage-rl`` command: ``build-data``, ``create-model``, ``sft``, ``grpo``, ``eval``, ``pipeline``.
+"""The ``mirage-rl`` command: ``build-data``, ``create-model``, ``sft``, ``grpo``, ``eval``, ``pipeline``, ``results``.
 
 Every sub-command is parsed by ``trl.TrlParser`` after :func:`mirage_rl.recipe.check_recipe`: ``--config
 file.yaml`` sets values (an unknown key or a value of the wrong type is an error naming the file, printed
@@ -24,6 +24,7 @@ commands:
   grpo          GRPO with latent-interleaved rollouts and reward plugins, from a recipe
   eval          evaluate a checkpoint on a VSP folder (report.json, samples.jsonl, plot)
   pipeline      stage 1 -> stage 2 -> GRPO -> eval from one recipe folder, with a summary table
+  results       the controlled comparison of docs/RESULTS.md (data, base model, arms x seeds, eval, report)
   export        merge a LoRA adapter (a stage trained with use_peft: true) into a full checkpoint
 """
 
@@ -38,6 +39,8 @@ class CreateModelArguments:
     num_layers: int = field(default=4, metadata={"help": "Decoder layers."})
     vocab_size: int = field(default=2048, metadata={"help": "Upper bound of the BPE vocabulary."})
     seed: int = field(default=0, metadata={"help": "Seed of the random weights."})
+    rope_theta: float = field(default=10000.0, metadata={
+        "help": "Base of the rotary embedding (10 lets a small model tell the map's columns apart)."})
 
 
 @dataclass
@@ -77,7 +80,8 @@ def _run(cmd: str, rest: list[str]) -> int:
 
         (args,) = parse((CreateModelArguments,), rest)
         model, processor = create_tiny_model(args.output_dir, latent_size=args.latent_size, hidden_size=args.hidden_size,
-                                             num_layers=args.num_layers, vocab_size=args.vocab_size, seed=args.seed)
+                                             num_layers=args.num_layers, vocab_size=args.vocab_size, seed=args.seed,
+                                             rope_theta=args.rope_theta)
         n = sum(p.numel() for p in model.parameters())
         print(json.dumps({"output_dir": args.output_dir, "parameters": n, "vocab": len(processor.tokenizer),
                           "latent_token_ids": model.config.latent_token_ids}))
@@ -102,6 +106,11 @@ def _run(cmd: str, rest: list[str]) -> int:
 
         (args,) = parse((PipelineArguments,), rest)
         run_pipeline(args)
+    elif cmd == "results":
+        from .results import ResultsArguments, run_results
+
+        (args,) = parse((ResultsArguments,), rest)
+        run_results(args)
     elif cmd == "eval":
         from .evaluation import EvalArguments, evaluate, format_table
 

@@ -45,13 +45,15 @@ class EvalArguments:
     limit: int | None = field(default=None, metadata={"help": "Only the first N maps (smoke tests)."})
     batch_size: int = field(default=32, metadata={"help": "Maps decoded together."})
     max_new_tokens: int = field(default=48, metadata={"help": "Generated tokens per map, latent slots included."})
-    prompt: str = field(default="test", metadata={"help": "'test' (VSP/Mirage test prompt) or 'train' (Mirage train prompt)."})
+    prompt: str = field(default="test", metadata={
+        "help": "'test' (VSP/Mirage test prompt), 'train' (Mirage train prompt) or 'short' (the map and the answer "
+                "instruction only); use the prompt the model was trained on."})
     resume: bool = field(default=True, metadata={
         "help": "Continue a killed run from its per-sample journal (samples.partial.jsonl) when its settings match."})
 
     def __post_init__(self):
-        if self.prompt not in ("test", "train"):
-            raise ValueError(f"prompt must be 'test' or 'train', got {self.prompt!r}")
+        if self.prompt not in vsp.PROMPTS:
+            raise ValueError(f"prompt must be one of {sorted(vsp.PROMPTS)}, got {self.prompt!r}")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {self.batch_size}, {self.max_new_tokens}")
 
@@ -115,7 +117,7 @@ def evaluate(args: EvalArguments, model=None, processor=None) -> dict:
     maps = vsp.load_benchmark(args.benchmark_dir, args.levels)
     if args.limit is not None:
         maps = maps[: args.limit]
-    prompt_text = vsp.TEST_PROMPT if args.prompt == "test" else vsp.TRAIN_PROMPT
+    prompt_text = vsp.PROMPTS[args.prompt]
     messages = vsp.to_messages(prompt_text)
     collator = LatentCollator(processor, tokens, latent_mode=mode, with_answer=False)
     out_dir = Path(args.output_dir)

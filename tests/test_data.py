@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from mirage_rl.data import vsp
@@ -80,3 +81,31 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path):
 
     with pytest.raises(ValueError, match=r"x.jsonl:2: not valid JSON"):
         vsp.read_jsonl(p)
+
+
+def test_describe_task_short_prompt_and_level_filter(tmp_path, vsp_dir):
+    from datasets import load_from_disk
+
+    from mirage_rl.data.build import BuildDataArguments, build_vsp_dataset
+
+    out = tmp_path / "describe"
+    _, counts = build_vsp_dataset(BuildDataArguments(
+        output_dir=str(out), train_jsonl=str(vsp_dir / "mirage_train_maps.jsonl"), test_dir=str(vsp_dir / "maze_planning"),
+        max_train_maps=60, train_levels=[3], num_generated=3, generated_sizes=[4], task="describe", prompt="short"))
+    rows = load_from_disk(str(out))["train"]
+    levels = [r["level"] for r in vsp.read_jsonl(vsp_dir / "mirage_train_maps.jsonl")[:60]]
+    assert counts["removed_other_levels"] == sum(lv != 3 for lv in levels)
+    assert sorted(set(rows["level"])) == [3, 4] and rows["source"].count("generated") == 3
+    for r in rows:
+        assert r["prompt"] == vsp.to_messages(vsp.DESCRIBE_PROMPT)
+        table = [line.split(" ") for line in r["answer"].split("\n")]
+        assert [[vsp.TABLE_SYMBOLS[c] for c in row] for row in table] == r["map_desc"]
+    plan_rows = tmp_path / "plan"
+    build_vsp_dataset(BuildDataArguments(output_dir=str(plan_rows), train_jsonl=str(vsp_dir / "mirage_train_maps.jsonl"),
+                                         test_dir=str(vsp_dir / "maze_planning"), max_train_maps=5, prompt="short"))
+    r = load_from_disk(str(plan_rows))["train"][0]
+    assert r["prompt"] == vsp.to_messages(vsp.SHORT_PROMPT) and r["answer"].startswith(vsp.LATENT_MARKER)
+    with pytest.raises(ValueError, match="task must be one of"):
+        BuildDataArguments(task="caption")
+    with pytest.raises(ValueError, match="prompt must be one of"):
+        BuildDataArguments(prompt="long")

@@ -52,3 +52,11 @@ def test_add_latent_tokens_to_a_checkpoint_without_them(tiny_dir):
     assert torch.allclose(new_row, model.get_input_embeddings().weight[:base_vocab].mean(0))
     with pytest.raises(ValueError, match="latent_size=6.*asks for 4"):
         add_latent_tokens(model, processor, latent_size=4)
+
+
+def test_rope_theta_reaches_the_config(tmp_path):
+    from mirage_rl.modeling import create_tiny_model, load_model
+
+    create_tiny_model(tmp_path / "m", hidden_size=32, rope_theta=10.0)
+    cfg = load_model(tmp_path / "m").config.text_config
+    assert cfg.rope_parameters["rope_theta"] == 10.0

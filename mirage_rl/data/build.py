@@ -48,9 +48,18 @@ class BuildDataArguments:
     num_generated: int = field(default=0, metadata={"help": "Extra maps from the seeded generator."})
     generated_sizes: list[int] = field(default_factory=lambda: [3, 4, 5, 6],
                                        metadata={"help": "Map sizes (3..8) the generator draws from."})
+    task: str = field(default="plan", metadata={
+        "help": "plan (answer: the shortest plan, after the latent marker) or describe (answer: the map as a table; "
+                "a perception task that pretrains a from-scratch model's vision tower)."})
+    prompt: str = field(default="train", metadata={
+        "help": "Prompt of every row: 'train' (Mirage's), 'test' (VSP's) or 'short' (the map and the answer instruction "
+                "only: for models trained from scratch)."})
     hole_prob: float = field(default=0.25, metadata={"help": "Probability that a generated cell is a hole."})
     seed: int = field(default=0, metadata={"help": "Seed of the map generator."})
     max_train_maps: int | None = field(default=None, metadata={"help": "Keep only the first N Mirage maps (debugging)."})
+    train_levels: list[int] | None = field(default=None, metadata={
+        "help": "Keep only the Mirage maps of these levels (3..8 = map size; default: all). The generator's sizes "
+                "are set by generated_sizes."})
     skip_bad_rows: bool = field(default=False, metadata={
         "help": "Skip malformed rows instead of stopping; their count and first reasons are reported."})
     # source: mirage_jsonl
@@ -66,11 +75,16 @@ class BuildDataArguments:
     def __post_init__(self):
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.prompt not in vsp.PROMPTS:
+            raise ValueError(f"prompt must be one of {sorted(vsp.PROMPTS)}, got {self.prompt!r}")
         if self.source == "mirage_jsonl" and not self.jsonl:
             raise ValueError("source: mirage_jsonl needs jsonl: the path of the JSONL file")
 
 
 SOURCES = ("vsp", "mirage_jsonl")
+TASKS = ("plan", "describe")
 MAX_REPORTED_REASONS = 5
 
 
@@ -106,7 +120,12 @@ def _png(img) -> dict:
     return {"bytes": buf.getvalue(), "path": None}
 
 
-def _row(map_desc, plan, level, source, map_id, prompt_text) -> dict:
+def _row(map_desc, plan, level, source, map_id, prompt_text, task: str = "plan") -> dict:
+    if task == "describe":
+        image = _png(vsp.render_map(map_desc))
+        text = vsp.map_to_text(map_desc)
+        return {"prompt": vsp.to_messages(vsp.DESCRIBE_PROMPT), "image": image, "helper_image": image, "answer": text,
+                "solution": text, "map_desc": map_desc, "level": level, "source": source, "map_id": str(map_id)}
     solution = vsp.plan_to_answer(plan)
     return {
         "prompt": vsp.to_messages(prompt_text),
@@ -159,7 +178,7 @@ def build_vsp_dataset(args: BuildDataArguments):
     train = vsp.jsonl_rows(args.train_jsonl, on_error=bad)
     if args.max_train_maps is not None:
         train = train[: args.max_train_maps]
-    rows, leaked, seen = [], 0, set(test_keys)
+    rows, leaked, other_level, seen = [], 0, 0, set(test_keys)
     for i, r in tqdm(train, desc="render Mirage train maps"):
         where = f"{args.train_jsonl}:{i}"
         try:
@@ -167,20 +186,26 @@ def build_vsp_dataset(args: BuildDataArguments):
         except ValueError as e:
             bad(e, i)
             continue
+        if args.train_levels is not None and level not in args.train_levels:
+            other_level += 1
+            continue
         key = vsp.map_key(map_desc)
         if key in test_keys:
             leaked += 1
             continue
         seen.add(key)
-        rows.append(_row(map_desc, given, level, "mirage", r.get("map_id", i), vsp.TRAIN_PROMPT))
+        rows.append(_row(map_desc, given, level, "mirage", r.get("map_id", i), vsp.PROMPTS[args.prompt],
+                         args.task))
     generated = vsp.generate_maps(args.num_generated, sizes=args.generated_sizes, seed=args.seed,
                                   hole_prob=args.hole_prob, exclude=seen)
     for j, m in enumerate(tqdm(generated, desc="render generated maps", disable=not generated)):
-        rows.append(_row(m, vsp.shortest_plan(m), len(m), "generated", f"gen-{args.seed}-{j}", vsp.TRAIN_PROMPT))
+        rows.append(_row(m, vsp.shortest_plan(m), len(m), "generated", f"gen-{args.seed}-{j}", vsp.PROMPTS[args.prompt],
+                         args.task))
     if not rows:
         raise ValueError(f"{args.train_jsonl}: no training maps left after removing test maps and generating {args.num_generated}")
     return _save_rows(rows, args, bad, {"map_desc": Sequence(Sequence(Value("int32"))), "level": Value("int32")},
-                      mirage=len(rows) - len(generated), generated=len(generated), removed_test_overlap=leaked)
+                      mirage=len(rows) - len(generated), generated=len(generated), removed_test_overlap=leaked,
+                      removed_other_levels=other_level)
 
 
 def _check_vsp_row(r: dict, where: str):

@@ -58,6 +58,14 @@ _PROMPT_TAIL = (
 TRAIN_PROMPT = _PROMPT_HEAD + _PROMPT_EXAMPLE + _PROMPT_TAIL
 #: The prompt of the VSP test split as Mirage evaluates it.
 TEST_PROMPT = _PROMPT_HEAD + "\n" + _PROMPT_TAIL
+#: The benchmark prompt without the task description: the map and the answer instruction only (the last lines
+#: of the VSP prompt). For models trained from scratch, to whom the description is noise that costs 5x the
+#: compute per step (the `small_*` recipes); evaluate such a model with the prompt it was trained on.
+SHORT_PROMPT = "Here is the map: <image>\n\nPlease provide your action plan.\n The final answer MUST BE put in \\boxed{}."
+#: The prompt of the perception task (``task: describe`` of ``build-data``): read the map off the image.
+DESCRIBE_PROMPT = "Here is the map: <image>\n\nDescribe the map as a table: one row per line, @ player, * goal, # hole, _ safe."
+#: The prompts by name (``prompt:`` of ``build-data`` and ``eval``).
+PROMPTS = {"train": TRAIN_PROMPT, "test": TEST_PROMPT, "short": SHORT_PROMPT}
 #: Where the latent block goes in an answer (Mirage's own marker for the helper image).
 LATENT_MARKER = "<output_image>"
 
@@ -225,6 +233,13 @@ def render_helper(map_desc: list[list[int]], plan: list[str]) -> Image.Image:
                      fill=ARROW_RGB)
         r, c = nr, nc
     return img
+
+
+def map_to_text(map_desc: list[list[int]]) -> str:
+    """The map as text, one row per line, cells separated by spaces (``@`` player, ``*`` goal, ``#`` hole,
+    ``_`` safe): the answer of the perception task ``describe``."""
+    symbol = {v: k for k, v in TABLE_SYMBOLS.items()}
+    return "\n".join(" ".join(symbol[v] for v in row) for row in map_desc)
 
 
 def plan_to_answer(plan: list[str]) -> str:

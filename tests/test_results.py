@@ -1,0 +1,149 @@
+"""`mirage-rl results`: the plan of the comparison, resumable execution, chance levels and the generated report."""
+
+import json
+import math
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from mirage_rl import results
+from mirage_rl.data import vsp
+from mirage_rl.evaluation import summarize
+from mirage_rl.recipe import parse
+from mirage_rl.scoring import parse_plan, replay, score_plan
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "recipes/vsp_spatial_planning/small_results.yaml"
+
+
+def args_for(tmp_path, **kw):
+    (a,) = parse((results.ResultsArguments,), ["--config", str(CONFIG)])
+    a.recipe_dir = str(REPO / "recipes/vsp_spatial_planning")
+    a.data_config = str(REPO / a.data_config)
+    a.pretrain_data_config = str(REPO / a.pretrain_data_config)
+    a.output_root, a.report, a.figure = str(tmp_path / "runs"), str(tmp_path / "RESULTS.md"), str(tmp_path / "fig.png")
+    for k, v in kw.items():
+        setattr(a, k, v)
+    return a
+
+
+def test_plan_shares_runs_and_chains_each_arm(tmp_path):
+    a = args_for(tmp_path, seeds=[0, 1])
+    steps = {s.key: s for s in results.plan(a)}
+    # stage 1 is shared by Mirage, dummy latents and Mirage + GRPO: once per seed
+    assert [k for k in steps if k.endswith("/stage1")] == ["seed0/stage1", "seed1/stage1"]
+    assert steps["seed1/stage2"].needs == ["data/plan", "seed1/stage1"]
+    assert steps["seed0/dummy_latent"].needs[-1] == "seed0/stage1"
+    assert steps["seed0/grpo"].argv[0] == "grpo" and steps["seed0/grpo"].needs[-1] == "seed0/stage2"
+    assert steps["seed0/direct_sft"].needs[-1] == "base/pretrained"
+    # every run gets its seed, every arm one evaluation per seed
+    assert all(s.argv[s.argv.index("--seed") + 1] == k[4] for k, s in steps.items() if k.startswith("seed") and "eval_" not in k)
+    assert sum("/eval_" in k for k in steps) == 2 * len(results.ARMS)
+    # each step appears after what it needs
+    order = list(steps)
+    assert all(order.index(n) < order.index(k) for k, s in steps.items() for n in s.needs)
+
+
+def test_plan_of_a_subset_and_missing_recipe(tmp_path):
+    a = args_for(tmp_path, arms=["dummy_latent"], seeds=[3])
+    keys = [s.key for s in results.plan(a)]
+    assert [k for k in keys if k.startswith("seed")] == ["seed3/stage1", "seed3/dummy_latent", "seed3/eval_dummy_latent"]
+    a = args_for(tmp_path, variant="nosuch")
+    with pytest.raises(FileNotFoundError, match="nosuch_model.yaml"):
+        results.plan(a)
+    with pytest.raises(ValueError, match="unknown"):
+        results.ResultsArguments(arms=["mirage", "magic"])
+
+
+def test_execute_records_resumes_and_reports_failures(tmp_path):
+    a = args_for(tmp_path, jobs=2)
+    out = tmp_path / "runs"
+    steps = [results.Step("base/model", ["create-model", "--output_dir", str(out / "m"), "--hidden_size", "32"], [],
+                          str(out / "m" / "model.safetensors")),
+             results.Step("seed0/copy", ["create-model", "--output_dir", str(out / "m2"), "--hidden_size", "32"],
+                          ["base/model"], str(out / "m2" / "model.safetensors"))]
+    log = results.execute(a, steps)
+    assert set(log.steps) == {"base/model", "seed0/copy"} and all(s["wall_s"] > 0 for s in log.steps.values())
+    assert json.loads((out / "steps.json").read_text()) == log.steps
+    stamp = (out / "m2" / "model.safetensors").stat().st_mtime_ns
+    results.execute(a, steps)  # finished steps are not rerun
+    assert (out / "m2" / "model.safetensors").stat().st_mtime_ns == stamp
+    bad = [results.Step("seed0/bad", ["sft", "--config", str(tmp_path / "missing.yaml")], [], str(tmp_path / "never"))]
+    with pytest.raises(RuntimeError, match="seed0/bad failed.*\n.*log: .*seed0__bad.log"):
+        results.execute(a, bad)
+
+
+def test_binomial_tail():
+    assert results.binomial_tail(0, 10, 0.3) == pytest.approx(1.0)
+    assert results.binomial_tail(10, 10, 0.3) == pytest.approx(0.3 ** 10)
+    assert results.binomial_tail(3, 5, 0.5) == pytest.approx((10 + 5 + 1) / 32)
+
+
+def test_blind_baselines_from_training_answers(small_dataset_dir, vsp_dir):
+    chance = results.blind_baselines(str(small_dataset_dir), str(vsp_dir / "maze_planning"), levels=[3, 4])
+    assert set(chance) == {"3", "4"}
+    from datasets import load_from_disk
+
+    rows = load_from_disk(str(small_dataset_dir))["train"].select_columns(["solution", "map_desc", "level"])
+    tests = [m.map_desc for m in vsp.load_benchmark(vsp_dir / "maze_planning", [3])]
+    plans = Counter(tuple(parse_plan(r["solution"])) for r in rows if r["level"] == 3)
+    # brute force: the expected accuracy of a plan drawn from the level-3 training answers
+    expected = sum(c * sum(replay(m, list(p))[0] for m in tests) / len(tests) for p, c in plans.items()) / sum(plans.values())
+    assert chance["3"]["random_plan"]["accuracy"] == pytest.approx(expected)
+    best = chance["3"]["best_blind_plan"]
+    assert tuple(best["plan"].split(",")) in plans
+    assert best["accuracy"] == pytest.approx(sum(replay(m, best["plan"].split(","))[0] for m in tests) / len(tests))
+    assert 0 <= best["accuracy_strict"] <= best["accuracy"] <= 1
+
+
+def fake_report(maps, rng, skill):
+    """A report made by the real scorer: each map answered with its shortest plan with probability ``skill``, else a
+    random plan (or an invalid answer)."""
+    samples = []
+    for m in maps:
+        r = rng.random()
+        text = ("\\boxed{" + ", ".join(vsp.shortest_plan(m.map_desc)) + "}" if r < skill
+                else "no box" if r > 0.97 else "\\boxed{" + ",".join(rng.choice("LRUD") for _ in range(3)) + "}")
+        s = score_plan(m.map_desc, text)
+        samples.append({"level": m.level, "verdict": s.verdict, "success": s.success, "success_strict": s.success_strict})
+    return summarize(samples, "vsp")
+
+
+def test_report_tables_figure_and_kept_text(tmp_path, small_dataset_dir, vsp_dir):
+    a = args_for(tmp_path, seeds=[0, 1], arms=["direct_sft", "mirage"], benchmark_dir=str(vsp_dir / "maze_planning"))
+    a.data_config = str(tmp_path / "data.yaml")
+    Path(a.data_config).write_text(f"output_dir: {small_dataset_dir}\n")
+    maps = vsp.load_benchmark(vsp_dir / "maze_planning")
+    rng = random.Random(0)
+    log = results.StepLog(Path(a.output_root) / "steps.json")
+    skills = {"direct_sft": [0.5, 0.6], "stage2": [0.7, 0.2]}
+    for run, sk in skills.items():
+        for seed, skill in enumerate(sk):
+            out = Path(a.output_root) / f"seed{seed}" / run / "eval"
+            out.mkdir(parents=True)
+            (out / "report.json").write_text(json.dumps(fake_report(maps, rng, skill)))
+            for key in (f"seed{seed}/{run}", f"seed{seed}/stage1"):
+                log.record(results.Step(key, ["sft", "--seed", str(seed)], [], ""), 60.0, 1)
+    Path(a.report).write_text(f"# Results\n\nintro kept\n\n{results.BEGIN}\nold\n{results.END}\n\nreading kept\n")
+    res = results.write_report(a, log)
+    text = Path(a.report).read_text()
+    assert text.startswith("# Results\n\nintro kept\n") and text.rstrip().endswith("reading kept") and "\nold\n" not in text
+    assert Path(a.figure).stat().st_size > 10_000
+    # the table cell is the mean ± std of the per-seed reports
+    reps = [json.loads((Path(a.output_root) / f"seed{s}/direct_sft/eval/report.json").read_text()) for s in (0, 1)]
+    vals = [r["by_level"]["3"]["accuracy"] for r in reps]
+    m, sd = sum(vals) / 2, math.sqrt((vals[0] - vals[1]) ** 2 / 2)
+    row = next(line for line in text.splitlines() if line.startswith("| Direct SFT | 2 |"))
+    assert row.split(" | ")[2] == f"{m:.3f} ± {sd:.3f}"
+    # the paired difference and the per-seed p-values are computed, the wall time sums the arm's runs
+    assert "Mirage (stage 1 -> 2) minus Direct SFT" in text
+    seed0 = res["arms"]["direct_sft"]["seeds"]["0"]
+    assert seed0["focus_n"] == 200 and 0 <= seed0["focus_p_value"] < 1e-6  # skill 0.5 is far above chance
+    assert res["arms"]["mirage"]["seeds"]["0"]["wall_s"] == 120.0
+    assert json.loads((Path(a.output_root) / "results.json").read_text())["arms"]["mirage"]["label"].startswith("Mirage")
+    # a report without the markers is refused, naming the file
+    Path(a.report).write_text("# Results\n")
+    with pytest.raises(ValueError, match="RESULTS.md: no generated block"):
+        results.write_report(a, log)
