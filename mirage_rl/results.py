@@ -358,13 +358,26 @@ def machine() -> dict:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
     except (ValueError, OSError):
         mem = float("nan")
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
+    commit = git_commit(Path(__file__).resolve().parents[1])
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1), "gpu": "none (CPU only)",
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "trl": trl.__version__, "commit": commit}
+
+
+def git_commit(repo: Path) -> str:
+    """The checked-out commit (short), read from ``.git`` (no subprocess); empty outside a git clone."""
+    try:
+        head = (repo / ".git" / "HEAD").read_text().strip()
+        if head.startswith("ref: "):
+            ref = head[5:]
+            path = repo / ".git" / ref
+            if path.exists():
+                return path.read_text().strip()[:7]
+            packed = (repo / ".git" / "packed-refs").read_text().splitlines()
+            return next((line.split()[0][:7] for line in packed if line.endswith(" " + ref)), "")
+        return head[:7]
+    except OSError:
+        return ""
 
 
 def _cell(values: list[float]) -> str:

@@ -27,20 +27,30 @@ def test_recipes_parse(tmp_path):
     from mirage_rl.sft import SFTScriptArguments
     from mirage_rl.trainers import MirageGRPOConfig, MirageSFTConfig
 
+    from mirage_rl.cli import CreateModelArguments
+    from mirage_rl.results import ResultsArguments
+
     recipes = sorted(Path(__file__).resolve().parents[1].glob("recipes/**/*.yaml"))
-    kinds = {r.name.split("_")[0] for r in recipes}
-    assert {"stage1", "stage2", "grpo", "eval"} <= kinds
+    kinds = {r.stem.removeprefix("small_").split("_")[0] for r in recipes}
+    assert {"stage1", "stage2", "grpo", "eval", "model", "results"} <= kinds
     for r in recipes:
-        if r.name.startswith("eval_"):
+        stem = r.stem.removeprefix("small_")
+        if stem.startswith("eval"):
             (e,) = TrlParser((EvalArguments,)).parse_args_and_config(["--config", str(r), "--model", "m"])
             assert e.max_new_tokens > 0
             continue
-        types = ((GRPOScriptArguments, MirageGRPOConfig, ModelConfig) if r.name.startswith("grpo_")
+        if stem in ("model", "results"):
+            (a,) = TrlParser((CreateModelArguments if stem == "model" else ResultsArguments,)).parse_args_and_config(
+                ["--config", str(r)])
+            assert a.output_dir if stem == "model" else a.seeds
+            continue
+        grpo = stem.startswith("grpo") or stem.endswith("_grpo")
+        types = ((GRPOScriptArguments, MirageGRPOConfig, ModelConfig) if grpo
                  else (SFTScriptArguments, MirageSFTConfig, ModelConfig))
         s, t, m = TrlParser(types).parse_args_and_config(
             ["--config", str(r), "--output_dir", str(tmp_path / "o"), "--use_cpu", "true", "--bf16", "false"])
         assert m.model_name_or_path
-        if r.name.startswith("grpo_"):
+        if grpo:
             assert t.num_generations == 8 and s.reward_funcs == ["plan_success_reward", "format_reward"]
             assert t.reward_weights == [1.0, 0.1]
         else:
