@@ -256,8 +256,9 @@ def execute(args: ResultsArguments, steps: list[Step], on_eval=None) -> StepLog:
 def blind_baselines(dataset_path: str, benchmark_dir: str, levels=None) -> dict:
     """Chance levels per test level (module docstring), both scoring rules, from the training split only.
 
-    Returns ``{level: {"random_plan": {"accuracy", "accuracy_strict"}, "best_blind_plan": {..., "plan"}}}``.
-    Raises ``ValueError`` when the training set has no map of a test level.
+    Returns ``{level: {"random_plan": {"accuracy", "accuracy_strict"}, "best_blind_plan": {..., "plan"},
+    "from_levels": ...}}``. A test level with no training map (a transfer level) draws from the training maps of every
+    level (``from_levels: "all"``). Raises ``ValueError`` when the training set is empty.
     """
     from datasets import load_from_disk
 
@@ -276,8 +277,12 @@ def blind_baselines(dataset_path: str, benchmark_dir: str, levels=None) -> dict:
     out = {}
     for level, tests in sorted(test_by_level.items()):
         train = train_by_level.get(level)
+        from_levels = str(level)
         if not train:
-            raise ValueError(f"{dataset_path}: no training map of level {level}: no chance level for it")
+            train = [t for rows in train_by_level.values() for t in rows]
+            from_levels = "all"
+        if not train:
+            raise ValueError(f"{dataset_path}: no training map: no chance level")
         counts = Counter(p for _, p in train if p)
 
         def rate(p, maps):
@@ -293,6 +298,7 @@ def blind_baselines(dataset_path: str, benchmark_dir: str, levels=None) -> dict:
                             "accuracy_strict": sum(c * test_rate[p][1] for p, c in counts.items()) / n},
             "best_blind_plan": {"accuracy": test_rate[best][0], "accuracy_strict": test_rate[best][1],
                                 "plan": ",".join(best)},
+            "from_levels": from_levels,
         }
     return out
 

@@ -83,7 +83,7 @@ def test_binomial_tail():
 
 def test_blind_baselines_from_training_answers(small_dataset_dir, vsp_dir):
     chance = results.blind_baselines(str(small_dataset_dir), str(vsp_dir / "maze_planning"), levels=[3, 4])
-    assert set(chance) == {"3", "4"}
+    assert set(chance) == {"3", "4"} and chance["3"]["from_levels"] == "3"
     from datasets import load_from_disk
 
     rows = load_from_disk(str(small_dataset_dir))["train"].select_columns(["solution", "map_desc", "level"])
