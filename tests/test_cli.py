@@ -22,13 +22,12 @@ def test_eval_writes_report_samples_and_plot(tiny_dir, vsp_dir, tmp_path, capsys
 def test_recipes_parse(tmp_path):
     from trl import ModelConfig, TrlParser
 
+    from mirage_rl.cli import CreateModelArguments
     from mirage_rl.evaluation import EvalArguments
     from mirage_rl.grpo import GRPOScriptArguments
+    from mirage_rl.results import ResultsArguments
     from mirage_rl.sft import SFTScriptArguments
     from mirage_rl.trainers import MirageGRPOConfig, MirageSFTConfig
-
-    from mirage_rl.cli import CreateModelArguments
-    from mirage_rl.results import ResultsArguments
 
     recipes = sorted(Path(__file__).resolve().parents[1].glob("recipes/**/*.yaml"))
     kinds = {r.stem.removeprefix("small_").split("_")[0] for r in recipes}
