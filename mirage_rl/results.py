@@ -136,14 +136,18 @@ def dataset_dir(config: str) -> str:
     return out
 
 
+def chain(run: str) -> list[str]:
+    """The runs that lead to ``run`` from the base model, first to last (``run`` included)."""
+    out = []
+    while run != "base":
+        out.append(run)
+        run = RUNS[run][1]
+    return out[::-1]
+
+
 def runs_of(arms: list[str]) -> list[str]:
     """Every run the arms need, in dependency order."""
-    need: set[str] = set()
-    for arm in arms:
-        run = ARMS[arm][1]
-        while run != "base":
-            need.add(run)
-            run = RUNS[run][1]
+    need = {r for arm in arms for r in chain(ARMS[arm][1])}
     return [r for r in RUNS if r in need]
 
 
@@ -177,10 +181,7 @@ def plan(args: ResultsArguments) -> list[Step]:
                                                          "--benchmark_dir", args.benchmark_dir,
                                                          "--output_dir", str(model / "eval")],
                               [f"seed{seed}/{run}"], f"{model}/eval/report.json"))
-    seen: dict[str, Step] = {}
-    for s in steps:
-        seen.setdefault(s.key, s)  # an arm evaluated twice (never) or a shared run: once
-    return list(seen.values())
+    return steps
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -274,6 +275,11 @@ def blind_baselines(dataset_path: str, benchmark_dir: str, levels=None) -> dict:
     test_by_level: dict[int, list] = defaultdict(list)
     for m in vsp.load_benchmark(benchmark_dir, levels):
         test_by_level[m.level].append(m.map_desc)
+    def rate(p, maps):
+        hits = [replay(m, list(p)) for m in maps]
+        return sum(h[0] for h in hits) / len(maps), sum(h[1] for h in hits) / len(maps)
+
+    best_of: dict[str, tuple] = {}  # from_levels -> best blind plan (the transfer levels share "all")
     out = {}
     for level, tests in sorted(test_by_level.items()):
         train = train_by_level.get(level)
@@ -284,15 +290,12 @@ def blind_baselines(dataset_path: str, benchmark_dir: str, levels=None) -> dict:
         if not train:
             raise ValueError(f"{dataset_path}: no training map: no chance level")
         counts = Counter(p for _, p in train if p)
-
-        def rate(p, maps):
-            hits = [replay(m, list(p)) for m in maps]
-            return sum(h[0] for h in hits) / len(maps), sum(h[1] for h in hits) / len(maps)
-
         test_rate = {p: rate(p, tests) for p in counts}
         n = sum(counts.values())
-        train_maps = [m for m, _ in train]
-        best = max(counts, key=lambda p: (rate(p, train_maps)[0], counts[p]))
+        if from_levels not in best_of:
+            train_maps = [m for m, _ in train]
+            best_of[from_levels] = max(counts, key=lambda p: (rate(p, train_maps)[0], counts[p]))
+        best = best_of[from_levels]
         out[str(level)] = {
             "random_plan": {"accuracy": sum(c * test_rate[p][0] for p, c in counts.items()) / n,
                             "accuracy_strict": sum(c * test_rate[p][1] for p, c in counts.items()) / n},
@@ -315,6 +318,13 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
 
 
+def focus_rate(by_level: dict, key: str, focus) -> float:
+    """``key`` over the ``focus`` levels present in ``by_level``, weighted by each level's ``n`` (0 when none)."""
+    rows = [by_level[x] for x in focus if x in by_level]
+    n = sum(r["n"] for r in rows)
+    return sum(r[key] * r["n"] for r in rows) / n if n else 0.0
+
+
 def collect(args: ResultsArguments, log: StepLog, chance: dict, focus=("3", "4")) -> dict:
     """Every number of the report from the finished evaluations: per arm and seed the report, the levels-3-4 accuracy
     with its one-sided binomial p-value against the random-plan chance, the wall time of the arm's runs."""
@@ -322,27 +332,24 @@ def collect(args: ResultsArguments, log: StepLog, chance: dict, focus=("3", "4")
     arms = {}
     for arm in args.arms:
         run = ARMS[arm][1]
-        chain = []
-        r = run
-        while r != "base":
-            chain.append(r)
-            r = RUNS[r][1]
+        runs = chain(run)
         seeds = {}
         for seed in args.seeds:
             rep = root / f"seed{seed}" / run / "eval" / "report.json"
             if not rep.exists():
                 continue
             report = json.loads(rep.read_text())
-            lv = [report["by_level"][x] for x in focus if x in report["by_level"]]
-            n = sum(x["n"] for x in lv)
-            k = round(sum(x["accuracy"] * x["n"] for x in lv))
-            p0 = sum(chance[x]["random_plan"]["accuracy"] * report["by_level"][x]["n"] for x in focus
-                     if x in report["by_level"]) / max(n, 1)
-            walls = [log.steps.get(f"seed{seed}/{c}", {}).get("wall_s") for c in chain]
-            seeds[str(seed)] = {"report": report, "focus_accuracy": k / max(n, 1), "focus_n": n,
+            n = sum(report["by_level"][x]["n"] for x in focus if x in report["by_level"])
+            accuracy = focus_rate(report["by_level"], "accuracy", focus)
+            k = round(accuracy * n)
+            chance_by_level = {x: {**chance[x]["random_plan"], "n": report["by_level"][x]["n"]}
+                               for x in focus if x in report["by_level"]}
+            p0 = focus_rate(chance_by_level, "accuracy", focus)
+            walls = [log.steps.get(f"seed{seed}/{c}", {}).get("wall_s") for c in runs]
+            seeds[str(seed)] = {"report": report, "focus_accuracy": accuracy, "focus_n": n,
                                 "focus_p_value": binomial_tail(k, n, p0) if n else None,
                                 "wall_s": sum(walls) if None not in walls else None}
-        arms[arm] = {"label": ARMS[arm][0], "runs": chain[::-1], "seeds": seeds}
+        arms[arm] = {"label": ARMS[arm][0], "runs": runs, "seeds": seeds}
     return {"arms": arms, "chance": chance, "focus_levels": list(focus)}
 
 
@@ -407,8 +414,7 @@ def format_report(res: dict, args: ResultsArguments, log: StepLog) -> str:
                 "|---|---|" + "---|" * (len(levels) + 3)]
         for arm, a in res["arms"].items():
             reps = [s["report"] for s in a["seeds"].values()]
-            f34 = [sum(r["by_level"][x][key] * r["by_level"][x]["n"] for x in focus) /
-                   sum(r["by_level"][x]["n"] for x in focus) for r in reps]
+            f34 = [focus_rate(r["by_level"], key, focus) for r in reps]
             out.append(f"| {a['label']} | {len(reps)} | " + " | ".join(_cell([r['by_level'][lv][key] for r in reps])
                                                                    for lv in levels)
                        + f" | {_cell(f34)} | {_cell([r[key] for r in reps])} | {_cell([r['invalid_rate'] for r in reps])} |")
@@ -492,9 +498,10 @@ def plot(res: dict, path: str) -> None:
     atomic_save_figure(fig, path)
 
 
-def write_report(args: ResultsArguments, log: StepLog) -> dict:
+def write_report(args: ResultsArguments, log: StepLog, chance: dict | None = None) -> dict:
     """Aggregate, then write ``results.json`` (next to the runs), the figure and the generated block of the report."""
-    chance = blind_baselines(dataset_dir(args.data_config), args.benchmark_dir)
+    if chance is None:
+        chance = blind_baselines(dataset_dir(args.data_config), args.benchmark_dir)
     res = collect(args, log, chance)
     res["machine"] = machine()
     atomic_write_text(Path(args.output_root) / "results.json", json.dumps(res, indent=2) + "\n")
@@ -515,8 +522,12 @@ def write_report(args: ResultsArguments, log: StepLog) -> dict:
 def run_results(args: ResultsArguments) -> dict:
     """``mirage-rl results``: plan, run what is unfinished, write the report; returns the aggregated numbers."""
     steps = plan(args)
-    if args.run:
-        log = execute(args, steps, on_eval=lambda lg: write_report(args, lg))
-    else:
-        log = StepLog(Path(args.output_root) / "steps.json")
-    return write_report(args, log)
+    chance = {}  # computed once, at the first report (the training set exists by then)
+
+    def report(log: StepLog) -> dict:
+        if not chance:
+            chance.update(blind_baselines(dataset_dir(args.data_config), args.benchmark_dir))
+        return write_report(args, log, chance)
+
+    log = execute(args, steps, on_eval=report) if args.run else StepLog(Path(args.output_root) / "steps.json")
+    return report(log)

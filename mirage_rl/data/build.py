@@ -121,17 +121,18 @@ def _png(img) -> dict:
 
 
 def _row(map_desc, plan, level, source, map_id, prompt_text, task: str = "plan") -> dict:
-    if task == "describe":
-        image = _png(vsp.render_map(map_desc))
-        text = vsp.map_to_text(map_desc)
-        return {"prompt": vsp.to_messages(vsp.DESCRIBE_PROMPT), "image": image, "helper_image": image, "answer": text,
-                "solution": text, "map_desc": map_desc, "level": level, "source": source, "map_id": str(map_id)}
-    solution = vsp.plan_to_answer(plan)
+    image = _png(vsp.render_map(map_desc))
+    if task == "describe":  # the perception task: the map as text, no latent block, the map as its own helper
+        prompt_text, solution = vsp.DESCRIBE_PROMPT, vsp.map_to_text(map_desc)
+        answer, helper = solution, image
+    else:
+        solution = vsp.plan_to_answer(plan)
+        answer, helper = vsp.LATENT_MARKER + solution, _png(vsp.render_helper(map_desc, plan))
     return {
         "prompt": vsp.to_messages(prompt_text),
-        "image": _png(vsp.render_map(map_desc)),
-        "helper_image": _png(vsp.render_helper(map_desc, plan)),
-        "answer": vsp.LATENT_MARKER + solution,
+        "image": image,
+        "helper_image": helper,
+        "answer": answer,
         "solution": solution,
         "map_desc": map_desc,
         "level": level,
