@@ -41,6 +41,11 @@ class CreateModelArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the random weights."})
     rope_theta: float = field(default=10000.0, metadata={
         "help": "Base of the rotary embedding (10 lets a small model tell the map's columns apart)."})
+    min_pixels: int = field(default=164 * 164, metadata={"help": "Image processor's smallest image area (pixels)."})
+    max_pixels: int = field(default=172 * 172, metadata={
+        "help": "Image processor's largest image area (pixels): images are resized to a multiple of 28 px per side "
+                "within it. Give a square a little above the side you want (113*113 = 12769 for 112 px: "
+                "the processor rounds the side down)."})
 
 
 @dataclass
@@ -81,7 +86,8 @@ def _run(cmd: str, rest: list[str]) -> int:
         (args,) = parse((CreateModelArguments,), rest)
         model, processor = create_tiny_model(args.output_dir, latent_size=args.latent_size, hidden_size=args.hidden_size,
                                              num_layers=args.num_layers, vocab_size=args.vocab_size, seed=args.seed,
-                                             rope_theta=args.rope_theta)
+                                             rope_theta=args.rope_theta, min_pixels=args.min_pixels,
+                                             max_pixels=args.max_pixels)
         n = sum(p.numel() for p in model.parameters())
         print(json.dumps({"output_dir": args.output_dir, "parameters": n, "vocab": len(processor.tokenizer),
                           "latent_token_ids": model.config.latent_token_ids}))

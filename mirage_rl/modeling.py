@@ -267,19 +267,27 @@ def tiny_config(vocab_size: int, hidden_size: int = 128, num_layers: int = 4, nu
 
 
 def create_tiny_model(output_dir: str | Path, latent_size: int | None = 4, hidden_size: int = 128,
-                      num_layers: int = 4, vocab_size: int = 2048, seed: int = 0, rope_theta: float = 10000.0):
+                      num_layers: int = 4, vocab_size: int = 2048, seed: int = 0, rope_theta: float = 10000.0,
+                      min_pixels: int = TINY_MIN_PIXELS, max_pixels: int = TINY_MAX_PIXELS):
     """Build, save and return ``(model, processor)`` of the tiny offline default.
 
     Steps: train the tokenizer on :func:`tiny_corpus`, build a Qwen2.5-VL from :func:`tiny_config`
     with random weights (seeded), add the latent tokens through :func:`add_latent_tokens` (the same
     call a 7B checkpoint goes through) and ``save_pretrained`` model and processor to ``output_dir``.
     ``latent_size=None`` leaves the latent tokens out: a checkpoint shaped like a stock Qwen2.5-VL.
+    ``min_pixels``/``max_pixels``: the image processor's area bounds (pixels); a 256 x 256 VSP map becomes
+    168 x 168 (6 x 6 visual tokens) with the defaults, 112 x 112 (4 x 4 tokens) with ``max_pixels=113 * 113``.
+
+    Raises:
+        ValueError: ``min_pixels`` above ``max_pixels``.
     """
     from transformers import Qwen2VLImageProcessorPil
 
+    if min_pixels > max_pixels:
+        raise ValueError(f"min_pixels={min_pixels} is above max_pixels={max_pixels}: lower min_pixels")
     torch.manual_seed(seed)
     tok = train_tokenizer(tiny_corpus(), vocab_size=vocab_size)
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
     processor = MirageProcessor(image_processor=image_processor, tokenizer=tok, chat_template=QWEN2_5_VL_CHAT_TEMPLATE)
     ids = {k: tok.convert_tokens_to_ids(v) for k, v in {
         "image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",

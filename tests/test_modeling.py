@@ -54,9 +54,16 @@ def test_add_latent_tokens_to_a_checkpoint_without_them(tiny_dir):
         add_latent_tokens(model, processor, latent_size=4)
 
 
-def test_rope_theta_reaches_the_config(tmp_path):
-    from mirage_rl.modeling import create_tiny_model, load_model
+def test_rope_theta_and_pixels_reach_the_checkpoint(tmp_path):
+    from PIL import Image
 
-    create_tiny_model(tmp_path / "m", hidden_size=32, rope_theta=10.0)
+    from mirage_rl.modeling import create_tiny_model, load_model, load_processor
+
+    create_tiny_model(tmp_path / "m", hidden_size=32, rope_theta=10.0, max_pixels=113 * 113, min_pixels=100 * 100)
     cfg = load_model(tmp_path / "m").config.text_config
     assert cfg.rope_parameters["rope_theta"] == 10.0
+    processor = load_processor(tmp_path / "m")
+    grid = processor.image_processor(images=[Image.new("RGB", (256, 256))], return_tensors="pt")["image_grid_thw"]
+    assert grid.tolist() == [[1, 8, 8]]  # 112 x 112 px: 8 x 8 patches of 14 px, 4 x 4 visual tokens
+    with pytest.raises(ValueError, match="min_pixels=.*max_pixels"):
+        create_tiny_model(tmp_path / "bad", hidden_size=32, min_pixels=200 * 200, max_pixels=100 * 100)
