@@ -6,6 +6,10 @@ killed evaluation run again with the same settings continues from it. At the end
 ``report.json`` (``benchmark``, ``n``, ``accuracy``, ``accuracy_strict``, ``invalid_rate``, ``by_level``),
 ``samples.jsonl`` (one line per map: ``prompt_id``, ``level``, ``completion``, ``plan``, ``verdict``,
 ``success``, ``success_strict``) and ``accuracy_by_level.png``.
+
+``--task describe`` evaluates the perception task instead (image -> the map as a table, ``vsp.DESCRIBE_PROMPT``, no
+latent block): each sample holds ``table_exact``, ``cells_right``, ``n_cells``, ``player_found``, ``goal_found``
+(:func:`score_table`) and the report ``table_exact``, ``cell_accuracy``, ``player_found``, ``goal_found`` per level.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ class EvalArguments:
     limit: int | None = field(default=None, metadata={"help": "Only the first N maps (smoke tests)."})
     batch_size: int = field(default=32, metadata={"help": "Maps decoded together."})
     max_new_tokens: int = field(default=48, metadata={"help": "Generated tokens per map, latent slots included."})
+    task: str = field(default="plan", metadata={
+        "help": "'plan' (the VSP task: score the boxed plan) or 'describe' (perception: score the map table written "
+                "for the describe prompt; what a base model pretrained with build-data task: describe sees)."})
     prompt: str = field(default="test", metadata={
         "help": "'test' (VSP/Mirage test prompt), 'train' (Mirage train prompt) or 'short' (the map and the answer "
                 "instruction only); use the prompt the model was trained on."})
@@ -52,16 +59,50 @@ class EvalArguments:
         "help": "Continue a killed run from its per-sample journal (samples.partial.jsonl) when its settings match."})
 
     def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.task == "describe" and self.latent_mode not in (None, "none"):
+            raise ValueError(f"task describe has no latent block; latent_mode={self.latent_mode!r} would not be used: "
+                             "leave it unset")
         if self.prompt not in vsp.PROMPTS:
             raise ValueError(f"prompt must be one of {sorted(vsp.PROMPTS)}, got {self.prompt!r}")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {self.batch_size}, {self.max_new_tokens}")
 
 
-def summarize(samples: list[dict], benchmark: str) -> dict:
-    """Accuracy (official and strict) and invalid rate, overall and per level."""
+TASKS = ("plan", "describe")
+
+
+def score_table(map_desc: list[list[int]], text: str) -> dict:
+    """Score a describe-task answer against the map: the answer's lines are the map's rows, its whitespace-separated
+    symbols the cells (``@`` player, ``*`` goal, ``#`` hole, ``_`` safe, as :func:`vsp.map_to_text` writes them).
+
+    Returns ``table_exact`` (the whole table, nothing more or less), ``cells_right`` of ``n_cells`` (a missing
+    cell counts wrong), ``player_found`` and ``goal_found`` (``@`` / ``*`` at the true cell).
+    """
+    want = [row.split() for row in vsp.map_to_text(map_desc).split("\n")]
+    got = [line.split() for line in text.strip().split("\n")]
+
+    def at(r: int, c: int) -> str | None:
+        return got[r][c] if r < len(got) and c < len(got[r]) else None
+
+    cells = [(r, c) for r in range(len(want)) for c in range(len(want[r]))]
+    right = sum(at(r, c) == want[r][c] for r, c in cells)
+    found = {sym: any(want[r][c] == sym and at(r, c) == sym for r, c in cells) for sym in "@*"}
+    return {"table_exact": got == want, "cells_right": right, "n_cells": len(cells),
+            "player_found": found["@"], "goal_found": found["*"]}
+
+
+def summarize(samples: list[dict], benchmark: str, task: str = "plan") -> dict:
+    """Per level and overall: accuracy (official and strict) and invalid rate (``task`` plan), or the rates of
+    exact tables, right cells, found player and found goal (``task`` describe)."""
     def stats(rows):
         n = len(rows)
+        if task == "describe":
+            return {"n": n, "table_exact": sum(r["table_exact"] for r in rows) / n,
+                    "cell_accuracy": sum(r["cells_right"] for r in rows) / sum(r["n_cells"] for r in rows),
+                    "player_found": sum(r["player_found"] for r in rows) / n,
+                    "goal_found": sum(r["goal_found"] for r in rows) / n}
         return {"n": n, "accuracy": sum(r["success"] for r in rows) / n,
                 "accuracy_strict": sum(r["success_strict"] for r in rows) / n,
                 "invalid_rate": sum(r["verdict"] == "invalid" for r in rows) / n}
@@ -69,27 +110,32 @@ def summarize(samples: list[dict], benchmark: str) -> dict:
     by_level = defaultdict(list)
     for r in samples:
         by_level[str(r["level"])].append(r)
-    return {"benchmark": benchmark, **stats(samples),
+    return {"benchmark": benchmark, "task": task, **stats(samples),
             "by_level": {lvl: stats(rows) for lvl, rows in sorted(by_level.items(), key=lambda x: int(x[0]))}}
 
 
+#: task -> the two (report key, label) pairs plotted per level
+BARS = {"plan": (("accuracy", "official (VSP)"), ("accuracy_strict", "strict (Mirage)")),
+        "describe": (("table_exact", "exact table"), ("cell_accuracy", "cells right"))}
+
+
 def plot_by_level(report: dict, path: str | os.PathLike, title: str) -> None:
-    """Bar chart of official and strict accuracy per level, saved atomically as PNG."""
+    """Bar chart per level, saved atomically as PNG: official and strict accuracy (task plan) or exact tables and
+    right cells (task describe)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     levels = list(report["by_level"])
-    acc = [report["by_level"][lv]["accuracy"] for lv in levels]
-    strict = [report["by_level"][lv]["accuracy_strict"] for lv in levels]
+    (k1, l1), (k2, l2) = BARS[report.get("task", "plan")]
     x = range(len(levels))
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar([i - 0.2 for i in x], acc, 0.4, label="official (VSP)")
-    ax.bar([i + 0.2 for i in x], strict, 0.4, label="strict (Mirage)")
+    ax.bar([i - 0.2 for i in x], [report["by_level"][lv][k1] for lv in levels], 0.4, label=l1)
+    ax.bar([i + 0.2 for i in x], [report["by_level"][lv][k2] for lv in levels], 0.4, label=l2)
     ax.set_xticks(list(x), [f"level {lv}\n({report['by_level'][lv]['n']} maps)" for lv in levels])
     ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel("rate")
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
@@ -106,7 +152,8 @@ def evaluate(args: EvalArguments, model=None, processor=None) -> dict:
     processor = processor if processor is not None else load_processor(args.model)
     model.eval()
     has_latent = getattr(model.config, "latent_token_ids", None) is not None
-    mode = args.latent_mode or getattr(model.config, "latent_mode", None)
+    describe = args.task == "describe"
+    mode = "none" if describe else args.latent_mode or getattr(model.config, "latent_mode", None)
     if mode is None and not has_latent:
         raise ValueError(f"{args.model}: the checkpoint has no latent tokens and records no latent_mode; pass "
                          "--latent_mode none to evaluate it as a plain VLM, or evaluate a Mirage stage output")
@@ -117,7 +164,7 @@ def evaluate(args: EvalArguments, model=None, processor=None) -> dict:
     maps = vsp.load_benchmark(args.benchmark_dir, args.levels)
     if args.limit is not None:
         maps = maps[: args.limit]
-    prompt_text = vsp.PROMPTS[args.prompt]
+    prompt_text = vsp.DESCRIBE_PROMPT if describe else vsp.PROMPTS[args.prompt]
     messages = vsp.to_messages(prompt_text)
     collator = LatentCollator(processor, tokens, latent_mode=mode, with_answer=False)
     out_dir = Path(args.output_dir)
@@ -132,15 +179,19 @@ def evaluate(args: EvalArguments, model=None, processor=None) -> dict:
         out = generate(model, processor, batch, max_new_tokens=args.max_new_tokens, latent_mode=mode)
         rows = []
         for m, text in zip(chunk, out.texts):
-            s = score_plan(m.map_desc, text)
-            rows.append({"prompt_id": m.prompt_id, "level": m.level, "completion": text,
-                         "plan": s.plan, "verdict": s.verdict, "success": s.success,
-                         "success_strict": s.success_strict})
+            row = {"prompt_id": m.prompt_id, "level": m.level, "completion": text}
+            if describe:
+                row.update(score_table(m.map_desc, text))
+            else:
+                s = score_plan(m.map_desc, text)
+                row.update({"plan": s.plan, "verdict": s.verdict, "success": s.success,
+                            "success_strict": s.success_strict})
+            rows.append(row)
         journal.append(rows)
         samples += rows
         bar.update(len(chunk))
     bar.close()
-    report = summarize(samples, benchmark=str(args.benchmark_dir))
+    report = summarize(samples, benchmark=str(args.benchmark_dir), task=args.task)
     report.update({"model": str(args.model), "latent_mode": mode, "max_new_tokens": args.max_new_tokens,
                    "resumed_at": journal.resumed_at})
     atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
@@ -159,7 +210,7 @@ def run_identity(args: EvalArguments, mode: str, n_maps: int) -> dict:
     weights = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in Path(args.model).glob("*.safetensors"))
     return {"model": str(args.model), "weights": [list(w) for w in weights], "benchmark_dir": str(args.benchmark_dir),
             "latent_mode": mode, "levels": args.levels, "n_maps": n_maps, "batch_size": args.batch_size,
-            "max_new_tokens": args.max_new_tokens, "prompt": args.prompt}
+            "max_new_tokens": args.max_new_tokens, "prompt": args.prompt, "task": args.task}
 
 
 class Journal:
@@ -219,6 +270,12 @@ class Journal:
 
 def format_table(report: dict) -> str:
     """A short text table of the report (printed by the CLI)."""
+    if report.get("task") == "describe":
+        keys = ("table_exact", "cell_accuracy", "player_found", "goal_found")
+        lines = [f"{'level':>6} {'n':>5} " + " ".join(f"{k:>13}" for k in keys)]
+        for lv, s in [*report["by_level"].items(), ("all", report)]:
+            lines.append(f"{lv:>6} {s['n']:>5} " + " ".join(f"{s[k]:>13.3f}" for k in keys))
+        return "\n".join(lines)
     lines = [f"{'level':>6} {'n':>5} {'acc':>7} {'strict':>7} {'invalid':>8}"]
     for lv, s in report["by_level"].items():
         lines.append(f"{lv:>6} {s['n']:>5} {s['accuracy']:>7.3f} {s['accuracy_strict']:>7.3f} {s['invalid_rate']:>8.3f}")

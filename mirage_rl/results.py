@@ -17,7 +17,8 @@ What runs, in order (each step a ``python -m mirage_rl ...`` subprocess, its out
 1. the data: ``build-data`` of ``data_config`` (the plan task) and ``pretrain_data_config`` (the perception task);
 2. one base model shared by every arm and seed, like a released VLM: ``create-model`` (``{variant}_model.yaml``) then
    perception pretraining (``{variant}_pretrain.yaml``: image -> map table, the vision tower trained; every later
-   stage keeps it frozen, as Mirage does);
+   stage keeps it frozen, as Mirage does), then ``eval --task describe`` of it (how well the base model reads a
+   test map: exact tables, right cells, player and goal found, per level);
 3. per seed, the runs of the selected arms (shared runs once) with ``--seed S``, then ``eval`` of each arm's last run
    (``{variant}_eval.yaml``).
 
@@ -164,6 +165,10 @@ def plan(args: ResultsArguments) -> list[Step]:
         Step("base/pretrained", ["sft", "--config", recipe(args, "pretrain"), "--model_name_or_path", str(base_model),
                                  "--dataset_path", pre_data, "--output_dir", str(base)],
              ["base/model", "data/describe"], f"{base}/model.safetensors"),
+        Step("base/eval_describe", ["eval", "--config", recipe(args, "eval"), "--task", "describe", "--model", str(base),
+                                    "--benchmark_dir", args.benchmark_dir, "--max_new_tokens", "64",
+                                    "--output_dir", str(base / "eval_describe")],
+             ["base/pretrained"], f"{base}/eval_describe/report.json"),
     ]
     for seed in args.seeds:
         for run in runs_of(args.arms):
@@ -350,7 +355,9 @@ def collect(args: ResultsArguments, log: StepLog, chance: dict, focus=("3", "4")
                                 "focus_p_value": binomial_tail(k, n, p0) if n else None,
                                 "wall_s": sum(walls) if None not in walls else None}
         arms[arm] = {"label": ARMS[arm][0], "runs": runs, "seeds": seeds}
-    return {"arms": arms, "chance": chance, "focus_levels": list(focus)}
+    perception = root / "base" / "pretrained" / "eval_describe" / "report.json"
+    return {"arms": arms, "chance": chance, "focus_levels": list(focus),
+            "perception": json.loads(perception.read_text()) if perception.exists() else None}
 
 
 def machine() -> dict:
@@ -438,6 +445,14 @@ def format_report(res: dict, args: ResultsArguments, log: StepLog) -> str:
             cells.append(f"{r['focus_accuracy']:.3f} (p = {r['focus_p_value']:.1e})")
             sig += r["focus_p_value"] < SIGNIFICANCE
         out.append(f"| {a['label']} | " + " | ".join(cells) + f" | {sig}/{len(a['seeds'])} |")
+    if res.get("perception"):
+        per = res["perception"]
+        keys = (("table_exact", "exact table"), ("cell_accuracy", "cells right"), ("player_found", "player found"),
+                ("goal_found", "goal found"))
+        out += ["", "### Base model perception: describe task (image -> map table), greedy, same test maps", "",
+                "| level | maps | " + " | ".join(label for _, label in keys) + " |", "|---|---|" + "---|" * len(keys)]
+        for lv, st in per["by_level"].items():
+            out.append(f"| {lv} | {st['n']} | " + " | ".join(f"{st[k]:.2f}" for k, _ in keys) + " |")
     out += ["", "### Paired differences (same seed), levels 3-4, official rule", ""]
     pairs = [("mirage", "direct_sft"), ("dummy_latent", "mirage"), ("mirage_grpo", "mirage"),
              ("direct_sft_grpo", "direct_sft"), ("mirage_grpo", "direct_sft_grpo")]

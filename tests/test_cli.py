@@ -1,6 +1,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from mirage_rl.cli import main
 
 
@@ -16,6 +18,38 @@ def test_eval_writes_report_samples_and_plot(tiny_dir, vsp_dir, tmp_path, capsys
     assert len(lines) == 150 and set(lines[0]) >= {"prompt_id", "completion", "plan", "verdict"}
     assert (out / "accuracy_by_level.png").read_bytes()[:4] == b"\x89PNG"
     assert "all" in capsys.readouterr().out
+
+
+def test_eval_describe_task_scores_the_map_table(tiny_dir, vsp_dir, tmp_path, capsys):
+    from mirage_rl.data import vsp
+    from mirage_rl.evaluation import EvalArguments, score_table, summarize
+
+    desc = [[0, -1, 0], [1, 0, 0], [0, 0, 2]]
+    assert vsp.map_to_text(desc) == "_ # _\n@ _ _\n_ _ *"
+    assert score_table(desc, "_ # _\n@ _ _\n_ _ *\n") == {"table_exact": True, "cells_right": 9, "n_cells": 9,
+                                                            "player_found": True, "goal_found": True}
+    # a wrong cell, a missing row: counted wrong, the rest still scored by position
+    s = score_table(desc, "_ _ _\n@ _ _")
+    assert (s["table_exact"], s["cells_right"], s["player_found"], s["goal_found"]) == (False, 5, True, False)
+    assert score_table(desc, "@ # _\n_ _ _\n_ _ *")["player_found"] is False
+    rep = summarize([{"level": 3, **score_table(desc, t)} for t in ("_ # _\n@ _ _\n_ _ *", "_ _ _\n@ _ _")], "vsp", "describe")
+    assert rep["by_level"]["3"] == {"n": 2, "table_exact": 0.5, "cell_accuracy": 14 / 18, "player_found": 1.0,
+                                    "goal_found": 0.5}
+    with pytest.raises(ValueError, match="task must be one of"):
+        EvalArguments(model="m", task="draw")
+    with pytest.raises(ValueError, match="task describe has no latent block"):
+        EvalArguments(model="m", task="describe", latent_mode="hidden")
+
+    out = tmp_path / "describe"
+    assert main(["eval", "--task", "describe", "--model", str(tiny_dir), "--benchmark_dir", str(vsp_dir / "maze_planning"),
+                 "--output_dir", str(out), "--levels", "4", "--limit", "6", "--max_new_tokens", "16"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["task"] == "describe" and report["by_level"]["4"]["n"] == 6
+    assert 0 <= report["cell_accuracy"] <= 1 and "accuracy" not in report
+    lines = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    maps = {m.prompt_id: m.map_desc for m in vsp.load_benchmark(vsp_dir / "maze_planning", [4])}
+    assert all(x["n_cells"] == 16 and x == {**x, **score_table(maps[x["prompt_id"]], x["completion"])} for x in lines)
+    assert "cell_accuracy" in capsys.readouterr().out
 
 
 

@@ -38,9 +38,12 @@ def test_plan_shares_runs_and_chains_each_arm(tmp_path):
     assert steps["seed0/dummy_latent"].needs[-1] == "seed0/stage1"
     assert steps["seed0/grpo"].argv[0] == "grpo" and steps["seed0/grpo"].needs[-1] == "seed0/stage2"
     assert steps["seed0/direct_sft"].needs[-1] == "base/pretrained"
+    # the base model's perception is measured once, on the test maps, with the describe task
+    desc = steps["base/eval_describe"]
+    assert desc.needs == ["base/pretrained"] and desc.argv[desc.argv.index("--task") + 1] == "describe"
     # every run gets its seed, every arm one evaluation per seed
     assert all(s.argv[s.argv.index("--seed") + 1] == k[4] for k, s in steps.items() if k.startswith("seed") and "eval_" not in k)
-    assert sum("/eval_" in k for k in steps) == 2 * len(results.ARMS)
+    assert sum(k.startswith("seed") and "/eval_" in k for k in steps) == 2 * len(results.ARMS)
     # each step appears after what it needs
     order = list(steps)
     assert all(order.index(n) < order.index(k) for k, s in steps.items() for n in s.needs)
@@ -127,6 +130,11 @@ def test_report_tables_figure_and_kept_text(tmp_path, small_dataset_dir, vsp_dir
             for key in (f"seed{seed}/{run}", f"seed{seed}/stage1"):
                 log.record(results.Step(key, ["sft", "--seed", str(seed)], [], ""), 60.0, 1)
     Path(a.report).write_text(f"# Results\n\nintro kept\n\n{results.BEGIN}\nold\n{results.END}\n\nreading kept\n")
+    per = Path(a.output_root) / "base/pretrained/eval_describe"
+    per.mkdir(parents=True)
+    per_rows = [{"level": m.level, "table_exact": i % 2 == 0, "cells_right": 3, "n_cells": 4, "player_found": True,
+                 "goal_found": i % 4 == 0} for i, m in enumerate(maps)]
+    (per / "report.json").write_text(json.dumps(summarize(per_rows, "vsp", "describe")))
     res = results.write_report(a, log)
     text = Path(a.report).read_text()
     assert text.startswith("# Results\n\nintro kept\n") and text.rstrip().endswith("reading kept") and "\nold\n" not in text
@@ -139,6 +147,7 @@ def test_report_tables_figure_and_kept_text(tmp_path, small_dataset_dir, vsp_dir
     assert row.split(" | ")[2] == f"{m:.3f} ± {sd:.3f}"
     # the paired difference and the per-seed p-values are computed, the wall time sums the arm's runs
     assert "Mirage (stage 1 -> 2) minus Direct SFT" in text
+    assert "| 4 | 100 | 0.50 | 0.75 | 1.00 | 0.25 |" in text  # the base model's perception table
     seed0 = res["arms"]["direct_sft"]["seeds"]["0"]
     assert seed0["focus_n"] == 200 and 0 <= seed0["focus_p_value"] < 1e-6  # skill 0.5 is far above chance
     assert res["arms"]["mirage"]["seeds"]["0"]["wall_s"] == 120.0
