@@ -13,6 +13,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from .data.images import TINY_MAX_PIXELS, TINY_MIN_PIXELS
 from .recipe import RecipeError, parse
 
 USAGE = """usage: mirage-rl <command> [--config FILE.yaml] [--key value ...]
@@ -41,8 +42,9 @@ class CreateModelArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the random weights."})
     rope_theta: float = field(default=10000.0, metadata={
         "help": "Base of the rotary embedding (10 lets a small model tell the map's columns apart)."})
-    min_pixels: int = field(default=164 * 164, metadata={"help": "Image processor's smallest image area (pixels)."})
-    max_pixels: int = field(default=172 * 172, metadata={
+    min_pixels: int = field(default=TINY_MIN_PIXELS, metadata={
+        "help": "Image processor's smallest image area (pixels)."})
+    max_pixels: int = field(default=TINY_MAX_PIXELS, metadata={
         "help": "Image processor's largest image area (pixels): images are resized to a multiple of 28 px per side "
                 "within it. Give a square a little above the side you want (113*113 = 12769 for 112 px: "
                 "the processor rounds the side down)."})

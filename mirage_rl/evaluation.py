@@ -59,8 +59,8 @@ class EvalArguments:
         "help": "Continue a killed run from its per-sample journal (samples.partial.jsonl) when its settings match."})
 
     def __post_init__(self):
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.task not in vsp.TASKS:
+            raise ValueError(f"task must be one of {vsp.TASKS}, got {self.task!r}")
         if self.task == "describe" and self.latent_mode not in (None, "none"):
             raise ValueError(f"task describe has no latent block; latent_mode={self.latent_mode!r} would not be used: "
                              "leave it unset")
@@ -68,9 +68,6 @@ class EvalArguments:
             raise ValueError(f"prompt must be one of {sorted(vsp.PROMPTS)}, got {self.prompt!r}")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {self.batch_size}, {self.max_new_tokens}")
-
-
-TASKS = ("plan", "describe")
 
 
 def score_table(map_desc: list[list[int]], text: str) -> dict:

@@ -22,6 +22,7 @@ import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
 from .atomic import atomic_directory, recover_directory
+from .data.images import TINY_MAX_PIXELS, TINY_MIN_PIXELS
 from .lora import is_adapter_dir, load_adapter_model
 
 logger = logging.getLogger(__name__)
@@ -47,8 +48,6 @@ QWEN2_5_VL_CHAT_TEMPLATE = (
     "{% elif content['text'] is not none %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-# Every VSP map (192..384 px square) becomes 168x168 px = 12x12 patches = 6x6 merged visual tokens.
-TINY_MIN_PIXELS, TINY_MAX_PIXELS = 164 * 164, 172 * 172
 
 
 class MirageProcessor(Qwen2_5_VLProcessor):

@@ -75,8 +75,8 @@ class BuildDataArguments:
     def __post_init__(self):
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.task not in vsp.TASKS:
+            raise ValueError(f"task must be one of {vsp.TASKS}, got {self.task!r}")
         if self.prompt not in vsp.PROMPTS:
             raise ValueError(f"prompt must be one of {sorted(vsp.PROMPTS)}, got {self.prompt!r}")
         if self.source == "mirage_jsonl" and not self.jsonl:
@@ -84,7 +84,6 @@ class BuildDataArguments:
 
 
 SOURCES = ("vsp", "mirage_jsonl")
-TASKS = ("plan", "describe")
 MAX_REPORTED_REASONS = 5
 
 

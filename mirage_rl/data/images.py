@@ -13,6 +13,9 @@ from PIL import Image, UnidentifiedImageError
 #: An image whose area exceeds the processor's ``max_pixels`` budget by more than this factor is refused:
 #: the processor would shrink it more than 4x per side, silently erasing the detail the task depends on.
 MAX_DOWNSCALE_AREA = 16.0
+#: The tiny offline model's image processor bounds (pixels): every VSP map (192..384 px square) becomes
+#: 168x168 px = 12x12 patches = 6x6 merged visual tokens (``create-model --min_pixels/--max_pixels`` change them).
+TINY_MIN_PIXELS, TINY_MAX_PIXELS = 164 * 164, 172 * 172
 
 
 def open_image(path: str | Path, where: str | None = None) -> Image.Image:

@@ -66,6 +66,9 @@ SHORT_PROMPT = "Here is the map: <image>\n\nPlease provide your action plan.\n T
 DESCRIBE_PROMPT = "Here is the map: <image>\n\nDescribe the map as a table: one row per line, @ player, * goal, # hole, _ safe."
 #: The prompts by name (``prompt:`` of ``build-data`` and ``eval``).
 PROMPTS = {"train": TRAIN_PROMPT, "test": TEST_PROMPT, "short": SHORT_PROMPT}
+#: The tasks on a map (``task:`` of ``build-data`` and ``eval``): ``plan`` (the VSP task) or ``describe``
+#: (perception: the map as a table, ``DESCRIBE_PROMPT`` / :func:`map_to_text`).
+TASKS = ("plan", "describe")
 #: Where the latent block goes in an answer (Mirage's own marker for the helper image).
 LATENT_MARKER = "<output_image>"
 
