@@ -1,69 +1,129 @@
 """Atomic writes: a file or a folder appears complete or not at all (write to a temp sibling, then rename).
 
-A process killed mid-write leaves the previous version in place and, at worst, a hidden temp sibling.
+A process killed mid-write leaves the previous version in place and, at worst, a hidden temp sibling. Written
+files and folders get the modes the user's umask gives (``0644`` / ``0755`` under umask 022), not the private
+modes of ``tempfile``. A folder save replaces only what the same group of commands wrote there before
+(:mod:`mirage_rl.outputs`); everything else in the folder is kept.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from .outputs import MANIFEST, group_of, merged_manifest, read_manifest, write_manifest
+
+
+def umask() -> int:
+    """The process umask, read without changing it where Linux tells it (``/proc/self/status``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(root: str | os.PathLike) -> None:
+    """Give ``root`` and everything under it the modes the umask gives new files (``0666 & ~umask``, executables and
+    folders ``0777 & ~umask``): some writers (safetensors, ``tempfile``) create private ``0600`` files, and results
+    on a shared machine must be readable by the collaborators the umask admits."""
+    mask = umask()
+    root = Path(root)
+    paths = [root] + (list(root.rglob("*")) if root.is_dir() else [])
+    for p in paths:
+        if p.is_symlink():
+            continue
+        full = 0o777 if (p.is_dir() or os.access(p, os.X_OK)) else 0o666
+        try:
+            os.chmod(p, full & ~mask)
+        except OSError:
+            pass
+
+
+def _tmp_name(path: Path, tag: str | None = None) -> Path:
+    return path.with_name(f".{path.name}.tmp-{tag or f'{os.getpid()}-{secrets.token_hex(4)}'}")
+
+
+def make_temp_dir(path: str | os.PathLike, tag: str | None = None) -> Path:
+    """Create the hidden temp folder ``.NAME.tmp-TAG`` beside ``path`` with the umask's mode (``tempfile.mkdtemp``
+    would make it 0700, and it becomes the output)."""
+    tmp = _tmp_name(Path(path), tag)
+    tmp.mkdir(parents=True, mode=0o777)
+    return tmp
+
 
 @contextmanager
-def atomic_directory(path: str | os.PathLike, keep: tuple[str, ...] = ()):
-    """Yield a temp folder beside ``path``; on success it replaces ``path`` (:func:`commit_directory`).
+def atomic_directory(path: str | os.PathLike, group: str, run: dict | None = None, command: str | None = None):
+    """Yield a temp folder beside ``path``; on success it replaces ``path`` (:func:`commit_directory`): the entries
+    ``group`` wrote there before are replaced by the new ones, every other entry is kept.
 
-    Children of the old ``path`` matching a glob in ``keep`` (e.g. ``checkpoint-*``) are moved into the new one
-    (each move is a rename); the rest of the old folder is removed. A kill between the renames leaves the old
-    folder as a hidden ``.NAME.old-PID`` sibling, which :func:`recover_directory` (run first here, and by the
-    loaders) puts back.
+    A kill between the renames leaves the old folder as a hidden ``.NAME.old-PID`` sibling, which
+    :func:`recover_directory` (run first here, and by the loaders) puts back.
     """
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    recover_directory(out, keep)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    recover_directory(out)
+    tmp = make_temp_dir(out)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    commit_directory(tmp, out, keep)
+    commit_directory(tmp, out, group, run=run, command=command)
 
 
 def temp_sibling(path: str | os.PathLike, tag: str) -> Path:
     """``.NAME.tmp-TAG`` beside ``path``: a temp folder whose name every rank of a distributed job can compute
     (a collective save writes into it from several processes; :func:`recover_directory` removes it if left)."""
-    out = Path(path)
-    return out.with_name(f".{out.name}.tmp-{tag}")
+    return _tmp_name(Path(path), tag)
 
 
-def commit_directory(tmp: str | os.PathLike, path: str | os.PathLike, keep: tuple[str, ...] = ()) -> None:
-    """Replace ``path`` with the finished folder ``tmp`` (two renames), moving the children of the old ``path`` that
-    match ``keep`` into it. One process only."""
+def commit_directory(tmp: str | os.PathLike, path: str | os.PathLike, group: str, run: dict | None = None,
+                     command: str | None = None) -> None:
+    """Replace ``path`` with the finished folder ``tmp`` (two renames). One process only.
+
+    ``tmp`` holds what a save of ``group`` wrote. The manifest written into it lists those entries under ``group``
+    and keeps the old manifest's other entries; after the swap every child of the old folder is moved into the new
+    one unless the new save wrote the same name or it is a stale entry of ``group`` (listed by the old manifest,
+    not rewritten). Children the old manifest does not list (a user's files, nested outputs) are always kept.
+    """
     out, tmp = Path(path), Path(tmp)
+    old_manifest = read_manifest(out) if out.is_dir() else {"entries": {}}
+    names = [c.name for c in tmp.iterdir()]
+    write_manifest(tmp, merged_manifest(old_manifest, group, names, run=run, command=command))
+    apply_umask(tmp)
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
         out.rename(old)
     tmp.rename(out)
     if old.exists():
-        _move_kept(old, out, keep)
+        _move_kept(old, out)
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _move_kept(src: Path, dst: Path, keep: tuple[str, ...]) -> None:
-    for pattern in keep:
-        for child in src.glob(pattern):
-            if not (dst / child.name).exists():
-                try:
-                    child.rename(dst / child.name)
-                except FileNotFoundError:  # another process (rank) moved it first
-                    pass
+def _move_kept(src: Path, dst: Path) -> None:
+    """Move the children of the old folder ``src`` that the new folder ``dst`` keeps (see :func:`commit_directory`)."""
+    old_manifest, new_manifest = read_manifest(src), read_manifest(dst)
+    for child in src.iterdir():
+        name = child.name
+        if name == MANIFEST or (dst / name).exists():
+            continue
+        if group_of(name, old_manifest) is not None and group_of(name, new_manifest) is None:
+            continue  # a stale entry the same group wrote before: replaced by this save
+        try:
+            child.rename(dst / name)
+        except FileNotFoundError:  # another process (rank) moved it first
+            pass
 
 
-def recover_directory(path: str | os.PathLike, keep: tuple[str, ...] = ("checkpoint-*",)) -> None:
+def recover_directory(path: str | os.PathLike) -> None:
     """Repair what a kill during :func:`atomic_directory` can leave beside ``path``.
 
     * ``path`` missing and a ``.NAME.old-*`` sibling present (killed between the two renames): the old version
@@ -83,7 +143,7 @@ def recover_directory(path: str | os.PathLike, keep: tuple[str, ...] = ("checkpo
             except (FileNotFoundError, OSError):  # another rank repaired it first (rename onto a full folder fails)
                 pass
             continue
-        _move_kept(old, out, keep)
+        _move_kept(old, out)
         shutil.rmtree(old, ignore_errors=True)
     for tmp in out.parent.glob(f".{out.name}.tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
@@ -95,9 +155,9 @@ def atomic_save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> None:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    tmp = _tmp_name(path)
     try:
-        fig.savefig(tmp, dpi=dpi)
+        fig.savefig(tmp, dpi=dpi, format="png")
         os.replace(tmp, path)
     finally:
         plt.close(fig)
@@ -105,14 +165,16 @@ def atomic_save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``."""
+    """Write ``text`` (UTF-8) to ``path`` via a temp file in the same folder and ``os.replace``; the file gets the
+    umask's mode."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    tmp = _tmp_name(path)
     try:
-        with os.fdopen(fd, "w") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise

@@ -1,8 +1,10 @@
 """The ``mirage-rl`` command: ``build-data``, ``create-model``, ``sft``, ``grpo``, ``eval``, ``pipeline``, ``results``.
 
 Every sub-command is parsed by ``trl.TrlParser`` after :func:`mirage_rl.recipe.check_recipe`: ``--config
-file.yaml`` sets values (an unknown key or a value of the wrong type is an error naming the file, printed
-without a traceback, exit code 2), the command line overrides them.
+file.yaml`` sets values, the command line overrides them. Errors (:mod:`mirage_rl.errors`): a user error (a bad
+option, recipe, file, row or output folder) prints one line ``mirage-rl CMD: error: ...`` without a traceback and
+exits 2 (options and recipes) or 1 (everything found later); ``--debug`` anywhere on the command line, or
+``MIRAGE_RL_DEBUG=1``, shows the traceback. Internal errors keep their traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from dataclasses import dataclass, field
 
 from .data.images import TINY_MAX_PIXELS, TINY_MIN_PIXELS
+from .errors import is_no_space, is_user_error, no_space_message
 from .recipe import RecipeError, parse
 
 USAGE = """usage: mirage-rl <command> [--config FILE.yaml] [--key value ...]
@@ -27,7 +30,24 @@ commands:
   pipeline      stage 1 -> stage 2 -> GRPO -> eval from one recipe folder, with a summary table
   results       the controlled comparison of docs/RESULTS.md (data, base model, arms x seeds, eval, report)
   export        merge a LoRA adapter (a stage trained with use_peft: true) into a full checkpoint
+
+`mirage-rl <command> --help` lists a command's options; --debug shows the traceback of an error.
 """
+
+#: what ``mirage-rl CMD`` without arguments prints, for the commands that need a recipe or a model
+COMMAND_USAGE = {
+    "sft": "usage: mirage-rl sft --config RECIPE.yaml [--key value ...]\n"
+           "  train Mirage stage 1 or 2 (or Direct SFT / dummy latents), e.g.\n"
+           "  mirage-rl sft --config recipes/vsp_spatial_planning/stage1_tiny.yaml",
+    "grpo": "usage: mirage-rl grpo --config RECIPE.yaml [--key value ...]\n"
+            "  GRPO with latent-interleaved rollouts, e.g.\n"
+            "  mirage-rl grpo --config recipes/vsp_spatial_planning/grpo_tiny.yaml",
+    "eval": "usage: mirage-rl eval --model MODEL_DIR [--benchmark_dir DIR] [--output_dir DIR] [--key value ...]\n"
+            "  evaluate a checkpoint on a VSP folder, e.g.\n"
+            "  mirage-rl eval --model outputs/demo/grpo --output_dir outputs/demo/grpo/eval",
+    "export": "usage: mirage-rl export --adapter_dir ADAPTER_DIR --output_dir DIR [--dtype bfloat16]\n"
+              "  merge a LoRA adapter into a full checkpoint",
+}
 
 
 @dataclass
@@ -48,6 +68,8 @@ class CreateModelArguments:
         "help": "Image processor's largest image area (pixels): images are resized to a multiple of 28 px per side "
                 "within it. Give a square a little above the side you want (113*113 = 12769 for 112 px: "
                 "the processor rounds the side down)."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Write into an output_dir holding entries no mirage-rl run wrote (they are kept, never deleted)."})
 
 
 @dataclass
@@ -58,21 +80,42 @@ class ExportArguments:
     output_dir: str = field(metadata={"help": "Where the merged full checkpoint (safetensors + processor) goes."})
     dtype: str = field(default="float32", metadata={"help": "Weights dtype of the export: float32 or bfloat16."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the base checkpoint."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Write into an output_dir holding entries no mirage-rl run wrote (they are kept, never deleted)."})
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("MIRAGE_RL_DEBUG", "").lower() in ("1", "true", "yes")
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
     cmd, rest = argv[0], argv[1:]
+    if not rest and cmd in COMMAND_USAGE:
+        print(f"{COMMAND_USAGE[cmd]}\n  `mirage-rl {cmd} --help` lists every option", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     try:
         return _run(cmd, rest)
-    except RecipeError as e:  # a mistake in a recipe: the message says which file and key, no traceback
-        print(f"mirage-rl {cmd}: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        if debug or not is_user_error(e):
+            raise  # an internal error (or --debug): the traceback is the report
+        print(f"mirage-rl {cmd}: error: {user_message(e)}", file=sys.stderr)
+        return 2 if isinstance(e, RecipeError) else 1
+
+
+def user_message(e: BaseException) -> str:
+    """The one line a user error prints (a full disk is said in those words, with the path)."""
+    if is_no_space(e):
+        return e.strerror if isinstance(e, OSError) and e.strerror and "no space" in e.strerror else no_space_message(e)
+    if isinstance(e, OSError) and e.filename is None and e.strerror and e.errno is not None and not e.args[1:]:
+        return e.strerror
+    return str(e).strip().replace("\n", " ")
+
+
+COMMANDS = ("build-data", "create-model", "sft", "grpo", "eval", "pipeline", "results", "export")
 
 
 def _run(cmd: str, rest: list[str]) -> int:
@@ -85,11 +128,14 @@ def _run(cmd: str, rest: list[str]) -> int:
     elif cmd == "create-model":
         from .modeling import create_tiny_model
 
+        from .outputs import output_dir_guard
+
         (args,) = parse((CreateModelArguments,), rest)
-        model, processor = create_tiny_model(args.output_dir, latent_size=args.latent_size, hidden_size=args.hidden_size,
-                                             num_layers=args.num_layers, vocab_size=args.vocab_size, seed=args.seed,
-                                             rope_theta=args.rope_theta, min_pixels=args.min_pixels,
-                                             max_pixels=args.max_pixels)
+        with output_dir_guard(args.output_dir, "model", args.overwrite_output_dir):
+            model, processor = create_tiny_model(args.output_dir, latent_size=args.latent_size,
+                                                 hidden_size=args.hidden_size, num_layers=args.num_layers,
+                                                 vocab_size=args.vocab_size, seed=args.seed, rope_theta=args.rope_theta,
+                                                 min_pixels=args.min_pixels, max_pixels=args.max_pixels)
         n = sum(p.numel() for p in model.parameters())
         print(json.dumps({"output_dir": args.output_dir, "parameters": n, "vocab": len(processor.tokenizer),
                           "latent_token_ids": model.config.latent_token_ids}))
@@ -134,15 +180,17 @@ def _run(cmd: str, rest: list[str]) -> int:
 
         from .lora import export_merged
 
+        from .outputs import output_dir_guard
+
         (args,) = parse((ExportArguments,), rest)
         if args.dtype not in ("float32", "bfloat16", "float16"):
             raise RecipeError(f"dtype: {args.dtype!r} is not float32, bfloat16 or float16")
-        export_merged(args.adapter_dir, args.output_dir, dtype=getattr(torch, args.dtype),
-                      trust_remote_code=args.trust_remote_code)
+        with output_dir_guard(args.output_dir, "model", args.overwrite_output_dir):
+            export_merged(args.adapter_dir, args.output_dir, dtype=getattr(torch, args.dtype),
+                          trust_remote_code=args.trust_remote_code)
         print(json.dumps({"adapter_dir": args.adapter_dir, "output_dir": args.output_dir, "dtype": args.dtype}))
     else:
-        print(f"unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
-        return 2
+        raise RecipeError(f"unknown command {cmd!r}; commands: {', '.join(COMMANDS)} (`mirage-rl --help`)")
     return 0
 
 

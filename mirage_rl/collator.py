@@ -18,6 +18,18 @@ from .data.images import check_pixel_budget, pixel_budget
 from .data.vsp import LATENT_MARKER
 from .modeling import LatentTokens
 
+
+def max_chars_for(processor, max_length: int | None) -> int | None:
+    """The most UTF-8 bytes a text can have and still fit in ``max_length`` tokens: a token covers at most as many
+    bytes as the longest entry of the vocabulary, so a longer text is refused without tokenizing it (a 50 MB row
+    would exhaust memory in the tokenizer). None without ``max_length``."""
+    if max_length is None:
+        return None
+    tok = getattr(processor, "tokenizer", processor)
+    if not hasattr(tok, "_mirage_max_token_bytes"):
+        tok._mirage_max_token_bytes = max(len(t.encode("utf-8")) for t in tok.get_vocab()) or 1
+    return max_length * tok._mirage_max_token_bytes
+
 logger = logging.getLogger(__name__)
 
 LATENT_MODES = ("hidden", "dummy", "none")
@@ -84,6 +96,11 @@ class LatentCollator:
         if self.with_answer:
             answer = answer_text(example["answer"], self.latent_tokens, self.latent_mode)
             text = prompt + answer + "<|im_end|>"
+        limit = max_chars_for(self.processor, self.max_length)
+        if limit is not None and len(text.encode("utf-8")) > limit:
+            raise ValueError(f"{row}: {len(text)} characters cannot fit in max_length={self.max_length} tokens (refused "
+                             "before tokenizing); image tokens and the latent block are never cut: shorten the row or "
+                             "raise max_length")
         images = example["image"] if isinstance(example["image"], list) else [example["image"]]
         for im in images:
             check_pixel_budget(im, self.max_pixels, f"{row} image")
@@ -105,7 +122,7 @@ class LatentCollator:
                 labels[(ids == lt.pad) | (ids == lt.end)] = -100
             out["labels"] = labels
             n_blocks = int((ids == lt.start).sum()) if lt is not None and self.latent_mode != "none" else 0
-            if self.stage == 1:
+            if self.stage == 1 and n_blocks:  # a row without a latent block trains on CE alone: no helper image
                 helpers = example.get("helper_image")
                 helpers = [] if helpers is None else (helpers if isinstance(helpers, list) else [helpers])
                 if len(helpers) != n_blocks:

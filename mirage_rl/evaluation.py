@@ -29,6 +29,7 @@ from .data import vsp
 from .data.images import open_image
 from .generation import generate
 from .modeling import LatentTokens, load_model, load_processor
+from .outputs import output_dir_guard
 from .scoring import score_plan
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ class EvalArguments:
                 "instruction only); use the prompt the model was trained on."})
     resume: bool = field(default=True, metadata={
         "help": "Continue a killed run from its per-sample journal (samples.partial.jsonl) when its settings match."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Write into an output_dir holding entries no mirage-rl run wrote (they are kept, never deleted)."})
 
     def __post_init__(self):
         if self.task not in vsp.TASKS:
@@ -68,6 +71,10 @@ class EvalArguments:
             raise ValueError(f"prompt must be one of {sorted(vsp.PROMPTS)}, got {self.prompt!r}")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {self.batch_size}, {self.max_new_tokens}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 (the first N maps) or unset (all maps), got {self.limit}")
+        if self.levels is not None and (not self.levels or any(lv < 1 for lv in self.levels)):
+            raise ValueError(f"levels must be map levels >= 1 (3..8 in VSP), got {self.levels}")
 
 
 def score_table(map_desc: list[list[int]], text: str) -> dict:
@@ -140,13 +147,20 @@ def plot_by_level(report: dict, path: str | os.PathLike, title: str) -> None:
 
 
 def evaluate(args: EvalArguments, model=None, processor=None) -> dict:
-    """Evaluate and write the three outputs (module docstring); returns the report dict.
+    """Evaluate and write the three outputs (module docstring); returns the report dict. The output folder is checked
+    and locked first (:func:`mirage_rl.outputs.output_dir_guard`).
 
     Raises:
-        ValueError: ``latent_mode`` needs latent tokens the checkpoint lacks; FileNotFoundError: bad folder.
+        ValueError: ``latent_mode`` needs latent tokens the checkpoint lacks; FileNotFoundError: bad folder;
+        OutputDirError: an unusable output folder or one in use by another run.
     """
-    model = model if model is not None else load_model(args.model)
+    with output_dir_guard(args.output_dir, "eval", args.overwrite_output_dir):
+        return _evaluate(args, model, processor)
+
+
+def _evaluate(args: EvalArguments, model=None, processor=None) -> dict:
     processor = processor if processor is not None else load_processor(args.model)
+    model = model if model is not None else load_model(args.model)
     model.eval()
     has_latent = getattr(model.config, "latent_token_ids", None) is not None
     describe = args.task == "describe"
@@ -165,7 +179,7 @@ def evaluate(args: EvalArguments, model=None, processor=None) -> dict:
     messages = vsp.to_messages(prompt_text)
     collator = LatentCollator(processor, tokens, latent_mode=mode, with_answer=False)
     out_dir = Path(args.output_dir)
-    journal = Journal(out_dir / JOURNAL, run_identity(args, mode, len(maps)), resume=args.resume)
+    journal = Journal(out_dir / JOURNAL, run_identity(args, mode), resume=args.resume)
     samples = journal.resume(maps, args.batch_size)
     bar = tqdm(total=len(maps), initial=len(samples), desc=f"eval {Path(args.model).name} ({mode})", unit="map")
     for i in range(len(samples), len(maps), args.batch_size):
@@ -201,12 +215,13 @@ def evaluate(args: EvalArguments, model=None, processor=None) -> dict:
 JOURNAL = "samples.partial.jsonl"
 
 
-def run_identity(args: EvalArguments, mode: str, n_maps: int) -> dict:
+def run_identity(args: EvalArguments, mode: str) -> dict:
     """What must match for a journal to be continued: the settings that change any sample, and the weights
-    (names, sizes and modification times of the ``*.safetensors`` files)."""
+    (names, sizes and modification times of the ``*.safetensors`` files). ``limit`` is not one of them (the
+    journal's samples are checked to be the benchmark's first maps in order)."""
     weights = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in Path(args.model).glob("*.safetensors"))
     return {"model": str(args.model), "weights": [list(w) for w in weights], "benchmark_dir": str(args.benchmark_dir),
-            "latent_mode": mode, "levels": args.levels, "n_maps": n_maps, "batch_size": args.batch_size,
+            "latent_mode": mode, "levels": args.levels, "batch_size": args.batch_size,
             "max_new_tokens": args.max_new_tokens, "prompt": args.prompt, "task": args.task}
 
 
@@ -231,10 +246,14 @@ class Journal:
                 header = json.loads(lines[0])["run"] if lines else None
             except (json.JSONDecodeError, KeyError, TypeError):
                 header = None
-            if header is not None and header != self.identity:
+            has_samples = any(line.strip() for line in lines[1:])
+            if header is not None and header != self.identity and has_samples:
                 diff = sorted(k for k in set(header) | set(self.identity) if header.get(k) != self.identity.get(k))
+                detail = "; ".join(f"{k}: {header.get(k)!r} there, {self.identity.get(k)!r} now" for k in diff)
                 raise ValueError(f"{self.path}: a journal of an interrupted evaluation with other settings ({diff} "
-                                 "differ); delete it, use another output_dir, or pass --resume false")
+                                 f"differ: {detail}); delete it, use another output_dir, or pass --resume false")
+            if header != self.identity:  # a journal without samples, or of unknown settings: nothing to continue
+                lines = lines[:1]
             for line in lines[1:]:
                 try:
                     done.append(json.loads(line))

@@ -71,7 +71,8 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: floa
 def generate(model, processor, batch: dict, max_new_tokens: int = 64, latent_mode: str = "hidden",
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              generator: torch.Generator | list[torch.Generator] | None = None, return_logprobs: bool = False,
-             latent_sigma: float | None = None, suppress_token_ids: list[int] | None = None) -> GenerationOutput:
+             latent_sigma: float | None = None, suppress_token_ids: list[int] | None = None,
+             eos_token_ids: list[int] | None = None) -> GenerationOutput:
     """Decode a left-padded prompt batch (``LatentCollator(with_answer=False)`` or TRL's tokenized prompts).
 
     Args:
@@ -90,6 +91,8 @@ def generate(model, processor, batch: dict, max_new_tokens: int = 64, latent_mod
             are returned in ``latents`` (B, T, H) float32 (zero outside latent slots). Needs ``"hidden"``.
         suppress_token_ids: never sampled in text steps (e.g. image tokens). ``<|latent_pad|>`` and
             ``<|latent_end|>`` are never sampled in text steps either: they are only ever forced.
+        eos_token_ids: ids that end a row besides ``<|im_end|>`` and the pad token (GRPO's ``generation_kwargs``
+            ``eos_token_id``).
     Raises:
         ValueError: ``latent_mode`` is not ``"none"`` and the checkpoint has no latent tokens, or
             ``latent_sigma`` without ``latent_mode="hidden"``.
@@ -99,7 +102,8 @@ def generate(model, processor, batch: dict, max_new_tokens: int = 64, latent_mod
     device = model.get_input_embeddings().weight.device
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     tok = processor.tokenizer
-    eos = torch.tensor(sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id}), device=device)
+    eos = torch.tensor(sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id, *(eos_token_ids or [])}),
+                       device=device)
     lt = LatentTokens.from_config(model.config) if latent_mode != "none" else None
     k = lt.latent_size if lt else 0
     lm, head, embed = latent.language_model(model), model.get_output_embeddings(), model.get_input_embeddings()

@@ -18,9 +18,11 @@ from .sft import (
     load_train_split,
     peft_config_for,
     require_columns,
+    run_settings,
     save_final,
     split_name,
 )
+from .outputs import output_dir_guard, record
 from .trainers import MirageGRPOConfig, MirageGRPOTrainer
 from .trainers.checkpointing import resolve_resume
 
@@ -64,25 +66,29 @@ def run_grpo(script_args: GRPOScriptArguments, training_args: MirageGRPOConfig, 
     """
     import rewards
 
-    reward_funcs = rewards.load_reward_funcs(script_args.reward_funcs, script_args.reward_kwargs)
-    if training_args.reward_weights is not None and len(training_args.reward_weights) != len(reward_funcs):
-        raise ValueError(f"reward_weights has {len(training_args.reward_weights)} values for "
-                         f"{len(reward_funcs)} reward_funcs {script_args.reward_funcs}")
-    train = load_train_split(script_args)
-    require_columns(train, ["prompt", "image"], split_name(script_args), "GRPO")
-    train = train.remove_columns([c for c in SFT_ONLY_COLUMNS if c in train.column_names])
-    resume = resolve_resume(training_args)
-    model, processor = load_model_and_processor(model_args, training_args.trust_remote_code)
-    trainer = MirageGRPOTrainer(model=model, reward_funcs=reward_funcs, args=training_args, train_dataset=train,
-                                processing_class=processor, callbacks=callbacks,
-                                peft_config=peft_config_for(model_args, model, latent_rows=False))
-    trainer.train(resume_from_checkpoint=resume)
-    save_final(trainer, processor, trainer.latent_mode, training_args.output_dir)
-    if trainer.accelerator.is_main_process:
-        out = Path(training_args.output_dir)
-        history = trainer.state.log_history
-        plot_rewards(history, out / "reward_curve.png", title=f"GRPO {Path(model_args.model_name_or_path).name}")
-        logger.info("GRPO time split (s/step): %s", json.dumps(time_split(history)))
+    with output_dir_guard(training_args.output_dir, "model", training_args.overwrite_output_dir):
+        reward_funcs = rewards.load_reward_funcs(script_args.reward_funcs, script_args.reward_kwargs)
+        if training_args.reward_weights is not None and len(training_args.reward_weights) != len(reward_funcs):
+            raise ValueError(f"reward_weights has {len(training_args.reward_weights)} values for "
+                             f"{len(reward_funcs)} reward_funcs {script_args.reward_funcs}")
+        train = load_train_split(script_args)
+        require_columns(train, ["prompt", "image"], split_name(script_args), "GRPO")
+        train = train.remove_columns([c for c in SFT_ONLY_COLUMNS if c in train.column_names])
+        resume = resolve_resume(training_args)
+        model, processor = load_model_and_processor(model_args, training_args.trust_remote_code)
+        trainer = MirageGRPOTrainer(model=model, reward_funcs=reward_funcs, args=training_args, train_dataset=train,
+                                    processing_class=processor, callbacks=callbacks,
+                                    peft_config=peft_config_for(model_args, model, latent_rows=False))
+        trainer.train(resume_from_checkpoint=resume)
+        save_final(trainer, processor, trainer.latent_mode, training_args.output_dir,
+                   run=run_settings("grpo", script_args, training_args, model_args))
+        if trainer.accelerator.is_main_process:
+            out = Path(training_args.output_dir)
+            history = trainer.state.log_history
+            plot_rewards(history, out / "reward_curve.png",
+                         title=f"GRPO {Path(model_args.model_name_or_path).name}")
+            record(out, ["reward_curve.png"], "model")
+            logger.info("GRPO time split (s/step): %s", json.dumps(time_split(history)))
     return trainer
 
 

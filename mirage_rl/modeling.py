@@ -14,7 +14,10 @@ its weights in transformers 5: checkpoint keys are renamed by class name).
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,10 +171,129 @@ def _init_rows_to_mean(model, rows: list[int]) -> None:
             layer.weight[rows] = layer.weight[: rows[0]].mean(0, keepdim=True).to(layer.weight.dtype)
 
 
+#: an ``org/name`` model id on the Hugging Face hub (anything else that does not exist locally is a local mistake)
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+HUB_PROBE_TIMEOUT_S = 3.0
+_hub_reachable: dict[str, bool] = {}
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the Hugging Face endpoint (``huggingface_hub.constants.ENDPOINT``) opens within
+    ``timeout`` seconds (False under ``HF_HUB_OFFLINE``); asked once per process."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    endpoint = constants.ENDPOINT
+    if endpoint not in _hub_reachable:
+        url = urlparse(endpoint)
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                     timeout=timeout).close()
+            _hub_reachable[endpoint] = True
+        except OSError:
+            _hub_reachable[endpoint] = False
+    return _hub_reachable[endpoint]
+
+
+def check_source(path: str | Path, what: str = "model") -> dict:
+    """Decide, before any download is tried, where ``path`` comes from; returns extra ``from_pretrained`` kwargs.
+
+    A local folder is used as it is. A path that does not exist and is not an ``org/name`` id is a local mistake
+    (e.g. stage 2 started before stage 1 wrote its folder). An ``org/name`` id is loaded from the hub, or from the
+    local cache (``local_files_only``) when the hub cannot be reached.
+
+    Raises:
+        FileNotFoundError: ``path`` is a file; or does not exist and is not an ``org/name`` id; or is an id that is
+            neither cached nor reachable within :data:`HUB_PROBE_TIMEOUT_S` seconds (not available offline).
+    """
+    local = Path(path)
+    if local.exists():
+        if not local.is_dir():
+            raise FileNotFoundError(f"{what} {path} is a file; a {what} is a folder (a stage's output_dir or "
+                                    "`mirage-rl create-model`)")
+        return {}
+    name = str(path)
+    if not HUB_ID.match(name):
+        raise FileNotFoundError(f"{what} {path} does not exist (and is not an org/name hub id); did the stage that "
+                                "writes it finish? Stage 2 starts from stage 1's output_dir, GRPO from stage 2's")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    if hub_reachable():
+        return {}
+    if cached:
+        logger.info("%s: the hub cannot be reached; loading %s from the local cache", what, name)
+        return {"local_files_only": True}
+    raise FileNotFoundError(f"{what} {path}: no such local folder, and the hub id {name} is not available offline (not "
+                            f"in the local cache, and {constants.ENDPOINT} cannot be reached"
+                            f"{' under HF_HUB_OFFLINE' if constants.HF_HUB_OFFLINE else ''}); download it where the "
+                            f"hub is reachable (`hf download {name}`) or pass a local folder")
+
+
+def check_safetensors(path: str | Path) -> None:
+    """Check that a ``.safetensors`` file is whole: its header parses and its size is the header's length plus the
+    end of the last tensor (a truncated copy or an interrupted write fails here, naming the file).
+
+    Raises:
+        ValueError: naming the file, what is wrong and what to do.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    fix = "copy it again or save the model again"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise ValueError(f"{path}: not a complete safetensors file ({size} bytes, header length "
+                             f"{n if n >= 0 else 'missing'}); the file is truncated or corrupted: {fix}")
+        try:
+            header = json.loads(f.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            raise ValueError(f"{path}: its safetensors header is not valid; the file is corrupted: {fix}") from None
+    if 8 + n + end != size:
+        raise ValueError(f"{path}: truncated or corrupted safetensors file ({size} bytes, its header describes "
+                         f"{8 + n + end}): {fix}")
+
+
+TOKENIZER_FILES = ("tokenizer_config.json", ("tokenizer.json", "vocab.json"))
+
+
+def check_processor_files(folder: str | Path) -> None:
+    """Raise ``FileNotFoundError`` when a local model folder lacks the tokenizer or image-processor files (without
+    them transformers loads an empty tokenizer, and the error later blames the latent token ids)."""
+    folder = Path(folder)
+    missing = []
+    if not (folder / "tokenizer_config.json").is_file():
+        missing.append("tokenizer_config.json")
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+        missing.append("tokenizer.json (or vocab.json + merges.txt)")
+    if missing:
+        raise FileNotFoundError(f"tokenizer files missing in {folder}: {missing}; save the processor with the model "
+                                "(processor.save_pretrained(folder)) or copy those files from the model it came from")
+    if not any((folder / f).is_file() for f in ("processor_config.json", "preprocessor_config.json")):
+        raise FileNotFoundError(f"image processor files missing in {folder}: no processor_config.json or "
+                                "preprocessor_config.json; save the processor with the model")
+
+
 def load_processor(path: str | Path, trust_remote_code: bool = False) -> MirageProcessor:
     """Load a Qwen2.5-VL processor (tokenizer + image processor) from a folder or hub id; code shipped with the
-    checkpoint runs only with ``trust_remote_code=True``."""
-    return MirageProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    checkpoint runs only with ``trust_remote_code=True``.
+
+    Raises:
+        FileNotFoundError: a missing path or unreachable hub id (:func:`check_source`), or a local folder without
+            tokenizer / image-processor files (:func:`check_processor_files`).
+    """
+    extra = check_source(path, "processor")
+    local = Path(path)
+    if local.is_dir():
+        recover_directory(local)
+        check_processor_files(local)
+    return MirageProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code, **extra)
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False,
@@ -182,10 +304,13 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, trust
 
     Raises:
         FileNotFoundError: a local folder without ``config.json`` or without ``*.safetensors`` weights (pickled
-            ``.bin`` weights are refused: loading them can run code).
+            ``.bin`` weights are refused: loading them can run code); a path that does not exist, or a hub id not
+            available offline (:func:`check_source`).
+        ValueError: a truncated or corrupted ``*.safetensors`` file (:func:`check_safetensors`).
     """
+    extra = check_source(path, "model")
     local = Path(path)
-    if local.exists() or str(path).startswith((".", "/")):
+    if local.exists():
         recover_directory(local)
         if is_adapter_dir(local):  # a stage trained with use_peft: base + adapter, merged
             return load_adapter_model(local, dtype=dtype, trust_remote_code=trust_remote_code,
@@ -198,9 +323,11 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, trust
             raise FileNotFoundError(f"{path}: no *.safetensors weights{f' (only pickled {pickled})' if pickled else ''}; "
                                     "mirage-rl loads safetensors only: convert the checkpoint with "
                                     "save_pretrained(safe_serialization=True)")
+        for weights in sorted(local.glob("*.safetensors")):
+            check_safetensors(weights)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
-        attn_implementation=attn_implementation,
+        attn_implementation=attn_implementation, **extra,
     )
     freeze_vision_tower(model)
     return model
@@ -305,9 +432,10 @@ def create_tiny_model(output_dir: str | Path, latent_size: int | None = 4, hidde
     return model, processor
 
 
-def save_pretrained(model, processor, output_dir: str | Path) -> None:
-    """Save model (safetensors) and processor to ``output_dir`` atomically (temp folder + rename); the training
-    checkpoints (``checkpoint-*``) already in ``output_dir`` are kept."""
-    with atomic_directory(output_dir, keep=("checkpoint-*",)) as tmp:
+def save_pretrained(model, processor, output_dir: str | Path, command: str = "save_pretrained") -> None:
+    """Save model (safetensors) and processor to ``output_dir`` atomically (temp folder + rename); only the files an
+    earlier model save wrote there are replaced, everything else in ``output_dir`` (``checkpoint-*``, ``eval/``, a
+    user's files) is kept (:func:`mirage_rl.atomic.commit_directory`)."""
+    with atomic_directory(output_dir, "model", command=command) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)

@@ -4,8 +4,10 @@ The folder holds one recipe per stage and model variant, ``{stage}_{variant}.yam
 ``grpo_qwen2.5_vl_7b.yaml``, ...) and the evaluation settings ``eval_{variant}.yaml``. Each stage starts from the
 previous stage's output (its ``model_name_or_path`` is overridden); stage 1 starts from its recipe's model. After
 each stage the checkpoint is evaluated and ``pipeline_summary.md`` / ``.json`` (one row per stage) are rewritten.
-A stage whose output folder already holds a finished model is not retrained (logged; delete the folder to
-retrain), so an interrupted pipeline resumes where it stopped.
+A stage whose output folder already holds a finished model trained with the same settings (start model and its
+weights, dataset, max_steps, seed, ...: ``run`` in its ``mirage_output.json``) is not retrained (logged), so an
+interrupted pipeline resumes where it stopped; a finished model of other settings is refused, naming the settings
+that differ (``--retrain true`` retrains it).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .atomic import atomic_write_text, recover_directory
+from .outputs import output_dir_guard
 from .recipe import parse
 
 logger = logging.getLogger(__name__)
@@ -35,6 +38,8 @@ class PipelineArguments:
         "help": "Put stage S in OUTPUT_ROOT/S (default: each recipe's output_dir) and the summary in OUTPUT_ROOT."})
     evaluate: bool = field(default=True, metadata={"help": "Evaluate after each stage."})
     retrain: bool = field(default=False, metadata={"help": "Retrain stages whose output already holds a model."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Write into output folders holding entries no mirage-rl run wrote (they are kept, never deleted)."})
 
 
 def recipe_path(args: PipelineArguments, name: str) -> Path:
@@ -54,9 +59,12 @@ def finished(output_dir: str | Path) -> bool:
     return (out / "config.json").exists() and any(out.glob("model*.safetensors"))
 
 
-def run_stage(stage: str, argv: list[str], retrain: bool = False) -> str:
-    """Parse and run one stage (unless its output holds a finished model and not ``retrain``); returns its output
-    folder. Raises ``ValueError`` when an SFT recipe's ``stage`` differs from the pipeline stage."""
+def parse_stage(stage: str, argv: list[str]):
+    """``(script_args, training_args, model_args, runner, command)`` of one stage's recipe + overrides.
+
+    Raises:
+        ValueError: an SFT recipe whose ``stage`` differs from the pipeline stage.
+    """
     from trl import ModelConfig
 
     if stage == "grpo":
@@ -64,19 +72,46 @@ def run_stage(stage: str, argv: list[str], retrain: bool = False) -> str:
         from .trainers import MirageGRPOConfig
 
         script, train, model = parse((GRPOScriptArguments, MirageGRPOConfig, ModelConfig), argv)
-        runner = run_grpo
-    else:
-        from .sft import SFTScriptArguments, run_sft
-        from .trainers import MirageSFTConfig
+        return script, train, model, run_grpo, "grpo"
+    from .sft import SFTScriptArguments, run_sft
+    from .trainers import MirageSFTConfig
 
-        script, train, model = parse((SFTScriptArguments, MirageSFTConfig, ModelConfig), argv)
-        expected = int(stage[-1])
-        if train.stage != expected:
-            raise ValueError(f"{argv[1]}: recipe says stage: {train.stage}, the pipeline runs it as {stage}")
-        runner = run_sft
+    script, train, model = parse((SFTScriptArguments, MirageSFTConfig, ModelConfig), argv)
+    if train.stage != int(stage[-1]):
+        raise ValueError(f"{argv[1]}: recipe says stage: {train.stage}, the pipeline runs it as {stage}")
+    return script, train, model, run_sft, "sft"
+
+
+def settings_differences(recorded: dict | None, expected: dict) -> list[str]:
+    """``key: saved -> recipe`` for every training setting (:func:`mirage_rl.sft.run_settings`) that differs between
+    a saved stage and the recipe about to train it; ``["unknown"]`` when the folder records none."""
+    if not recorded:
+        return ["unknown (the folder records no training settings: it was written by an older mirage-rl or by hand)"]
+    return [f"{k}: {recorded.get(k)!r} saved, {expected.get(k)!r} now" for k in sorted(set(recorded) | set(expected))
+            if recorded.get(k) != expected.get(k)]
+
+
+def run_stage(stage: str, argv: list[str], retrain: bool = False) -> str:
+    """Parse and run one stage, unless its output already holds a finished model trained with the same settings
+    (and not ``retrain``); returns its output folder.
+
+    Raises:
+        ValueError: an SFT recipe's ``stage`` differs from the pipeline stage; or the output holds a finished model
+            trained with other settings (naming them) and not ``retrain``.
+    """
+    from .outputs import read_manifest
+    from .sft import run_settings
+
+    script, train, model, runner, command = parse_stage(stage, argv)
     if finished(train.output_dir) and not retrain:
-        logger.warning("%s: %s already holds a finished model; not retraining it (delete the folder or pass "
-                       "--retrain true)", stage, train.output_dir)
+        diff = settings_differences(read_manifest(train.output_dir).get("run"),
+                                    run_settings(command, script, train, model))
+        if diff:
+            raise ValueError(f"{stage}: {train.output_dir} holds a finished model trained with other settings "
+                             f"({'; '.join(diff)}); pass --retrain true to train it again (the files of the old model "
+                             "are replaced, everything else in the folder is kept), or use another --output_root")
+        logger.warning("%s: %s already holds a finished model of these settings; not retraining it (pass "
+                       "--retrain true to retrain)", stage, train.output_dir)
     else:
         runner(script, train, model)
     return train.output_dir
@@ -88,30 +123,44 @@ def run_pipeline(args: PipelineArguments) -> list[dict]:
     Raises:
         ValueError: unknown or out-of-order stages. FileNotFoundError: a missing recipe (listing the variants).
     """
-    from accelerate import PartialState
-
     unknown = [s for s in args.stages if s not in STAGES]
     if unknown or list(args.stages) != [s for s in STAGES if s in args.stages]:
         raise ValueError(f"stages must be an ordered sub-sequence of {list(STAGES)}, got {args.stages}")
     paths = {s: recipe_path(args, s) for s in args.stages}
     eval_path = recipe_path(args, "eval") if args.evaluate else None
+    root = Path(args.output_root) if args.output_root else None
+    # every recipe is parsed (and every option checked) before the first stage trains
+    first = parse_stage(args.stages[0], ["--config", str(paths[args.stages[0]])]
+                        + (["--output_dir", str(root / args.stages[0])] if root else []))[1].output_dir
+    for stage in args.stages[1:]:
+        parse_stage(stage, ["--config", str(paths[stage])])
+    summary_root = root or Path(first).parent
+    with output_dir_guard(summary_root, "pipeline", args.overwrite_output_dir, what="pipeline summary folder"):
+        return _run_stages(args, paths, eval_path, root, summary_root)
+
+
+def _run_stages(args: PipelineArguments, paths: dict, eval_path: Path | None, root: Path | None,
+                summary_root: Path) -> list[dict]:
+    from accelerate import PartialState
+
     state = PartialState()
     rows: list[dict] = []
     prev: str | None = None
-    root = Path(args.output_root) if args.output_root else None
     for stage in args.stages:
         argv = ["--config", str(paths[stage])]
         if prev is not None:
             argv += ["--model_name_or_path", prev]
         if root is not None:
             argv += ["--output_dir", str(root / stage)]
+        if args.overwrite_output_dir:
+            argv += ["--overwrite_output_dir", "true"]
         logger.info("pipeline: %s from %s", stage, paths[stage])
         prev = run_stage(stage, argv, retrain=args.retrain)
         state.wait_for_everyone()
         if eval_path is not None:
             if state.is_main_process:
                 rows.append(evaluate_stage(stage, prev, eval_path))
-                write_summary(rows, root or Path(prev).parent)
+                write_summary(rows, summary_root)
             state.wait_for_everyone()
     return rows
 

@@ -14,26 +14,57 @@ import types
 import typing
 from pathlib import Path
 
+from .errors import UserError
+
 _BOOL_STRINGS = {"true", "false", "yes", "no", "1", "0"}
 
 
-class RecipeError(ValueError):
-    """A recipe file that cannot be used; the message names the file and key."""
+class RecipeError(UserError, ValueError):
+    """A recipe file or command-line option that cannot be used; the message names the file or option and key."""
+
+
+def _unique_key_loader():
+    """A ``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first on line {seen[key] + 1}); keep one of them",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def load_recipe(path: str | Path) -> dict:
     """Read a YAML recipe into a dict.
 
     Raises:
-        FileNotFoundError: no such file. RecipeError: YAML syntax error (with line) or a top level that is not a mapping.
+        RecipeError: no such file, a folder, a YAML syntax error or a key given twice (with its line), or a top level
+            that is not a mapping.
     """
     import yaml
 
     p = Path(path)
+    if p.is_dir():
+        raise RecipeError(f"--config {p} is a folder, not a recipe file: pass one YAML file, e.g. "
+                          f"{p / 'stage1_tiny.yaml'}")
     if not p.is_file():
-        raise FileNotFoundError(f"recipe {p} does not exist")
+        raise RecipeError(f"recipe {p} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
+        loader = _unique_key_loader()(p.read_text(encoding="utf-8"))  # a SafeLoader: no Python objects are built
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{p}: not valid YAML: {e}") from None
     if data is None:
@@ -123,12 +154,27 @@ def check_recipe(path: str | Path, dataclass_types) -> dict:
 
 
 def parse(dataclass_types, argv: list[str]):
-    """``TrlParser(dataclass_types).parse_args_and_config(argv)`` after :func:`check_recipe` on ``--config``."""
+    """``TrlParser(dataclass_types).parse_args_and_config(argv)`` after :func:`check_recipe` on ``--config``.
+
+    Raises:
+        RecipeError: a bad recipe (:func:`check_recipe`), a bad command-line option (``argument --learning_rate:
+            invalid float value: 'fast'``, instead of argparse's usage screen and exit), or a value a config's
+            ``__post_init__`` refuses (``num_train_epochs=0 ...``), with that message.
+    """
     from trl import TrlParser
+
+    class Parser(TrlParser):
+        def error(self, message):  # argparse would print the whole usage and exit
+            raise RecipeError(f"{message} (--help lists the options)")
 
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
             raise RecipeError("--config needs a file path")
         check_recipe(argv[i + 1], dataclass_types)
-    return TrlParser(dataclass_types).parse_args_and_config(args=argv)
+    try:
+        return Parser(dataclass_types).parse_args_and_config(args=argv)
+    except RecipeError:
+        raise
+    except ValueError as e:  # a __post_init__ check of one of the argument dataclasses (ours, TRL's, transformers')
+        raise RecipeError(str(e)) from e

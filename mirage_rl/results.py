@@ -54,6 +54,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .atomic import atomic_save_figure, atomic_write_text
+from .outputs import output_dir_guard
 
 logger = logging.getLogger(__name__)
 
@@ -544,5 +545,6 @@ def run_results(args: ResultsArguments) -> dict:
             chance.update(blind_baselines(dataset_dir(args.data_config), args.benchmark_dir))
         return write_report(args, log, chance)
 
-    log = execute(args, steps, on_eval=report) if args.run else StepLog(Path(args.output_root) / "steps.json")
-    return report(log)
+    with output_dir_guard(args.output_root, "results", what="output_root"):
+        log = execute(args, steps, on_eval=report) if args.run else StepLog(Path(args.output_root) / "steps.json")
+        return report(log)

@@ -2,14 +2,30 @@
 
 Two rules are implemented (VSP, Wu et al. 2024, and Mirage, arXiv 2506.17218, section 4):
 
-* **official** (VSP): replay the plan from the player's cell; a move off the edge leaves the player in
-  place; stepping on a hole fails; reaching the goal ends the episode with success (later moves are
-  ignored).
-* **strict** (Mirage): replay *every* move with the same physics; success only if no hole was entered
-  and the final cell is the goal.
+* **official** (VSP): the plan is parsed and replayed exactly as VSP's own evaluation script does
+  (``VSP-main/maze/task-main/eval.py`` of UCSB-NLP-Chang/Visual-Spatial-Planning): the answer is split at
+  commas; from each item the characters ``"``, ``'``, newline and ``.`` are removed and surrounding
+  whitespace stripped; the items are played one by one on FrozenLake physics (a move off the edge leaves
+  the player in place); the episode ends at the first hole (failure) or at the goal (success): items after
+  that are never read, so junk after the goal costs nothing. An item that is not a move, read before the
+  episode ended, makes the answer wrong; so does a plan that ends elsewhere. Hence ``"L R"`` (spaces),
+  lowercase ``"l"`` and empty items (``"L,,R"``) are wrong, while a trailing period, quotes, or junk after
+  the goal is reached are not.
+* **strict** (Mirage): the same items, every one of which must be a move; *every* move is replayed; success
+  only if no hole was entered and the final cell is the goal.
 
-A completion is *invalid* when it has no parsable ``\\boxed{...}`` plan (no box, unbalanced braces,
-an empty box or a token that is not a move). Model output is only ever parsed as text.
+Deliberate differences from VSP's script (each one needed for Mirage-trained models):
+
+1. The answer is the content of the last ``\\boxed{...}`` (Mirage's answer format, which its prompts ask
+   for), not the text after ``Action plan:``.
+2. Besides VSP's letters ``L``/``R``/``U``/``D``, the upper-case words ``LEFT``/``RIGHT``/``UP``/``DOWN`` are
+   moves: Mirage's training answers are written that way (``\\boxed{RIGHT, DOWN}``).
+3. Where VSP's script swallows every exception into "not correct", the verdict says why: ``invalid`` (no
+   box, unbalanced braces, or an item that is not a move before the episode ended) or ``fail``. Accuracy is
+   the same.
+4. At most ``MAX_PLAN_CHARS`` characters of a box are read.
+
+Model output is only ever parsed as text.
 """
 
 from __future__ import annotations
@@ -52,23 +68,30 @@ def extract_boxed(text: str) -> list[str | None]:
     return out
 
 
-def parse_plan(text: str) -> list[str] | None:
-    """Parse the plan of the last ``\\boxed{...}`` into moves ``["L", "R", "U", "D", ...]``.
+#: VSP's per-item clean-up: these characters are removed from every comma-separated item, then whitespace is stripped
+_VSP_REMOVED = str.maketrans("", "", "\"'\n.")
 
-    Accepts letters or words (``LEFT``/``RIGHT``/``UP``/``DOWN``, any case) separated by commas and/or
-    spaces. Returns ``None`` when the answer is invalid (no box, unbalanced braces, empty plan, or a
-    token that is not a move).
-    """
+
+def plan_items(box: str) -> list[str | None]:
+    """VSP's parsing of an answer (module docstring): split at commas, remove ``" ' \\n .`` from each item, strip
+    whitespace; each item becomes ``"L"``/``"R"``/``"U"``/``"D"`` when it is one of those letters or one of the words
+    ``LEFT``/``RIGHT``/``UP``/``DOWN`` (case-sensitive, as VSP), else ``None``."""
+    return [_WORDS.get(item.translate(_VSP_REMOVED).strip()) for item in box.split(",")]
+
+
+def _last_box(text: str) -> str | None:
     boxes = extract_boxed(text)
-    if not boxes or boxes[-1] is None:
+    return boxes[-1] if boxes else None
+
+
+def parse_plan(text: str) -> list[str] | None:
+    """The moves of the last ``\\boxed{...}`` when every item is a move (:func:`plan_items`), else ``None``
+    (no box, unbalanced braces, an empty box or item, or an item that is not a move)."""
+    box = _last_box(text)
+    if box is None:
         return None
-    tokens = [t for t in re.split(r"[\s,]+", boxes[-1].strip()) if t]
-    if not tokens:
-        return None
-    moves = [_WORDS.get(t.upper()) for t in tokens]
-    if any(m is None for m in moves):
-        return None
-    return moves  # type: ignore[return-value]
+    items = plan_items(box)
+    return None if any(m is None for m in items) else items  # type: ignore[return-value]
 
 
 def find_cell(map_desc: list[list[int]], value: int) -> tuple[int, int]:
@@ -112,10 +135,34 @@ class PlanScore:
         return asdict(self)
 
 
+def play_official(map_desc: list[list[int]], items: list[str | None]) -> str:
+    """VSP's replay of parsed items: ``"success"`` (goal reached before any hole or bad item), ``"fail"`` (a hole, or
+    the plan ends elsewhere) or ``"invalid"`` (an item that is not a move, read before the episode ended)."""
+    n_rows, n_cols = len(map_desc), len(map_desc[0])
+    r, c = find_cell(map_desc, PLAYER)
+    for move in items:
+        if move is None:
+            return "invalid"
+        dr, dc = MOVES[move]
+        if 0 <= r + dr < n_rows and 0 <= c + dc < n_cols:
+            r, c = r + dr, c + dc
+        if map_desc[r][c] == HOLE:
+            return "fail"
+        if map_desc[r][c] == GOAL:
+            return "success"
+    return "fail"
+
+
 def score_plan(map_desc: list[list[int]], completion: str) -> PlanScore:
-    """Score one completion against its map with both rules (see module docstring)."""
-    plan = parse_plan(completion)
-    if plan is None:
+    """Score one completion against its map with both rules (see module docstring). ``plan`` holds the moves before
+    the first item that is not a move; ``valid`` is True when every item is a move."""
+    box = _last_box(completion)
+    if box is None:
         return PlanScore(None, False, False, False, "invalid")
-    ok, ok_strict = replay(map_desc, plan)
-    return PlanScore(plan, True, ok, ok_strict, "success" if ok else "fail")
+    items = plan_items(box)
+    bad = next((i for i, m in enumerate(items) if m is None), len(items))
+    plan = items[:bad]
+    verdict = play_official(map_desc, items)
+    valid = bad == len(items)
+    strict = valid and replay(map_desc, plan)[1]  # type: ignore[arg-type]
+    return PlanScore(plan or None, valid, verdict == "success", strict, verdict)  # type: ignore[arg-type]

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from trl import ModelConfig
 
 from . import latent
-from .atomic import atomic_write_text, commit_directory, recover_directory, temp_sibling
+from .atomic import atomic_write_text, commit_directory, make_temp_dir, recover_directory, temp_sibling
+from .collator import max_chars_for
 from .data.vsp import LATENT_MARKER
+from .errors import is_no_space, no_space_message
 from .lora import is_adapter_dir, lora_config, write_adapter_info
 from .modeling import add_latent_tokens, load_model, load_processor
+from .outputs import output_dir_guard
 from .trainers import MirageSFTConfig, Stage1Trainer, Stage2Trainer
 from .trainers.checkpointing import resolve_resume
 
@@ -47,7 +54,7 @@ def load_train_split(script_args: SFTScriptArguments):
     """Load the training split; raises ``ValueError`` naming the path when it is missing or empty."""
     from datasets import load_from_disk
 
-    recover_directory(script_args.dataset_path, keep=())
+    recover_directory(script_args.dataset_path)
     try:
         ds = load_from_disk(script_args.dataset_path)
     except FileNotFoundError as e:
@@ -64,11 +71,14 @@ def load_train_split(script_args: SFTScriptArguments):
     return ds
 
 
-def check_sft_dataset(ds, args: MirageSFTConfig, where: str) -> None:
-    """Check a training split before any step runs (text columns only; images were decoded by the builder).
+def check_sft_dataset(ds, args: MirageSFTConfig, where: str, processor=None) -> None:
+    """Check a training split before any step runs (text columns, image headers; no image is decoded).
 
-    Checks: the columns the stage needs exist; with latent tokens every ``answer`` holds ``args.latent_blocks``
-    ``<output_image>`` markers; in stage 1 no ``helper_image`` is missing.
+    Checks: the columns the stage needs exist; every ``answer`` is a string; with latent tokens every ``answer``
+    holds ``args.latent_blocks`` ``<output_image>`` markers; in stage 1 every row with a latent block has its
+    ``helper_image``, and (with ``processor``) every helper image gives at least k = ``args.latent_size`` visual
+    tokens after the processor's resize; with ``processor`` and ``args.max_length``, no answer is so long that its
+    tokens must exceed ``max_length`` (checked without tokenizing it).
     Raises:
         ValueError: naming ``where``, the row and its ``map_id``, what is wrong and how to fix it.
     """
@@ -81,9 +91,17 @@ def check_sft_dataset(ds, args: MirageSFTConfig, where: str) -> None:
     def row(i):
         return f"{where} row {i}" + (f" (map_id={ids[i]})" if ids[i] is not None else "")
 
+    answers = ds["answer"]
+    limit = max_chars_for(processor, args.max_length) if processor is not None else None
+    for i, answer in enumerate(answers):
+        if not isinstance(answer, str):
+            raise ValueError(f"{row(i)}: answer must be a string, got {type(answer).__name__}; fix the row and rebuild")
+        if limit is not None and len(answer.encode("utf-8")) > limit:
+            raise ValueError(f"{row(i)}: answer has {len(answer)} characters, more than max_length={args.max_length} "
+                             "tokens can hold; shorten the row (build-data max_text_chars) or raise max_length")
+    markers = [answer.count(LATENT_MARKER) for answer in answers]
     if args.latent_mode != "none" and args.latent_blocks is not None:
-        for i, answer in enumerate(ds["answer"]):
-            n = (answer or "").count(LATENT_MARKER)
+        for i, n in enumerate(markers):
             if n != args.latent_blocks:
                 raise ValueError(f"{row(i)}: answer has {n} {LATENT_MARKER} marker(s), latent_mode "
                                  f"{args.latent_mode!r} needs {args.latent_blocks} (latent_blocks); fix the row, rebuild "
@@ -91,17 +109,45 @@ def check_sft_dataset(ds, args: MirageSFTConfig, where: str) -> None:
     if args.stage == 1:
         helpers = ds.cast_column("helper_image", Image(decode=False))["helper_image"]
         for i, h in enumerate(helpers):
+            if markers[i] == 0:
+                continue  # no latent block: the row trains on CE alone and needs no helper image
             if h is None or (h.get("bytes") is None and h.get("path") is None):
                 raise ValueError(f"{row(i)}: helper_image is missing; stage 1 teacher-forces the latent slots with the "
                                  "helper image: add it or drop the row")
+            if processor is not None:
+                check_helper_size(h, processor.image_processor, args.latent_size, row(i))
+
+
+def check_helper_size(helper: dict, image_processor, latent_size: int, where: str) -> None:
+    """Raise ``ValueError`` when the helper image (a ``datasets`` image dict, bytes or path) gives fewer visual tokens
+    than the latent size k (stage 1 pools it into k vectors). Reads the image header only."""
+    import io
+
+    from PIL import Image as PILImage
+
+    from .data.images import visual_tokens
+
+    src = io.BytesIO(helper["bytes"]) if helper.get("bytes") is not None else helper["path"]
+    with PILImage.open(src) as im:
+        w, h = im.size
+    n = visual_tokens(image_processor, w, h)
+    if n < latent_size:
+        raise ValueError(f"{where}: helper image {w}x{h} gives {n} visual token(s) after the processor's resize, fewer "
+                         f"than latent_size={latent_size}; use a smaller latent_size or a larger helper image")
+
+
+def load_model_for(model_args: ModelConfig, trust_remote_code: bool = False):
+    """The model of a recipe (``model_args.dtype``, default float32; vision tower frozen)."""
+    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+    return load_model(model_args.model_name_or_path, dtype=dtype or torch.float32,
+                      trust_remote_code=trust_remote_code, attn_implementation=model_args.attn_implementation)
 
 
 def load_model_and_processor(model_args: ModelConfig, trust_remote_code: bool = False):
-    """The model (``model_args.dtype``, default float32; vision tower frozen) and processor of a recipe."""
-    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
-    model = load_model(model_args.model_name_or_path, dtype=dtype or torch.float32,
-                       trust_remote_code=trust_remote_code, attn_implementation=model_args.attn_implementation)
-    return model, load_processor(model_args.model_name_or_path, trust_remote_code=trust_remote_code)
+    """The model (:func:`load_model_for`) and processor of a recipe; the processor is loaded first (it is cheap, and
+    a folder without tokenizer files fails before the weights are read)."""
+    processor = load_processor(model_args.model_name_or_path, trust_remote_code=trust_remote_code)
+    return load_model_for(model_args, trust_remote_code), processor
 
 
 def run_sft(script_args: SFTScriptArguments, training_args: MirageSFTConfig, model_args: ModelConfig,
@@ -109,26 +155,85 @@ def run_sft(script_args: SFTScriptArguments, training_args: MirageSFTConfig, mod
     """Train one SFT stage and save model + processor and ``train_log.json`` (the trainer's log history) to
     ``training_args.output_dir``; returns the trainer. ``callbacks``: extra ``TrainerCallback``s.
 
-    The data is checked (:func:`check_sft_dataset`) before the model is loaded. Training resumes from the last
-    complete checkpoint in ``output_dir`` (see :func:`mirage_rl.trainers.checkpointing.resolve_resume`).
+    Order: the output folder is checked and locked (:func:`mirage_rl.outputs.output_dir_guard`), then the data is
+    checked (:func:`check_sft_dataset`) and the processor loaded, and only then the model. Training resumes from the
+    last complete checkpoint in ``output_dir`` (see :func:`mirage_rl.trainers.checkpointing.resolve_resume`).
     """
-    train = load_train_split(script_args)
-    check_sft_dataset(train, training_args, split_name(script_args))
-    resume = resolve_resume(training_args)
-    model, processor = load_model_and_processor(model_args, training_args.trust_remote_code)
-    if training_args.train_vision_tower:
-        latent.backbone(model).visual.requires_grad_(True)
-    if training_args.latent_mode != "none":
-        has = getattr(model.config, "latent_token_ids", None) is not None
-        if not has and training_args.stage == 1:
-            # stage 1 is the entry point for a stock Qwen2.5-VL checkpoint
-            add_latent_tokens(model, processor, training_args.latent_size)
-    trainer_cls = Stage1Trainer if training_args.stage == 1 else Stage2Trainer
-    trainer = trainer_cls(model=model, args=training_args, train_dataset=train, processing_class=processor,
-                          callbacks=callbacks, peft_config=peft_config_for(model_args, model))
-    trainer.train(resume_from_checkpoint=resume)
-    save_final(trainer, processor, training_args.latent_mode, training_args.output_dir)
+    with output_dir_guard(training_args.output_dir, "model", training_args.overwrite_output_dir):
+        train = load_train_split(script_args)
+        processor = load_processor(model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code)
+        check_sft_dataset(train, training_args, split_name(script_args), processor)
+        resume = resolve_resume(training_args)
+        model = load_model_for(model_args, training_args.trust_remote_code)
+        if training_args.train_vision_tower:
+            latent.backbone(model).visual.requires_grad_(True)
+        if training_args.latent_mode != "none":
+            has = getattr(model.config, "latent_token_ids", None) is not None
+            if not has and training_args.stage == 1:
+                # stage 1 is the entry point for a stock Qwen2.5-VL checkpoint
+                add_latent_tokens(model, processor, training_args.latent_size)
+        trainer_cls = Stage1Trainer if training_args.stage == 1 else Stage2Trainer
+        trainer = trainer_cls(model=model, args=training_args, train_dataset=train, processing_class=processor,
+                              callbacks=callbacks, peft_config=peft_config_for(model_args, model))
+        trainer.train(resume_from_checkpoint=resume)
+        save_final(trainer, processor, training_args.latent_mode, training_args.output_dir,
+                   run=run_settings("sft", script_args, training_args, model_args))
     return trainer
+
+
+#: the training settings recorded with a saved stage (``mirage_output.json`` ``run``) and compared by ``pipeline``
+RUN_KEYS = {"sft": ("stage", "latent_mode", "latent_size", "compress", "gamma", "max_steps", "num_train_epochs",
+                    "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "seed"),
+            "grpo": ("latent_mode", "latent_objective", "max_steps", "num_train_epochs", "learning_rate",
+                     "per_device_train_batch_size", "gradient_accumulation_steps", "num_generations", "beta",
+                     "reward_weights", "seed")}
+
+
+def weights_identity(path: str | os.PathLike, samples: int = 16, chunk: int = 1 << 16) -> list:
+    """``[[file, bytes, digest], ...]`` of the ``*.safetensors`` (and adapter) files of a local model folder (empty for
+    a hub id). The digest hashes the file's header and ``samples`` chunks spread over the file, so it costs the same
+    for a 7B model as for the tiny one, stays equal when the same weights are written again (``make demo`` re-runs
+    ``create-model``) and changes when training changed them (every tensor moves)."""
+    import hashlib
+
+    p = Path(path)
+    if not p.is_dir():
+        return []
+    out = []
+    for f in sorted(p.glob("*.safetensors")):
+        size = f.stat().st_size
+        h = hashlib.blake2b(digest_size=12)
+        with open(f, "rb") as fh:
+            for i in range(samples + 1):
+                fh.seek(0 if i == 0 else max(0, (size - chunk) * i // samples))
+                h.update(fh.read(chunk))
+        out.append([f.name, size, h.hexdigest()])
+    return out
+
+
+def dataset_identity(script_args: SFTScriptArguments) -> dict:
+    """The training split's path, split, row limit and ``datasets`` fingerprint (changes when it is rebuilt)."""
+    import json as _json
+
+    state = Path(script_args.dataset_path) / script_args.dataset_split / "state.json"
+    try:
+        fingerprint = _json.loads(state.read_text()).get("_fingerprint")
+    except (OSError, ValueError):
+        fingerprint = None
+    return {"path": str(script_args.dataset_path), "split": script_args.dataset_split,
+            "max_train_samples": script_args.max_train_samples, "fingerprint": fingerprint}
+
+
+def run_settings(command: str, script_args, training_args, model_args) -> dict:
+    """What decides the weights a stage saves: the start model (path and weights files), the dataset
+    (:func:`dataset_identity`), the training settings of ``RUN_KEYS`` and, for GRPO, the reward functions."""
+    out = {"command": command, "model": str(model_args.model_name_or_path),
+           "model_weights": weights_identity(model_args.model_name_or_path), "dataset": dataset_identity(script_args),
+           **{k: getattr(training_args, k, None) for k in RUN_KEYS[command]}}
+    if command == "grpo":
+        out["reward_funcs"] = list(script_args.reward_funcs)
+        out["reward_kwargs"] = script_args.reward_kwargs
+    return json.loads(json.dumps(out, default=str))
 
 
 def peft_config_for(model_args: ModelConfig, model, latent_rows: bool = True):
@@ -138,35 +243,47 @@ def peft_config_for(model_args: ModelConfig, model, latent_rows: bool = True):
     return lora_config(model_args, model, list(ids.values()) if ids else None)
 
 
-def save_final(trainer, processor, latent_mode: str, output_dir: str) -> None:
+def save_final(trainer, processor, latent_mode: str, output_dir: str, run: dict | None = None) -> None:
     """Save the trained model + processor (recording ``latent_mode`` in its config, so that evaluation decodes the
-    way it was trained) and ``train_log.json`` (the trainer's log history) to ``output_dir``, atomically; the
-    ``checkpoint-*`` folders already there are kept.
+    way it was trained) and ``train_log.json`` (the trainer's log history) to ``output_dir``, atomically; only what an
+    earlier model save wrote there is replaced (``checkpoint-*``, ``eval/`` and a user's files are kept), and ``run``
+    (:func:`run_settings`) is recorded in its ``mirage_output.json``.
 
     Collective: call it on every rank. The weights go through ``Trainer.save_model``, which gathers them under
     DeepSpeed ZeRO-3 (``zero3_save_16bit_model: true`` in the launch config; without it ZeRO-3 saves shards
     that ``from_pretrained`` cannot read, so this raises ``ValueError``) and writes only the adapter of a PEFT
     model (with ``mirage_adapter.json``: latent size and mode). Every rank writes into the same temp folder; the main
     process renames it into place.
+
+    Raises:
+        OSError: the disk filled up (the message says so and names the folder; the incomplete save is removed).
     """
     acc = trainer.accelerator
     tmp = temp_sibling(output_dir, "final")
     if acc.is_main_process:
         recover_directory(output_dir)  # also removes a temp folder left by an interrupted save
-        tmp.mkdir(parents=True)
+        make_temp_dir(output_dir, "final")
     acc.wait_for_everyone()
     model = acc.unwrap_model(trainer.model)
     model.config.latent_mode = latent_mode
-    trainer.save_model(str(tmp))
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        if not any(tmp.glob("*.safetensors")):
-            raise ValueError(f"{output_dir}: the final save wrote no *.safetensors (DeepSpeed ZeRO-3 without "
-                             "zero3_save_16bit_model: true in the launch config?); use launch/zero3.yaml")
-        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle: never needed to load the model
-        if is_adapter_dir(tmp):
-            write_adapter_info(tmp, model.config)
-        processor.save_pretrained(tmp)
-        atomic_write_text(tmp / "train_log.json", json.dumps(trainer.state.log_history, indent=1) + "\n")
-        commit_directory(tmp, output_dir, keep=("checkpoint-*",))
+    try:
+        trainer.save_model(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            if not any(tmp.glob("*.safetensors")):
+                raise ValueError(f"{output_dir}: the final save wrote no *.safetensors (DeepSpeed ZeRO-3 without "
+                                 "zero3_save_16bit_model: true in the launch config?); use launch/zero3.yaml")
+            (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle: never needed to load the model
+            if is_adapter_dir(tmp):
+                write_adapter_info(tmp, model.config)
+            processor.save_pretrained(tmp)
+            atomic_write_text(tmp / "train_log.json", json.dumps(trainer.state.log_history, indent=1) + "\n")
+            commit_directory(tmp, output_dir, "model", run=run, command=run["command"] if run else None)
+    except Exception as e:
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if is_no_space(e):
+            raise OSError(errno.ENOSPC, f"{no_space_message(e, output_dir)} (the incomplete final save was removed; "
+                                        "the last complete checkpoint is kept)") from e
+        raise
     acc.wait_for_everyone()

@@ -29,7 +29,7 @@ REWARD_FUNCS: dict[str, Callable] = {
     "format_reward": format_reward,
 }
 
-__all__ = ["REWARD_FUNCS", "choice_accuracy_reward", "format_reward", "load_reward_funcs",
+__all__ = ["REWARD_FUNCS", "check_reward_signature", "choice_accuracy_reward", "format_reward", "load_reward_funcs",
            "plan_success_reward", "resolve_reward"]
 
 
@@ -57,19 +57,44 @@ def resolve_reward(name: str) -> Callable:
     return fn
 
 
+def check_reward_signature(name: str, fn: Callable) -> None:
+    """Refuse, at start-up, a callable that cannot be a reward function: TRL calls it as
+    ``fn(prompts=..., completions=..., completion_ids=..., **dataset_columns, trainer_state=..., log_extra=...,
+    log_metric=...)``, so it needs a ``completions`` parameter and ``**kwargs`` (``os.system`` would otherwise fail
+    only after the first rollout).
+
+    Raises:
+        ValueError: naming the reward, its signature and the contract.
+    """
+    contract = ("a reward function is fn(completions, **kwargs) -> list[float | None], one value per completion "
+                "(TRL's contract)")
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        raise ValueError(f"reward function {name!r}: {fn!r} has no Python signature to check; {contract}") from None
+    named = {p: v for p, v in params.items() if v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)}
+    has_kwargs = any(v.kind == v.VAR_KEYWORD for v in params.values())
+    if "completions" not in named or not has_kwargs:
+        raise ValueError(f"reward function {name!r}: signature {name.rsplit('.', 1)[-1]}{inspect.signature(fn)} does "
+                         f"not take completions and **kwargs; {contract}")
+
+
 def load_reward_funcs(names: list[str], reward_kwargs: dict | None = None) -> list[Callable]:
     """Resolve ``names`` and bind each one's keyword arguments from ``reward_kwargs`` (``{name: {key: value}}``).
 
     The returned callables keep the plugin's ``__name__`` (TRL logs each reward as ``rewards/<name>/mean``).
     Raises:
-        ValueError: an empty list, a duplicate or unknown name, ``reward_kwargs`` for a reward not in ``names``,
-            or an option the function does not name in its signature (a typo is not swallowed by ``**kwargs``).
+        ValueError: an empty list, a duplicate or unknown name, a callable that is not ``fn(completions, **kwargs)``
+            (:func:`check_reward_signature`), ``reward_kwargs`` for a reward not in ``names``, or an option the
+            function does not name in its signature (a typo is not swallowed by ``**kwargs``).
     """
     if not names:
         raise ValueError(f"reward_funcs is empty: name at least one of {', '.join(sorted(REWARD_FUNCS))}")
     if len(set(names)) != len(names):
         raise ValueError(f"reward_funcs lists a reward twice: {names}")
     resolved = [resolve_reward(name) for name in names]  # unknown names first: the error lists the known ones
+    for name, fn in zip(names, resolved):
+        check_reward_signature(name, fn)
     reward_kwargs = dict(reward_kwargs or {})
     extra = set(reward_kwargs) - set(names)
     if extra:

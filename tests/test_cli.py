@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -107,8 +108,11 @@ def test_sft_command_runs_a_recipe_and_records_the_latent_mode(tiny_dir, small_d
 def test_export_and_multi_process_eval_give_clear_errors(tiny_dir, tmp_path, monkeypatch, capsys):
     import pytest
 
-    with pytest.raises(FileNotFoundError, match="no adapter_config.json.*use_peft"):
-        main(["export", "--adapter_dir", str(tiny_dir), "--output_dir", str(tmp_path / "merged")])
+    assert main(["export", "--adapter_dir", str(tiny_dir), "--output_dir", str(tmp_path / "merged")]) == 1
+    err = capsys.readouterr().err  # one line, no traceback
+    assert re.search("no adapter_config.json.*use_peft", err) and "Traceback" not in err and err.count("\n") == 1
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json.*use_peft"):  # --debug: the exception itself
+        main(["export", "--debug", "--adapter_dir", str(tiny_dir), "--output_dir", str(tmp_path / "merged")])
     assert main(["export", "--adapter_dir", str(tiny_dir), "--output_dir", str(tmp_path / "m"), "--dtype", "int8"]) == 2
     assert "int8" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "2")  # as under accelerate launch / torchrun

@@ -60,20 +60,20 @@ def test_pipeline_runs_every_stage_evaluates_and_resumes(short_recipes, tmp_path
 
 def test_pipeline_names_the_missing_recipe_and_the_variants(short_recipes):
     with pytest.raises(FileNotFoundError, match=r"stage1_huge.yaml.*variants in .*\['tiny'\]"):
-        main(["pipeline", "--recipe_dir", str(short_recipes), "--variant", "huge"])
+        main(["pipeline", "--debug", "--recipe_dir", str(short_recipes), "--variant", "huge"])
     with pytest.raises(ValueError, match="ordered sub-sequence"):
-        main(["pipeline", "--recipe_dir", str(short_recipes), "--stages", "grpo", "stage1"])
+        main(["pipeline", "--debug", "--recipe_dir", str(short_recipes), "--stages", "grpo", "stage1"])
 
 
 def test_grpo_unknown_reward_fails_at_start_up_with_the_known_names(short_recipes, tmp_path):
     out = tmp_path / "g"
     with pytest.raises(ValueError, match="known rewards are choice_accuracy_reward, format_reward"):
-        main(["grpo", "--config", str(short_recipes / "grpo_tiny.yaml"), "--reward_funcs", "plan_succes",
+        main(["grpo", "--debug", "--config", str(short_recipes / "grpo_tiny.yaml"), "--reward_funcs", "plan_succes",
               "--output_dir", str(out)])
     assert not out.exists()
 
 
 def test_grpo_rejects_a_reward_weight_count_mismatch(short_recipes, tmp_path):
     with pytest.raises(ValueError, match="reward_weights has 1 values for 2 reward_funcs"):
-        main(["grpo", "--config", str(short_recipes / "grpo_tiny.yaml"), "--reward_weights", "1.0",
+        main(["grpo", "--debug", "--config", str(short_recipes / "grpo_tiny.yaml"), "--reward_weights", "1.0",
               "--output_dir", str(tmp_path / "g")])

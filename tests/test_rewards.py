@@ -25,7 +25,7 @@ PLAN_TABLE = [
     # (completion, official, strict)
     (BLOCK + "\\boxed{DOWN, DOWN, RIGHT, RIGHT}", 1.0, 1.0),
     ("\\boxed{D, D, R, R}", 1.0, 1.0),  # letters
-    ("\\boxed{d d r r}", 1.0, 1.0),  # any case, spaces
+    ("\\boxed{d d r r}", 0.0, 0.0),  # lower case, spaces: not moves for VSP's parser
     ("\\boxed{RIGHT, RIGHT}", 0.0, 0.0),  # walks into the hole
     ("\\boxed{D, D, R, R, U}", 1.0, 0.0),  # official stops at the goal; strict ends off it
     ("\\boxed{D, D, R, R, U, U, U}", 1.0, 0.0),  # ... the strict rule replays into the hole

@@ -11,8 +11,8 @@ MAP = [[0, 2, 0],
 @pytest.mark.parametrize("text,plan", [
     ("\\boxed{U, U}", ["U", "U"]),
     ("\\boxed{UP, UP}", ["U", "U"]),
-    ("\\boxed{up,Up}", ["U", "U"]),
-    ("thinking... \\boxed{L} then \\boxed{U U}", ["U", "U"]),  # the last box counts
+    ("\\boxed{\"U\", 'U'.}", ["U", "U"]),  # VSP removes quotes and periods from every item
+    ("thinking... \\boxed{L} then \\boxed{U, U}", ["U", "U"]),  # the last box counts
     ("<|latent_start|><|latent_pad|><|latent_end|>\\boxed{RIGHT, UP}", ["R", "U"]),
 ])
 def test_parse_plan_valid(text, plan):
@@ -22,6 +22,7 @@ def test_parse_plan_valid(text, plan):
 @pytest.mark.parametrize("text", [
     "", "U, U", "\\boxed{}", "\\boxed{   }", "\\boxed{U, X}", "\\boxed{U, U", "\\boxed{LEFTRIGHT}",
     "\\boxed{U}\\boxed{U", "\\boxed{{U}}", "\\boxed{上}",
+    "\\boxed{up,Up}", "\\boxed{U U}", "\\boxed{U,,U}",  # VSP: lower case, spaces and empty items are not moves
 ])
 def test_parse_plan_invalid(text):
     assert parse_plan(text) is None

@@ -27,6 +27,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_directory
+from ..outputs import output_dir_guard
 from ..scoring import extract_boxed, parse_plan, replay
 from . import vsp
 from .images import open_image
@@ -71,6 +72,11 @@ class BuildDataArguments:
         "help": "mirage_jsonl: prefix removed from image paths first (Mirage's sample uses './data/examples/')."})
     latent_blocks: int = field(default=1, metadata={
         "help": "mirage_jsonl: <output_image> markers each text_output must hold (one helper image each)."})
+    max_text_chars: int = field(default=20_000, metadata={
+        "help": "Longest text field (text_input, text_output) accepted, in characters; a longer row is bad "
+                "(an error, or skipped with skip_bad_rows): training would tokenize it whole."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Write into an output_dir holding entries no mirage-rl run wrote (they are kept, never deleted)."})
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -81,6 +87,10 @@ class BuildDataArguments:
             raise ValueError(f"prompt must be one of {sorted(vsp.PROMPTS)}, got {self.prompt!r}")
         if self.source == "mirage_jsonl" and not self.jsonl:
             raise ValueError("source: mirage_jsonl needs jsonl: the path of the JSONL file")
+        if self.max_text_chars < 1:
+            raise ValueError(f"max_text_chars must be >= 1, got {self.max_text_chars}")
+        if self.num_generated < 0:
+            raise ValueError(f"num_generated must be >= 0, got {self.num_generated}")
 
 
 SOURCES = ("vsp", "mirage_jsonl")
@@ -141,8 +151,27 @@ def _row(map_desc, plan, level, source, map_id, prompt_text, task: str = "plan")
 
 
 def build_dataset(args: BuildDataArguments):
-    """``mirage-rl build-data``: :func:`build_vsp_dataset` or :func:`build_mirage_jsonl_dataset` by ``args.source``."""
-    return build_mirage_jsonl_dataset(args) if args.source == "mirage_jsonl" else build_vsp_dataset(args)
+    """``mirage-rl build-data``: :func:`build_vsp_dataset` or :func:`build_mirage_jsonl_dataset` by ``args.source``,
+    after the output folder is checked and locked (:func:`mirage_rl.outputs.output_dir_guard`: an existing file, a
+    folder of foreign entries or a running build there fail before any rendering)."""
+    with output_dir_guard(args.output_dir, "dataset", args.overwrite_output_dir):
+        return build_mirage_jsonl_dataset(args) if args.source == "mirage_jsonl" else build_vsp_dataset(args)
+
+
+def text_field(r: dict, key: str, where: str, max_chars: int) -> str:
+    """``r[key]`` as a string of at most ``max_chars`` characters.
+
+    Raises:
+        ValueError: naming ``where`` and ``key``: not a string (e.g. ``123``), or longer than ``max_chars``.
+    """
+    value = r[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: field {key!r} must be a string, got {type(value).__name__} {str(value)[:40]!r}; "
+                         "fix the row")
+    if len(value) > max_chars:
+        raise ValueError(f"{where}: field {key!r} has {len(value)} characters, more than max_text_chars={max_chars}; "
+                         "shorten the row or raise max_text_chars")
+    return value
 
 
 def _save_rows(rows: list[dict], args: BuildDataArguments, bad: BadRows, extra_features: dict, **counts):
@@ -182,7 +211,7 @@ def build_vsp_dataset(args: BuildDataArguments):
     for i, r in tqdm(train, desc="render Mirage train maps"):
         where = f"{args.train_jsonl}:{i}"
         try:
-            map_desc, given, level = _check_vsp_row(r, where)
+            map_desc, given, level = _check_vsp_row(r, where, args.max_text_chars)
         except ValueError as e:
             bad(e, i)
             continue
@@ -208,16 +237,19 @@ def build_vsp_dataset(args: BuildDataArguments):
                       removed_other_levels=other_level)
 
 
-def _check_vsp_row(r: dict, where: str):
+def _check_vsp_row(r: dict, where: str, max_chars: int = 20_000):
     """``(map_desc, plan, level)`` of a Mirage VSP train row; ``ValueError`` naming ``where`` when it is malformed."""
     for key in ("map_desc", "text_output", "level"):
         if key not in r:
             raise ValueError(f"{where}: missing field {key!r} (a VSP train row needs map_desc, text_output, level)")
+    text_output = text_field(r, "text_output", where, max_chars)
+    if "text_input" in r:
+        text_field(r, "text_input", where, max_chars)
     map_desc = vsp.validate_map(r["map_desc"], where=where)
     plan = vsp.shortest_plan(map_desc)
-    given = parse_plan(r["text_output"])
+    given = parse_plan(text_output)
     if given is None or not replay(map_desc, given)[1]:
-        raise ValueError(f"{where}: text_output {str(r['text_output'])[:80]!r} is not a successful plan for map_desc")
+        raise ValueError(f"{where}: text_output {text_output[:80]!r} is not a successful plan for map_desc")
     if plan is None or len(given) != len(plan):
         raise ValueError(f"{where}: text_output is not a shortest plan (BFS finds {plan})")
     try:
@@ -256,10 +288,12 @@ def build_mirage_jsonl_dataset(args: BuildDataArguments):
 
 
 def _mirage_row(r: dict, line: int, where: str, root: Path, args: BuildDataArguments) -> dict:
-    missing = [k for k in MIRAGE_FIELDS if not r.get(k)]
+    missing = [k for k in MIRAGE_FIELDS if r.get(k) is None or r.get(k) == ""]
     if missing:
         raise ValueError(f"{where}: missing field(s) {missing}; a Mirage-format row needs {list(MIRAGE_FIELDS)} "
                          "(image_output is the helper image)")
+    for key in MIRAGE_FIELDS:
+        text_field(r, key, where, args.max_text_chars)
     n_markers = r["text_output"].count(vsp.LATENT_MARKER)
     if n_markers != args.latent_blocks:
         raise ValueError(f"{where}: text_output has {n_markers} {vsp.LATENT_MARKER} marker(s), expected "
@@ -283,7 +317,7 @@ def _mirage_row(r: dict, line: int, where: str, root: Path, args: BuildDataArgum
 def save_dataset_atomic(ds, output_dir: str | os.PathLike, report: dict | None = None) -> None:
     """Save a dataset (and ``build_report.json`` when ``report`` is given) to ``output_dir`` atomically: a crash
     mid-save leaves any previous one intact."""
-    with atomic_directory(output_dir) as tmp:
+    with atomic_directory(output_dir, "dataset", command="build-data") as tmp:
         ds.save_to_disk(str(tmp))
         if report is not None:
             (tmp / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")

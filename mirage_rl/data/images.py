@@ -69,3 +69,17 @@ def check_pixel_budget(image: Image.Image, max_pixels: int | None, where: str) -
                          f"processor's budget max_pixels={max_pixels}; the processor would shrink it by "
                          f"{(w * h / max_pixels) ** 0.5:.1f}x per side and erase its detail. Resize the image "
                          "offline or raise the image processor's max_pixels")
+
+
+def visual_tokens(image_processor, width: int, height: int) -> int:
+    """Merged visual tokens a Qwen2-VL-style image processor makes of a ``width`` x ``height`` image (after its
+    resize to multiples of ``patch_size * merge_size`` within its pixel bounds): what stage 1 pools into k vectors."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    patch, merge = int(getattr(image_processor, "patch_size", 14)), int(getattr(image_processor, "merge_size", 2))
+    size = getattr(image_processor, "size", None)
+    get = (size.get if isinstance(size, dict) else (lambda k: getattr(size, k, None))) if size is not None else (lambda k: None)
+    lo = getattr(image_processor, "min_pixels", None) or get("min_pixels") or get("shortest_edge") or 56 * 56
+    hi = pixel_budget(image_processor) or 14 * 14 * 4 * 1280
+    h, w = smart_resize(height, width, factor=patch * merge, min_pixels=int(lo), max_pixels=int(hi))
+    return (h // (patch * merge)) * (w // (patch * merge))

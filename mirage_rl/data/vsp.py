@@ -322,7 +322,7 @@ def load_benchmark(root: str | Path, levels: list[int] | None = None) -> list[Be
 def jsonl_rows(path: str | Path, on_error=None) -> list[tuple[int, dict]]:
     """``(1-based line, row)`` for every non-empty line of a JSONL file.
 
-    A line that is not a JSON object raises ``ValueError`` naming the file and line, or is handed to
+    A line that is not valid UTF-8 or not a JSON object raises ``ValueError`` naming the file and line, or is handed to
     ``on_error(error, line)`` (which may raise it or record it, see ``mirage_rl.data.build.BadRows``).
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -330,8 +330,17 @@ def jsonl_rows(path: str | Path, on_error=None) -> list[tuple[int, dict]]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such JSONL file")
     rows = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for i, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                err = ValueError(f"{path}:{i}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the "
+                                 "line); re-encode the file as UTF-8 or remove that line")
+                if on_error is None:
+                    raise err from None
+                on_error(err, i)
+                continue
             if not line.strip():
                 continue
             try:

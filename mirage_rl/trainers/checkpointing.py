@@ -9,6 +9,7 @@ deleted only after the marker is written, so a kill at any moment leaves the pre
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -18,7 +19,8 @@ from pathlib import Path
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from ..atomic import atomic_write_text, recover_directory
+from ..atomic import apply_umask, atomic_write_text, recover_directory
+from ..errors import is_no_space, no_space_message
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +96,8 @@ class AtomicCheckpointMixin:
 
     Overrides ``transformers.Trainer._save_checkpoint(model, trial)``: removes the debris of an earlier
     interrupted save of the same step, saves with rotation switched off, writes the completion marker
-    (main process, after every rank has saved), then rotates (``save_total_limit``).
+    (main process, after every rank has saved), then rotates (``save_total_limit``). A save that fills the disk
+    removes its incomplete checkpoint and raises ``OSError(ENOSPC)`` naming the folder.
 
     Overrides ``transformers.Trainer._load_from_checkpoint(resume_from_checkpoint, model=None)``: transformers 5.23
     loads the checkpoint's state dict without its key conversion (Qwen2.5-VL saves ``visual.*`` / ``model.layers.*``
@@ -110,6 +113,10 @@ class AtomicCheckpointMixin:
             return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
         if not any(Path(resume_from_checkpoint).glob("*.safetensors")):
             raise FileNotFoundError(f"{resume_from_checkpoint}: no *.safetensors weights to resume from")
+        from ..modeling import check_safetensors
+
+        for weights in sorted(Path(resume_from_checkpoint).glob("*.safetensors")):
+            check_safetensors(weights)
         base = self.accelerator.unwrap_model(model)
         dtype = next(base.parameters()).dtype
         saved = type(base).from_pretrained(resume_from_checkpoint, dtype=dtype, use_safetensors=True)
@@ -131,10 +138,19 @@ class AtomicCheckpointMixin:
         self.args.save_total_limit = None
         try:
             super()._save_checkpoint(model, trial)
+        except Exception as e:
+            if not is_no_space(e):
+                raise
+            # a full disk: the incomplete checkpoint would stay and fill it again at the next try
+            if self.args.should_save:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise OSError(errno.ENOSPC, f"{no_space_message(e, folder)} (the incomplete checkpoint {folder.name} was "
+                                        "removed; the last complete checkpoint is kept)") from e
         finally:
             self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
+            apply_umask(folder)
             files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
             atomic_write_text(folder / COMPLETE_MARKER, json.dumps(
                 {"global_step": self.state.global_step, "files": files}, indent=1) + "\n")

@@ -17,7 +17,8 @@ latent block is scored under the latents its policy produced. Two ``latent_objec
 TRL hooks overridden (TRL pinned to 1.16; ``tests/test_grpo.py`` checks they exist with these signatures):
 ``_generate_single_turn`` (the rollout), ``_generate`` (completions decoded with their latent tokens for the
 reward functions), ``_generate_and_score_completions`` (latent loss mask, Gaussian latents),
-``_get_per_token_logps_and_entropies`` (latent fill) and ``_compute_loss`` (passes the Gaussian latents); and
+``_get_per_token_logps_and_entropies`` (latent fill), ``_compute_loss`` (passes the Gaussian latents) and
+``_calculate_rewards`` (stops on rewards that stay NaN); and
 transformers' ``Trainer._save_checkpoint`` (complete-or-ignored checkpoints, ``trainers/checkpointing.py``).
 """
 
@@ -44,6 +45,7 @@ from ..generation import generate, row_generators
 from ..image_cache import ImageProcessingCache, VisionFeatureCache
 from ..modeling import LatentTokens, load_model
 from .checkpointing import AtomicCheckpointMixin
+from .sft import LATENT_FILLS, check_training_length
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,25 @@ class MirageGRPOConfig(GRPOConfig):
         cache_prompt_images: run the image processor and the frozen vision tower once per distinct prompt image of a
             generation batch, and reuse their outputs in the rollout, old/reference log-probs and the loss
             (:mod:`mirage_rl.image_cache`).
+        nan_reward_patience: stop training when a reward function returns NaN (or None) for every completion of this
+            many consecutive generation batches (each such batch is logged as a warning); 0 never stops.
+        overwrite_output_dir: write into an ``output_dir`` holding entries no mirage-rl run wrote (kept, never
+            deleted); without it such a folder is refused before any work (``mirage_rl.outputs``).
+
+    TRL options and the latent rollout (``mirage_rl.generation.generate`` replaces TRL's generation):
+
+    * honoured: ``temperature``, ``top_p``, ``max_completion_length``, ``num_generations``, ``beta``, ``loss_type``,
+      ``epsilon``/``epsilon_high``, ``importance_sampling_level``, ``mask_truncated_completions``,
+      ``top_entropy_quantile``, ``entropy_coef`` (text tokens; latent slots carry no entropy), ``reward_weights``,
+      ``scale_rewards``, ``steps_per_generation``, ``num_iterations``, ``sync_ref_model``, ``seed``, ``use_vllm``
+      (``latent_mode: none`` only); ``generation_kwargs`` keys ``eos_token_id`` (extra end-of-completion ids, also
+      in TRL's masks), ``suppress_tokens`` (never sampled) and ``do_sample: true``.
+    * refused at start-up, with the reason: ``top_k``, ``min_p``, ``repetition_penalty``, any other
+      ``generation_kwargs`` key, ``cache_implementation`` (the rollout keeps a ``DynamicCache``),
+      ``use_transformers_continuous_batching``, ``use_vllm`` with a latent mode; with ``latent_objective:
+      gaussian`` also ``top_entropy_quantile < 1`` (slots would be ranked by a token entropy they do not have),
+      ``entropy_coef`` / ``use_adaptive_entropy`` (the bonus would count the slots' token entropy) and
+      ``importance_sampling_level: sequence`` (it would average Gaussian log-densities with token log-probs).
     """
 
     latent_mode: str | None = field(default=None, metadata={"help": f"One of {LATENT_MODES}; default: the checkpoint's."})
@@ -72,6 +93,11 @@ class MirageGRPOConfig(GRPOConfig):
     latent_fill: str = field(default="auto", metadata={"help": "auto, cached or multipass."})
     cache_prompt_images: bool = field(default=True, metadata={
         "help": "Process and encode each distinct prompt image once per generation batch (mirage_rl.image_cache)."})
+    nan_reward_patience: int = field(default=3, metadata={
+        "help": "Stop after a reward function returns NaN/None for every completion of this many consecutive "
+                "generation batches (0: never stop, only warn)."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Write into an output_dir holding entries no mirage-rl run wrote (they are kept, never deleted)."})
 
     def __post_init__(self):
         if self.use_vllm and self.latent_mode not in (None, "none"):  # before TRL's own vLLM checks
@@ -92,6 +118,39 @@ class MirageGRPOConfig(GRPOConfig):
                 raise ValueError(f"{name}={value}: latent rollouts sample with temperature and top_p only; unset {name}")
         if self.use_transformers_continuous_batching:
             raise ValueError("use_transformers_continuous_batching: latent rollouts use mirage_rl.generation; unset it")
+        check_training_length(self)
+        if self.latent_fill not in LATENT_FILLS:
+            raise ValueError(f"latent_fill must be one of {LATENT_FILLS}, got {self.latent_fill!r}")
+        if self.nan_reward_patience < 0:
+            raise ValueError(f"nan_reward_patience must be >= 0 (0: never stop), got {self.nan_reward_patience}")
+        if not self.use_vllm:
+            if self.cache_implementation is not None:
+                raise ValueError(f"cache_implementation={self.cache_implementation!r}: latent rollouts keep a "
+                                 "DynamicCache (the latent fill appends one position at a time); unset it")
+            unsupported = sorted(set(self.generation_kwargs or {}) - set(GENERATION_KWARGS))
+            if unsupported:
+                raise ValueError(f"generation_kwargs {unsupported}: latent rollouts (mirage_rl.generation) honour only "
+                                 f"{list(GENERATION_KWARGS)}; set temperature, top_p and max_completion_length as "
+                                 "options of their own and remove the others")
+            if (self.generation_kwargs or {}).get("do_sample", True) is not True:
+                raise ValueError("generation_kwargs do_sample: false: GRPO rollouts sample; remove it")
+        if self.latent_objective == "gaussian":
+            why = {"top_entropy_quantile": (self.top_entropy_quantile < 1.0,
+                                            "it ranks positions by token entropy, which a Gaussian latent slot does "
+                                            "not have, and would drop them: set 1.0"),
+                   "entropy_coef": (self.entropy_coef != 0.0 or self.use_adaptive_entropy,
+                                    "the entropy bonus would count the latent slots' token entropy: set 0 and "
+                                    "use_adaptive_entropy: false"),
+                   "importance_sampling_level": (self.importance_sampling_level == "sequence",
+                                                 "a sequence ratio would average Gaussian log-densities with token "
+                                                 "log-probs: use token")}
+            for name, (bad, reason) in why.items():
+                if bad:
+                    raise ValueError(f"{name}={getattr(self, name)!r} with latent_objective: gaussian: {reason}")
+
+
+#: ``generation_kwargs`` keys the latent rollout honours (see ``MirageGRPOConfig``)
+GENERATION_KWARGS = ("eos_token_id", "suppress_tokens", "do_sample")
 
 
 def _latent_backbone_forward(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
@@ -180,6 +239,13 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             self.vision_cache.install(self.model)
             if self.ref_model is not None:
                 self.vision_cache.install(self.accelerator.unwrap_model(self.ref_model))
+        extra = dict(args.generation_kwargs or {}) if not args.use_vllm else {}
+        eos = extra.get("eos_token_id")
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        # an extra end-of-completion id ends rollouts and TRL's completion masks alike
+        self.eos_token_ids = list(self.eos_token_ids) + [i for i in eos if i not in self.eos_token_ids]
+        self._suppress_extra = list(extra.get("suppress_tokens") or [])
+        self._nan_reward_streak = [0] * len(self.reward_funcs)  # consecutive all-NaN generation batches per function
         self._rollout_latents = None  # Gaussian latents of the generation batch being scored
         self._loss_latents = None  # Gaussian latents of the micro-batch in _compute_loss
         self._generation_time = 0.0  # seconds of latent decoding in the current generation batch
@@ -237,6 +303,7 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         batch = {k: v.to(device) for k, v in batch.items()}
         suppress = [i for i in (getattr(self.model.config, "image_token_id", None),
                                 getattr(self.model.config, "video_token_id", None)) if i is not None]
+        suppress += self._suppress_extra
         sigma = self.args.latent_sigma if self.latent_objective == "gaussian" else None
         # one random stream per row of the global generation batch: N ranks sample what one process samples
         mode = "train" if self.model.training else "eval"
@@ -251,11 +318,11 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             out = generate(unwrapped, self.processing_class, batch, max_new_tokens=self.max_completion_length,
                            latent_mode=self.latent_mode, do_sample=True, temperature=self.temperature,
                            top_p=self.top_p, generator=generators, return_logprobs=True, latent_sigma=sigma,
-                           suppress_token_ids=suppress)
+                           suppress_token_ids=suppress, eos_token_ids=list(self.eos_token_ids))
         self._generation_time += time.perf_counter() - t0
         eos = set(self.eos_token_ids) | {self._tokenizer.pad_token_id}
         seqs, logps = out.sequences.tolist(), out.logprobs.tolist()
-        slots = self._slot_masks(out.sequences)[0] if out.latents is not None else None
+        slots = self._completion_slot_masks(batch["input_ids"], out.sequences)[0] if out.latents is not None else None
         completion_ids, logprobs, latents = [], [], []
         for i, row in enumerate(seqs):
             n = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
@@ -288,6 +355,14 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             return z, z
         return latent.slot_masks(ids, lt.start, lt.pad, lt.end, lt.latent_size)
 
+    def _completion_slot_masks(self, prompt_ids: torch.Tensor, completion_ids: torch.Tensor):
+        """``(slots, forced_end)`` ``(B, C)`` of the completion, read from prompt + completion: a block whose
+        ``<|latent_start|>`` ends the (left-padded) prompt has its slots at the start of the completion, where the
+        scoring forward (:meth:`_get_per_token_logps_and_entropies`, which reads the whole sequence) fills them too."""
+        width = prompt_ids.shape[1]
+        slots, forced_end = self._slot_masks(torch.cat([prompt_ids.to(completion_ids.device), completion_ids], 1))
+        return slots[:, width:], forced_end[:, width:]
+
     def _generate_and_score_completions(self, inputs):
         """TRL hook (``GRPOTrainer._generate_and_score_completions``): as TRL, then latent slots (unless Gaussian)
         and forced ``<|latent_end|>`` tokens are removed from the loss through TRL's ``tool_mask`` (which
@@ -308,20 +383,46 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             mode = "train" if self.model.training else "eval"
             self._metrics[mode]["time/generation"].append(self._generation_time)
             self._metrics[mode]["time/scoring"].append(time.perf_counter() - t0 - self._generation_time)
-            slots, forced_end = self._slot_masks(output["completion_ids"])
+            slots, forced_end = self._completion_slot_masks(output["prompt_ids"], output["completion_ids"])
             keep = ~forced_end if self.latent_objective == "gaussian" else ~(slots | forced_end)
             tool_mask = output.get("tool_mask")
             tool_mask = keep.long() if tool_mask is None else tool_mask * keep.long()
             output["tool_mask"] = tool_mask
             output["num_items_in_batch"] = self.accelerator.gather((output["completion_mask"] * tool_mask).sum()).sum()
             if self.latent_tokens is not None:
-                blocks = (output["completion_ids"] == self.latent_tokens.start).sum(1).float()
+                blocks = ((output["completion_ids"] == self.latent_tokens.start).sum(1)
+                          + (output["prompt_ids"][:, -1] == self.latent_tokens.start)).float()
                 self._metrics[mode]["latent/blocks_per_completion"].append(self.accelerator.gather(blocks).mean().item())
             if self._rollout_latents is not None:
                 output["latent_values"] = self._rollout_latents
             return output
         finally:
             self._rollout_latents = None
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        """TRL hook (``GRPOTrainer._calculate_rewards``): as TRL, then every reward function that gave no finite value
+        (NaN, inf or None) for a whole generation batch is logged as a warning with its name and count; after
+        ``nan_reward_patience`` such batches in a row training stops (a NaN reward trains on zero advantages).
+
+        Raises:
+            ValueError: a reward function returned no finite reward for ``nan_reward_patience`` batches in a row.
+        """
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        bad = ~torch.isfinite(rewards)
+        for i, name in enumerate(self.reward_func_names):
+            if bool(bad[:, i].all()):
+                self._nan_reward_streak[i] += 1
+                logger.warning("reward function %s returned NaN/None for all %d completions of this generation batch "
+                               "(%d batch(es) in a row)", name, bad.shape[0], self._nan_reward_streak[i])
+            else:
+                self._nan_reward_streak[i] = 0
+            patience = self.args.nan_reward_patience
+            if patience and self._nan_reward_streak[i] >= patience:
+                raise ValueError(f"reward function {name} returned NaN or None for every completion of "
+                                 f"{self._nan_reward_streak[i]} generation batches in a row ({bad.shape[0]} completions "
+                                 "each): training on it is training on zero advantages; fix the function (None means "
+                                 "'not applicable to this row'), or raise nan_reward_patience (0: never stop)")
+        return rewards
 
     def _compute_loss(self, model, inputs):
         """TRL hook (``GRPOTrainer._compute_loss``): as TRL, with the micro-batch's Gaussian latents visible to

@@ -43,6 +43,14 @@ class MirageSFTConfig(SFTConfig):
         gamma: weight of the CE term in stage 1 (paper: 0.1).
         latent_fill: ``auto`` / ``cached`` / ``multipass`` (see :func:`mirage_rl.latent.latent_fill`).
         latent_blocks: latent blocks (``<output_image>`` markers) every answer must hold (``None``: any number).
+        max_length: the most tokens of a row (default 8192); a longer row raises, naming it (never truncated).
+            Checked before tokenizing: a row with more UTF-8 bytes than ``max_length`` tokens can cover is refused
+            at start-up.
+        overwrite_output_dir: write into an ``output_dir`` that holds entries no mirage-rl run wrote (they are kept,
+            never deleted); without it such a folder is refused before any work (``mirage_rl.outputs``).
+
+    ``__post_init__`` refuses settings that would train on nonsense: ``num_train_epochs <= 0`` without
+    ``max_steps``, ``gamma < 0``, an unknown ``latent_fill``, ``max_length < 1``, ``latent_blocks < 0``.
     """
 
     stage: int = field(default=2, metadata={"help": "Mirage stage: 1 or 2."})
@@ -57,7 +65,10 @@ class MirageSFTConfig(SFTConfig):
     train_vision_tower: bool = field(default=False, metadata={
         "help": "Train the vision tower too (for from-scratch models; Mirage keeps a pretrained one frozen). "
                 "Stage 1 needs it frozen: its targets come from the same tower."})
-    max_length: int | None = field(default=None, metadata={"help": "Longer rows raise; never truncated."})
+    max_length: int | None = field(default=8192, metadata={
+        "help": "Most tokens per row; longer rows raise (never truncated), huge ones before they are tokenized."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Write into an output_dir holding entries no mirage-rl run wrote (they are kept, never deleted)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Must be False: the collator reads the raw columns."})
 
     def __post_init__(self):
@@ -81,6 +92,29 @@ class MirageSFTConfig(SFTConfig):
                              "which would learn to collapse them; train it in stage 2 only")
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns must be False: the latent collator needs the raw dataset columns")
+        check_training_length(self)
+        if self.gamma < 0:
+            raise ValueError(f"gamma must be >= 0 (the stage-1 weight of the CE loss; paper: 0.1), got {self.gamma}")
+        if self.latent_fill not in LATENT_FILLS:
+            raise ValueError(f"latent_fill must be one of {LATENT_FILLS}, got {self.latent_fill!r}")
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"max_length must be >= 1 (tokens per row), got {self.max_length}")
+        if self.latent_blocks is not None and self.latent_blocks < 0:
+            raise ValueError(f"latent_blocks must be >= 0 or null, got {self.latent_blocks}")
+
+
+#: ``latent_fill`` values (:func:`mirage_rl.latent.latent_fill`)
+LATENT_FILLS = ("auto", "cached", "multipass")
+
+
+def check_training_length(args) -> None:
+    """Refuse a run that would train zero steps: ``num_train_epochs <= 0`` while ``max_steps`` is unset (``-1``).
+    Without this check the untrained start model would be saved as a finished stage."""
+    if args.max_steps is not None and args.max_steps > 0:
+        return
+    if args.num_train_epochs is None or args.num_train_epochs <= 0:
+        raise ValueError(f"num_train_epochs={args.num_train_epochs} with max_steps={args.max_steps} trains nothing: set "
+                         "num_train_epochs > 0 or max_steps >= 1")
 
 
 @dataclass
@@ -93,6 +127,7 @@ class LatentSFTOutput(ModelOutput):
     cos_loss: torch.Tensor | None = None
     n_correct: torch.Tensor | None = None
     n_tokens: torch.Tensor | None = None
+    n_slots: torch.Tensor | None = None
 
 
 def answer_ce(model, hidden: torch.Tensor, labels: torch.Tensor):
@@ -142,6 +177,7 @@ class Stage2Trainer(AtomicCheckpointMixin, SFTTrainer):
         # Trainer then counts the answer tokens of the whole global batch (every rank, every accumulation step) and
         # passes them to compute_loss as num_items_in_batch: the loss does not depend on the world size
         self.model_accepts_loss_kwargs = True
+        self._metric_sums: dict[str, dict[str, float]] = {}  # logged metrics as sums over the logging window
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         base.forward = self._make_forward(base)
 
@@ -186,15 +222,32 @@ class Stage2Trainer(AtomicCheckpointMixin, SFTTrainer):
         loss = ce if out.cos_loss is None else self.args.gamma * ce + out.cos_loss * cos_weight
         mode = "train" if self.model.training else "eval"
         gather = self.accelerator.gather_for_metrics
-        n = gather(out.n_tokens).sum()
-        self._metrics[mode]["ce_loss"].append((gather(out.ce_sum.detach()).sum() / n.clamp(min=1)).item())
+        # token-weighted over the logging window (every rank, every accumulation step): the metrics are sums here and
+        # ratios in log(), so ce_loss is the mean CE per answer token, as the loss is
+        sums = self._metric_sums.setdefault(mode, {})
+        for key, value in (("ce_sum", out.ce_sum), ("n_correct", out.n_correct), ("n_tokens", out.n_tokens)):
+            sums[key] = sums.get(key, 0.0) + gather(value.detach().float().reshape(1)).sum().item()
         if out.cos_loss is not None:
-            self._metrics[mode]["cos_loss"].append(gather(out.cos_loss.detach()).mean().item())
-        self._metrics[mode]["mean_token_accuracy"].append((gather(out.n_correct).sum() / n.clamp(min=1)).item())
+            slots = out.n_slots.float().reshape(1)
+            sums["cos_sum"] = sums.get("cos_sum", 0.0) + gather(out.cos_loss.detach().float().reshape(1) * slots).sum().item()
+            sums["n_slots"] = sums.get("n_slots", 0.0) + gather(slots).sum().item()
         if mode == "train":
             self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return (loss, out) if return_outputs else loss
+
+    def log(self, logs: dict, start_time=None) -> None:
+        """Overrides ``SFTTrainer.log``: ``ce_loss``, ``mean_token_accuracy`` and ``cos_loss`` are ratios of the
+        sums over the logging window (CE and correct tokens per answer token, cosine loss per latent slot), not means
+        of per-micro-batch means, which weigh a short micro-batch like a long one under gradient accumulation."""
+        mode = "train" if self.model.training else "eval"
+        sums = self._metric_sums.pop(mode, {})
+        if sums.get("n_tokens"):
+            self._metrics[mode]["ce_loss"] = [sums["ce_sum"] / sums["n_tokens"]]
+            self._metrics[mode]["mean_token_accuracy"] = [sums["n_correct"] / sums["n_tokens"]]
+        if sums.get("n_slots"):
+            self._metrics[mode]["cos_loss"] = [sums["cos_sum"] / sums["n_slots"]]
+        super().log(logs, start_time)
 
 
 class Stage1Trainer(Stage2Trainer):
@@ -210,17 +263,23 @@ class Stage1Trainer(Stage2Trainer):
     def latent_forward(self, model, input_ids, attention_mask, labels, latent_mask, pixel_values=None,
                        image_grid_thw=None, mm_token_type_ids=None, helper_pixel_values=None,
                        helper_image_grid_thw=None, **extra) -> LatentSFTOutput:
+        n_slots = latent_mask.sum()
+        embeds = latent.embed_inputs(model, input_ids, pixel_values, image_grid_thw)
+        pos, _ = latent.position_ids(model, input_ids, attention_mask, mm_token_type_ids, image_grid_thw)
+        if not bool(latent_mask.any()):  # no row of this micro-batch has a latent block (latent_blocks: null): CE only
+            hidden = latent._lm_forward(latent.language_model(model), embeds, pos, attention_mask)
+            ce_sum, n_correct, n = answer_ce(model, hidden, labels)
+            return LatentSFTOutput(ce_sum=ce_sum, cos_loss=hidden.sum() * 0.0, n_correct=n_correct, n_tokens=n,
+                                   n_slots=n_slots)
         if helper_pixel_values is None:
-            raise ValueError("stage 1 needs helper images: the batch has no helper_pixel_values "
+            raise ValueError("stage 1 needs helper images: the batch has latent blocks but no helper_pixel_values "
                              "(does the dataset have a 'helper_image' column?)")
         k = self.latent_tokens.latent_size
         targets = latent.helper_targets(model, helper_pixel_values, helper_image_grid_thw, k, self.args.compress)
-        embeds = latent.embed_inputs(model, input_ids, pixel_values, image_grid_thw)
         embeds = latent.teacher_forced(embeds, latent_mask, targets)
-        pos, _ = latent.position_ids(model, input_ids, attention_mask, mm_token_type_ids, image_grid_thw)
         hidden = latent._lm_forward(latent.language_model(model), embeds, pos, attention_mask)
         ce_sum, n_correct, n = answer_ce(model, hidden, labels)
         before = torch.roll(latent_mask, shifts=-1, dims=1)  # position p_t - 1 of every slot p_t
         pred = hidden[before].float()
         cos = 1.0 - F.cosine_similarity(pred, targets.reshape(-1, targets.shape[-1]).float(), dim=-1).mean()
-        return LatentSFTOutput(ce_sum=ce_sum, cos_loss=cos, n_correct=n_correct, n_tokens=n)
+        return LatentSFTOutput(ce_sum=ce_sum, cos_loss=cos, n_correct=n_correct, n_tokens=n, n_slots=n_slots)

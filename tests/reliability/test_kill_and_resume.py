@@ -172,13 +172,13 @@ def test_kill_between_the_renames_is_repaired(tmp_path):
     from mirage_rl.atomic import atomic_directory, recover_directory
 
     out = tmp_path / "ckpt"
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, "model") as tmp:
         (tmp / "weights").write_text("v1")
-        (tmp / "checkpoint-3").mkdir()
+    (out / "checkpoint-3").mkdir()  # written by the trainer beside the final save: kept by every later save
     out.rename(tmp_path / ".ckpt.old-999")  # the state right after the first rename
     recover_directory(out)
     assert (out / "weights").read_text() == "v1" and (out / "checkpoint-3").is_dir()
-    with atomic_directory(out, keep=("checkpoint-*",)) as tmp:
+    with atomic_directory(out, "model") as tmp:
         (tmp / "weights").write_text("v2")
     assert (out / "weights").read_text() == "v2" and (out / "checkpoint-3").is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
@@ -227,7 +227,7 @@ def test_eval_journal_of_other_settings_is_not_mixed_in(tiny_dir, vsp_dir, tmp_p
     args = EvalArguments(model=str(tiny_dir), benchmark_dir=str(vsp_dir / "maze_planning"), output_dir=str(out),
                          limit=12, batch_size=4, max_new_tokens=9)
     with pytest.raises(ValueError, match=r"samples.partial.jsonl: a journal of an interrupted evaluation with other "
-                                         r"settings \(\['max_new_tokens'\] differ\); delete it"):
+                                         r"settings \(\['max_new_tokens'\] differ: max_new_tokens: 8 there, 9 now\); delete it"):
         evaluate(args)
     args.resume = False
     assert evaluate(args)["resumed_at"] == 0

@@ -1,0 +1,266 @@
+"""Output folders: what mirage-rl may write where, and one run per folder at a time.
+
+The rules (README, "What an output_dir may contain"):
+
+* Every folder a command writes into holds ``mirage_output.json`` (the *manifest*): the entries mirage-rl wrote
+  there (names or globs such as ``checkpoint-*``) and the *group* that wrote each one (``model``: a model save by
+  ``sft``/``grpo``/``create-model``/``export``; ``dataset``; ``eval``; ``checkpoints``; ``pipeline``; ``results``;
+  ``user``: entries a user let mirage-rl write beside with ``--overwrite_output_dir true``), plus the settings of the
+  run that saved the model (``run``; ``pipeline`` compares them with its recipe).
+* Before any work (:func:`output_dir_guard`): ``output_dir`` must be a folder or not exist yet, its nearest existing
+  parent writable, and it may hold only mirage-rl's entries: those of its manifest, sub-folders with a manifest of
+  their own (e.g. ``eval/`` inside a model folder) and the hidden ``.NAME.tmp-*`` / ``.NAME.old-*`` / ``.NAME.lock``
+  entries of atomic writes and locks. Anything else is refused (naming the folder and the entries) unless
+  ``overwrite_output_dir``; even then it is kept.
+* A save (:func:`mirage_rl.atomic.commit_directory`) replaces only what the same group wrote before; every other
+  entry of the folder is kept. Nothing a user put in a folder is ever deleted.
+* One run per folder (:func:`run_lock`): an exclusive ``fcntl.flock`` lock (``filelock``) on the hidden sibling
+  ``.NAME.lock``, held from start-up to the end of the run. The kernel drops it when the process dies, SIGKILL
+  included; the holder's pid, start time and command are in ``.NAME.lock.owner`` for the message a second run gets.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+import re
+import socket
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import UserError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "mirage_output.json"
+#: hidden siblings that mirage-rl itself creates beside (or inside) a folder: atomic-write temp entries, the old
+#: version kept during a folder swap, locks and their owner records
+_OWN_HIDDEN = re.compile(r"^\..+\.(tmp-.*|old-\d+|lock|lock\.owner)$")
+#: what each group may leave in a folder while it runs (claimed at start-up, so a killed run's files are mirage-rl's)
+PATTERNS = {
+    "model": ("checkpoint-*", "runs", "README.md"),  # README.md: the model card TRL writes at each checkpoint
+    "eval": ("report.json", "samples.jsonl", "samples.partial.jsonl", "accuracy_by_level.png"),
+    "pipeline": ("pipeline_summary.json", "pipeline_summary.md"),
+    "results": ("logs", "steps.json", "results.json", "base", "seed*"),  # base/, seedN/: folders of the runs
+    "dataset": (),
+}
+_PATTERN_GROUP = {"checkpoint-*": "checkpoints", "runs": "checkpoints", "README.md": "checkpoints"}
+
+
+class OutputDirError(UserError):
+    """An ``output_dir`` that cannot be used: a file, foreign entries, not writable, or in use by another run."""
+
+
+# ------------------------------------------------------------------------------------------------ manifest
+def read_manifest(folder: str | os.PathLike) -> dict:
+    """The manifest of ``folder`` (``{"entries": {name_or_glob: group}, ...}``); empty when there is none or it is
+    unreadable (then nothing in the folder counts as mirage-rl's)."""
+    path = Path(folder) / MANIFEST
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"entries": {}}
+    if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
+        return {"entries": {}}
+    return data
+
+
+def group_of(name: str, manifest: dict) -> str | None:
+    """The group that wrote ``name`` according to ``manifest`` (exact names first, then globs), or None."""
+    entries = manifest.get("entries", {})
+    if name in entries:
+        return entries[name]
+    for pattern, group in entries.items():
+        if any(c in pattern for c in "*?[") and fnmatch.fnmatchcase(name, pattern):
+            return group
+    return None
+
+
+def is_own_hidden(name: str) -> bool:
+    """A hidden temp / old / lock entry that mirage-rl's atomic writes and locks create."""
+    return bool(_OWN_HIDDEN.match(name))
+
+
+def foreign_entries(folder: str | os.PathLike) -> list[str]:
+    """The entries of ``folder`` that no mirage-rl run wrote there (sorted names; module docstring)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    manifest = read_manifest(folder)
+    out = []
+    for child in folder.iterdir():
+        name = child.name
+        if name == MANIFEST or is_own_hidden(name) or group_of(name, manifest) is not None:
+            continue
+        if child.is_dir() and (child / MANIFEST).is_file():  # a nested mirage-rl output (eval/ in a model folder)
+            continue
+        out.append(name)
+    return sorted(out)
+
+
+def write_manifest(folder: str | os.PathLike, manifest: dict) -> None:
+    """Write ``manifest`` into ``folder`` atomically."""
+    from .atomic import atomic_write_text
+
+    atomic_write_text(Path(folder) / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+def merged_manifest(old: dict, group: str, names, run: dict | None = None, command: str | None = None) -> dict:
+    """``old`` with the entries of ``group`` replaced by ``names`` (a save of that group wrote exactly these), the
+    other groups' entries kept; ``run`` (the settings of the run that saved) replaces the old one when given."""
+    entries = {n: g for n, g in old.get("entries", {}).items() if g != group}
+    entries.update({n: group for n in names if n != MANIFEST})
+    out = {**old, "entries": entries}
+    if run is not None:
+        out["run"] = run
+    if command is not None:
+        out["history"] = (old.get("history") or [])[-19:] + [
+            {"command": command, "group": group, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")}]
+    return out
+
+
+def claim(folder: str | os.PathLike, group: str, accepted: list[str] = ()) -> None:
+    """Create ``folder`` and record in its manifest what ``group`` may leave there while it runs (``PATTERNS``), and
+    the foreign entries the user accepted with ``overwrite_output_dir`` (group ``user``: kept, never deleted)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(folder)
+    entries = dict(manifest["entries"])
+    for pattern in PATTERNS.get(group, ()):
+        entries.setdefault(pattern, _PATTERN_GROUP.get(pattern, group))
+    for name in accepted:
+        entries.setdefault(name, "user")
+    if entries != manifest["entries"] or not (folder / MANIFEST).exists():
+        write_manifest(folder, {**manifest, "entries": entries})
+
+
+def record(folder: str | os.PathLike, names, group: str) -> None:
+    """Add ``names`` (written by ``group``) to the manifest of ``folder``."""
+    manifest = read_manifest(folder)
+    entries = {**manifest["entries"], **{n: group for n in names}}
+    if entries != manifest["entries"] or not (Path(folder) / MANIFEST).exists():
+        write_manifest(folder, {**manifest, "entries": entries})
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def check_output_dir(path: str | os.PathLike, overwrite: bool = False, what: str = "output_dir") -> list[str]:
+    """Refuse an unusable output folder before any work starts; returns the foreign entries accepted by
+    ``overwrite``.
+
+    Raises:
+        OutputDirError: ``path`` (or a parent) is a file; the nearest existing parent is not writable; or ``path``
+            holds entries no mirage-rl run wrote there and ``overwrite`` is False (naming the folder, the entries and
+            the two ways on).
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise OutputDirError(f"{what} {p} is a file, not a folder: mirage-rl writes a folder there and never "
+                             "replaces a file; pass another path")
+    parent = p
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputDirError(f"{what} {p}: {parent} is a file, so the folder cannot be created; pass another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputDirError(f"{what} {p}: {parent} is not writable by this user; pass a folder you can write to")
+    foreign = foreign_entries(p)
+    if foreign and not overwrite:
+        shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        raise OutputDirError(f"{what} {p} holds entries that no mirage-rl run wrote there ({shown}); mirage-rl does "
+                             "not mix its outputs into such a folder: choose another folder, or pass "
+                             "--overwrite_output_dir true to write beside them (they are kept, never deleted)")
+    if foreign:
+        logger.warning("%s %s: writing beside %d entries mirage-rl did not write (%s); they are kept", what, p,
+                       len(foreign), ", ".join(foreign[:8]))
+    return foreign
+
+
+# ------------------------------------------------------------------------------------------------ locks
+_HELD: dict[str, int] = {}
+
+
+def lock_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """``(.NAME.lock, .NAME.lock.owner)`` beside ``path``."""
+    p = Path(os.path.abspath(path))
+    return p.with_name(f".{p.name}.lock"), p.with_name(f".{p.name}.lock.owner")
+
+
+def _describe_owner(owner_file: Path) -> str:
+    try:
+        o = json.loads(owner_file.read_text())
+        return f"pid {o['pid']} on {o['host']}, started {o['started']}: {o['command']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "owner unknown"
+
+
+@contextmanager
+def run_lock(path: str | os.PathLike, command: str | None = None):
+    """Hold the exclusive run lock of the folder ``path`` (module docstring) for the ``with`` block. Re-entrant
+    within one process (a pipeline's stage inside the pipeline).
+
+    Raises:
+        OutputDirError: another run holds the lock (naming the folder and that run's pid, start time and command).
+    """
+    from filelock import FileLock, Timeout
+
+    key = os.path.realpath(path)
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    lock_file, owner_file = lock_paths(path)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_file), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise OutputDirError(f"{path} is in use by another mirage-rl run ({_describe_owner(owner_file)}); wait for it "
+                             "to end or use another output_dir") from None
+    from .atomic import atomic_write_text
+
+    atomic_write_text(owner_file, json.dumps({
+        "pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": command or " ".join(["mirage-rl", *sys.argv[1:]])}) + "\n")
+    _HELD[key] = 1
+    try:
+        yield
+    finally:
+        _HELD.pop(key, None)
+        lock.release()
+
+
+def is_main_rank() -> bool:
+    """Rank 0 of a ``torchrun`` / ``accelerate launch`` job (or a plain process): the one that checks, locks and
+    records output folders."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextmanager
+def output_dir_guard(path: str | os.PathLike, group: str, overwrite: bool = False, what: str = "output_dir",
+                     command: str | None = None):
+    """Check ``path`` (:func:`check_output_dir`), lock it (:func:`run_lock`) and claim it (:func:`claim`) for the
+    ``with`` block; on rank 0 only (other ranks of a distributed job run inside rank 0's lock)."""
+    if not is_main_rank():
+        yield
+        return
+    check_output_dir(path, overwrite, what)  # fast refusal before taking the lock
+    with run_lock(path, command):
+        accepted = check_output_dir(path, overwrite, what)  # again, now that no other run can write there
+        existed = Path(path).exists()
+        claim(path, group, accepted)
+        try:
+            yield
+        except BaseException:
+            # a run that failed before writing anything leaves no folder behind (only the one it created)
+            folder = Path(path)
+            if not existed and folder.is_dir() and {c.name for c in folder.iterdir()} <= {MANIFEST}:
+                (folder / MANIFEST).unlink(missing_ok=True)
+                folder.rmdir()
+            raise
