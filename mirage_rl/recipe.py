@@ -33,9 +33,8 @@ def _unique_key_loader():
             for key_node, _ in node.value:
                 key = self.construct_object(key_node, deep=deep)
                 if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key!r} (first on line {seen[key] + 1}); keep one of them",
-                        key_node.start_mark)
+                    raise RecipeError(f"{key_node.start_mark.line + 1}: duplicate key {key!r} (first on line "
+                                      f"{seen[key] + 1}); keep one of them")
                 seen[key] = key_node.start_mark.line
             return super().construct_mapping(node, deep=deep)
 
@@ -65,6 +64,8 @@ def load_recipe(path: str | Path) -> dict:
             loader.dispose()
     except UnicodeDecodeError as e:
         raise RecipeError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except RecipeError as e:  # a duplicate key: "LINE: ..."
+        raise RecipeError(f"{p}:{e}") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{p}: not valid YAML: {e}") from None
     if data is None:
