@@ -75,12 +75,17 @@ class PhaseTimer:
         setattr(obj, name, timed)
 
 
-def make_trainer(model_dir: Path, size: str, rows, args, device: str, cache: bool, out: Path):
+def make_trainer(model_dir: Path, size: str, rows, args, device: str, cache: bool, out: Path, model=None):
+    """A prepared GRPO trainer (its ``<|latent_start|>`` head row biased so that rollouts open latent blocks), its
+    phase timer and image counters. ``model``: an already built model (``bench/gpu_check.py``)."""
     import rewards
-    from mirage_rl.modeling import LatentTokens
+    from mirage_rl.modeling import LatentTokens, load_processor
     from mirage_rl.trainers import MirageGRPOConfig, MirageGRPOTrainer
 
-    model, processor = load_bench_model(size, model_dir, device)
+    if model is None:
+        model, processor = load_bench_model(size, model_dir, device)
+    else:
+        processor = load_processor(model_dir)
     lt = LatentTokens.from_config(model.config)
     with torch.no_grad():  # a random policy that opens latent blocks
         head = model.get_output_embeddings().weight

@@ -48,13 +48,16 @@ VARIANTS = {"plain": (2, "none"), "stage1": (1, "hidden"), "stage2": (2, "hidden
 
 
 def make_trainer(variant: str, size: str, model_dir: Path, rows, batch: int, device: str, gradient_checkpointing: bool,
-                 share=None):
+                 share=None, model=None):
     """A prepared trainer, its collated batch and its token count. ``share``: another trainer of this function whose
-    model and optimizer this one reuses (one copy of a 7B model and its AdamW state instead of three)."""
+    model and optimizer this one reuses (one copy of a 7B model and its AdamW state instead of three). ``model``: an
+    already built model to train (``bench/gpu_check.py``), instead of building one of ``size``."""
     from mirage_rl.modeling import load_processor
     from mirage_rl.trainers import MirageSFTConfig, Stage1Trainer, Stage2Trainer
 
-    if share is None:
+    if share is None and model is not None:
+        processor = load_processor(model_dir)
+    elif share is None:
         model, processor = load_bench_model(size, model_dir, device)
     else:
         model, processor = share.accelerator.unwrap_model(share.model), load_processor(model_dir)

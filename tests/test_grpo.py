@@ -305,3 +305,55 @@ def test_vision_cache_is_bypassed_while_the_tower_trains(tiny_dir, grpo_rows):
         assert seen[0] == 2 + 3 + 3 and trained[0].requires_grad
     finally:
         h.remove()
+
+
+def test_trl_applies_the_importance_sampling_ratio_under_use_vllm_only_in_compute_loss():
+    """MirageGRPOTrainer._compute_loss raises use_vllm for the call to have TRL multiply the per-token loss by the
+    rollout importance-sampling ratio: that must stay the only use of use_vllm in TRL's _compute_loss."""
+    src = inspect.getsource(GRPOTrainer._compute_loss)
+    assert src.count("self.use_vllm") == 1
+    assert 'if self.use_vllm and self.vllm_importance_sampling_correction and self.loss_type != "vespo":\n' \
+           '            per_token_loss = per_token_loss * inputs["importance_sampling_ratio"]' in src
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "sequence_mask"])
+def test_bf16_rollouts_get_the_importance_sampling_correction_with_its_analytic_gradient(tiny_dir, grpo_rows, tmp_path,
+                                                                                       mode):
+    fp32, _ = make_trainer(tiny_dir, grpo_rows, tmp_path / "fp32")
+    assert fp32.rollout_is_correction is False  # fp32: sampled and recomputed log-probs agree to ~1e-5
+    trainer, lt = make_trainer(tiny_dir, grpo_rows, tmp_path, dtype=torch.bfloat16, vllm_importance_sampling_mode=mode,
+                               vllm_importance_sampling_clip_max=1.02 if mode == "token_truncate" else 3.0)
+    assert trainer.rollout_is_correction is True  # on by default when the policy is not fp32
+    out = rollout(trainer, grpo_rows)
+    mask = (out["completion_mask"] * out["tool_mask"]).float()
+    old, sampled = out["old_per_token_logps"].float(), out["sampling_per_token_logps"].float()
+    diff = (old - sampled) * mask
+    assert diff.abs().max() > 1e-3  # bf16: the cached decode and the full forward differ
+    raw = torch.exp(diff.sum(-1, keepdim=True) if mode.startswith("sequence") else diff)
+    expected = raw.clamp(max=1.02) if mode == "token_truncate" else raw.masked_fill(raw > 3.0, 0.0)
+    torch.testing.assert_close(out["importance_sampling_ratio"].float(), expected)
+    metrics = trainer._metrics["train"]
+    assert metrics["sampling/importance_sampling_ratio/mean"] and metrics["sampling/importance_sampling_ratio/clipped_fraction"]
+    if mode == "token_truncate":
+        assert 0 < metrics["sampling/importance_sampling_ratio/clipped_fraction"][-1] < 1
+    # the loss gradient with respect to each kept token's log-prob: d/dlogp [-A * exp(logp - old) * r] / N
+    out["advantages"] = torch.linspace(-1.0, 1.0, len(mask))
+    trainer.current_gradient_accumulation_steps = 1
+    captured = {}
+    original = trainer._get_per_token_logps_and_entropies
+
+    def capture(*a, **k):
+        logps, entropies, aux = original(*a, **k)
+        logps.retain_grad()
+        captured["logps"] = logps
+        return logps, entropies, aux
+
+    trainer._get_per_token_logps_and_entropies = capture
+    loss = trainer._compute_loss(trainer.model, out)
+    loss.backward()
+    logps = captured["logps"]
+    n = out["num_items_in_batch"].float() / trainer.args.steps_per_generation
+    coef = torch.exp(logps.detach().float() - old)
+    analytic = -out["advantages"][:, None] * coef * out["importance_sampling_ratio"].float() * mask / n
+    torch.testing.assert_close(logps.grad.float(), analytic, atol=2e-3, rtol=2e-2)
+    assert (analytic != 0).any() and ((out["importance_sampling_ratio"] != 1) & mask.bool()).any()

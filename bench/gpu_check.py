@@ -1,0 +1,472 @@
+"""One prepared check that proves the GPU path: environment, bf16 and attention parity, speed and memory (issue 17).
+
+    python bench/gpu_check.py --output_dir outputs/gpu_check                      # CUDA, Qwen2.5-VL-3B shapes
+    python bench/gpu_check.py --output_dir outputs/gpu_check --size tiny --device cpu   # the same code on CPU
+    python bench/gpu_check.py --output_dir DIR --size tiny --device cpu --quick         # fewer repeats (the CI test)
+
+Writes ``DIR/gpu_check.json`` and a summary ``DIR/gpu_check.md`` after every section, so a run cut off by a time
+limit still leaves what it measured; progress goes to stderr with the elapsed seconds. Sections (top-level keys):
+
+* ``env``: GPU name and memory, torch / CUDA / transformers / trl / deepspeed / peft versions, whether ``flash_attn``
+  imports, the attention implementations tried, the exact command, the commit.
+* ``parity``: on the model of ``--size`` (``3b``: Qwen2.5-VL-3B shapes with random weights, seeded):
+  ``bf16_vs_fp32``: the latent fill in bf16 against fp32 on the same inputs, max / mean absolute logit difference at
+  the answer's text positions after the latent block, for the cached and the multi-pass fill;
+  ``attention``: SDPA (and FlashAttention-2 when it imports) against eager attention, in the working dtype, on the
+  layouts that are unusual here: left padding, realigned rollouts with masked gap columns
+  (``mirage_rl.latent.aligned_columns``) and two latent blocks per row;
+  ``grpo_logprobs``: a bf16 GRPO rollout's sampling-time log-probs against the recomputed ones (mean, max, 99th
+  percentile absolute difference, in nats) and the importance-sampling correction they get.
+* ``speed`` (the working dtype: bf16 on CUDA, fp32 on CPU; medians of interleaved repeats, as ``bench/`` does):
+  stage-1 / plain and stage-2 / plain SFT step ratios at batch 8, k = 4 (``bench/sft_step.py``); latent-interleaved
+  decoding tokens/s against plain decoding and HF ``generate`` at batch 8 and 64 (``bench/generate.py``); one GRPO
+  step split into phases at 4 prompts x 8 generations (``bench/grpo_step.py``).
+* ``memory``: peak allocated GPU memory (CPU: the process's peak RSS) of each of the above, and whether one
+  7B-shaped stage-2 step with gradient checkpointing at batch 2 fits this GPU (``skipped`` on CPU, with ``--quick``
+  or when the time budget is spent).
+
+Every figure carries its unit in its key (``_ms``, ``_tokens_per_s``, ``_gib``, ``_nats``; ratios are ``_over_``).
+``--size 3b``/``7b`` need a GPU: on CPU they are refused before anything is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import importlib.metadata
+import importlib.util
+import json
+import math
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from common import REPO, SIZES, bench_model_dir, build_rows, load_bench_model, run, sync
+
+ATTENTION = ("eager", "sdpa", "flash_attention_2")
+
+
+def version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def commit() -> str:
+    """The checked-out commit, read from ``.git`` (empty outside a clone)."""
+    head = REPO / ".git" / "HEAD"
+    try:
+        ref = head.read_text().strip()
+        if ref.startswith("ref: "):
+            path = REPO / ".git" / ref[5:]
+            if path.exists():
+                return path.read_text().strip()[:12]
+            packed = (REPO / ".git" / "packed-refs").read_text().splitlines()
+            return next((x.split()[0][:12] for x in packed if x.endswith(ref[5:])), "")
+        return ref[:12]
+    except OSError:
+        return ""
+
+
+class Report:
+    """The report being built: every finished section is written at once (JSON and markdown, atomically)."""
+
+    def __init__(self, out: Path, device: str):
+        from mirage_rl.atomic import atomic_write_text
+
+        self.out, self.device, self.data, self.t0 = out, device, {}, time.perf_counter()
+        self._write = atomic_write_text
+        out.mkdir(parents=True, exist_ok=True)
+
+    def log(self, message: str) -> None:
+        print(f"[{time.perf_counter() - self.t0:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+    @contextmanager
+    def section(self, name: str):
+        """Fill ``self.data[name]`` inside the block; on error record it (the traceback goes to stderr) and go on."""
+        self.log(f"{name}: start")
+        self.data[name] = body = {}
+        try:
+            yield body
+        except Exception as e:  # a broken part is a finding, not the end of the check
+            traceback.print_exc()
+            body["error"] = f"{type(e).__name__}: {e}"[:2000]
+        body["elapsed_s"] = round(time.perf_counter() - self.t0, 1)
+        self.save()
+        self.log(f"{name}: done")
+
+    def save(self) -> None:
+        self._write(self.out / "gpu_check.json", json.dumps(self.data, indent=1, default=str) + "\n")
+        self._write(self.out / "gpu_check.md", markdown(self.data))
+
+
+def flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out.extend(flatten(v, key) if isinstance(v, dict) else [(key, v)])
+    return out
+
+
+def markdown(data: dict) -> str:
+    lines = ["# GPU check", "", f"`{data.get('env', {}).get('command', '')}`", ""]
+    for name, body in data.items():
+        lines += [f"## {name}", "", "| key | value |", "|---|---|"]
+        for k, v in flatten(body):
+            shown = f"{v:.4g}" if isinstance(v, float) else str(v)
+            lines.append(f"| {k} | {shown.replace('|', '/')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def gib(nbytes: float) -> float:
+    return round(nbytes / 2**30, 3)
+
+
+@contextmanager
+def peak(device: str, into: dict, key: str):
+    """Record the peak memory of the block in ``into[key]`` (GiB): CUDA ``max_memory_allocated``; CPU peak RSS."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    yield
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        into[key] = gib(torch.cuda.max_memory_allocated())
+    else:
+        into[key] = gib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+# ------------------------------------------------------------------------------------------------------- env
+def env_section(body: dict, args) -> None:
+    cuda = args.device.startswith("cuda")
+    body.update({
+        "gpu_name": torch.cuda.get_device_name() if cuda else None,
+        "gpu_memory_gib": gib(torch.cuda.get_device_properties(0).total_memory) if cuda else None,
+        "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+        "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": version("transformers"),
+        "trl": version("trl"), "deepspeed": version("deepspeed"), "peft": version("peft"),
+        "accelerate": version("accelerate"), "flash_attn_importable": importlib.util.find_spec("flash_attn") is not None,
+        "attention_implementations_tried": attention_implementations(args.device),
+        "size": args.size, "device": args.device, "quick": args.quick,
+        "command": " ".join(["python", *sys.argv]), "commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+    })
+
+
+def attention_implementations(device: str) -> list[str]:
+    ok = device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None
+    return [a for a in ATTENTION if a != "flash_attention_2" or ok]
+
+
+# ---------------------------------------------------------------------------------------------------- parity
+def to_device(batch: dict, device: str, dtype) -> dict:
+    return {k: (v.to(device, dtype) if torch.is_tensor(v) and v.is_floating_point() else
+                v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def text_logits(model, batch: dict, method: str, keep: torch.Tensor) -> torch.Tensor:
+    """Logits (float32) at the ``keep`` positions of a latent sequence, the slots filled by ``method``."""
+    from mirage_rl import latent
+
+    with torch.no_grad():
+        hidden = latent.latent_hidden_states(model, batch["input_ids"], batch["attention_mask"],
+                                             batch.get("pixel_values"), batch.get("image_grid_thw"),
+                                             batch.get("mm_token_type_ids"), batch["latent_mask"], method=method)
+        return model.get_output_embeddings()(hidden[keep]).float()
+
+
+def diff_stats(a: torch.Tensor, b: torch.Tensor, unit: str = "logit") -> dict:
+    d = (a.float() - b.float()).abs()
+    finite = bool(torch.isfinite(a).all() and torch.isfinite(b).all())
+    return {f"max_abs_{unit}_diff": float(d.max()) if finite else float("nan"),
+            f"mean_abs_{unit}_diff": float(d.mean()) if finite else float("nan"), "positions": int(d.numel() // max(
+                1, d.shape[-1] if d.dim() > 1 else 1)), "finite": finite}
+
+
+def answer_batch(processor, lt, rows, n: int, device: str, dtype, prompt_pad: bool = False) -> tuple[dict, torch.Tensor]:
+    """A stage-2 batch of ``n`` VSP rows (answer with one latent block) and its text positions after the block;
+    ``prompt_pad``: prompts of different lengths (left padding of up to several dozen columns)."""
+    from mirage_rl.collator import LatentCollator
+
+    examples = []
+    for i in range(n):
+        ex = dict(rows[i % len(rows)])
+        if prompt_pad and i % 2:
+            ex["prompt"] = copy.deepcopy(ex["prompt"])
+            part = next(p for p in ex["prompt"][0]["content"] if p["type"] == "text")
+            part["text"] = part["text"] + " Think step by step." * (3 * i)
+        examples.append(ex)
+    batch = LatentCollator(processor, lt, "hidden", stage=2)(examples)
+    after = (batch["input_ids"] == lt.end).long().cumsum(1) > 0
+    keep = after & (batch["labels"] != -100) & (batch["input_ids"] != lt.end)
+    return to_device(batch, device, dtype), keep.to(device)
+
+
+def rollout_batch(processor, lt, rows, n: int, blocks: int, device: str, dtype) -> tuple[dict, torch.Tensor]:
+    """Rollout-shaped sequences: a prompt, then per row ``i`` some text, ``blocks`` latent blocks opened at different
+    steps (row-dependent offsets: the cached fill realigns them with masked gap columns), text after each; returns the
+    batch and its non-slot, non-padding positions."""
+    from mirage_rl import latent
+    from mirage_rl.collator import LatentCollator
+
+    prompts = LatentCollator(processor, lt, "hidden", with_answer=False)([rows[i % len(rows)] for i in range(n)])
+    text = processor.tokenizer("RIGHT, DOWN, LEFT, UP, DOWN, RIGHT", add_special_tokens=False)["input_ids"]
+    tails = []
+    for i in range(n):
+        seq = []
+        for b in range(blocks):
+            seq += (text * 4)[: 1 + (i * 3 + b * 2) % 7] + [lt.start] + [lt.pad] * lt.latent_size + [lt.end]
+        tails.append(seq + text[:3])
+    width = max(len(t) for t in tails)
+    pad = processor.tokenizer.pad_token_id
+    tail_ids = torch.tensor([t + [pad] * (width - len(t)) for t in tails])
+    tail_am = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in tails])
+    batch = {"input_ids": torch.cat([prompts["input_ids"], tail_ids], 1),
+             "attention_mask": torch.cat([prompts["attention_mask"], tail_am], 1),
+             "mm_token_type_ids": torch.cat([prompts["mm_token_type_ids"], torch.zeros_like(tail_ids)], 1),
+             "pixel_values": prompts["pixel_values"], "image_grid_thw": prompts["image_grid_thw"]}
+    slots, _ = latent.slot_masks(batch["input_ids"], lt.start, lt.pad, lt.end, lt.latent_size)
+    batch["latent_mask"] = slots
+    keep = batch["attention_mask"].bool() & ~slots
+    keep[:, : prompts["input_ids"].shape[1]] = False  # compare the generated part (prompt columns: left padding)
+    return to_device(batch, device, dtype), keep.to(device)
+
+
+def parity_section(body: dict, args, model, model_fp32, processor, lt, rows) -> None:
+    from mirage_rl import latent
+
+    dtype = next(model.parameters()).dtype
+    n = 2 if args.quick else 4
+    # bf16 latent fill against fp32, same inputs
+    bf16 = model if dtype == torch.bfloat16 else copy.deepcopy(model_fp32).to(torch.bfloat16)
+    batch32, keep = answer_batch(processor, lt, rows, n, args.device, torch.float32)
+    batch16, _ = answer_batch(processor, lt, rows, n, args.device, torch.bfloat16)
+    body["bf16_vs_fp32"] = {}
+    reference = {}
+    for method in ("cached", "multipass"):
+        reference[method] = text_logits(model_fp32, batch32, method, keep)
+        body["bf16_vs_fp32"][method] = diff_stats(text_logits(bf16, batch16, method, keep), reference[method])
+    body["bf16_vs_fp32"]["fp32_cached_vs_multipass"] = diff_stats(reference["cached"], reference["multipass"])
+    body["bf16_vs_fp32"]["logit_abs_max"] = float(reference["cached"].abs().max())
+    if bf16 is not model:
+        del bf16
+    # attention implementations against eager, in the working dtype
+    layouts = {"left_padding": answer_batch(processor, lt, rows, n, args.device, dtype, prompt_pad=True),
+               "realigned_rollout": rollout_batch(processor, lt, rows, n, 1, args.device, dtype),
+               "two_blocks_per_row": rollout_batch(processor, lt, rows, n, 2, args.device, dtype)}
+    body["attention"] = {}
+    for name, (batch, keep) in layouts.items():
+        cols = latent.aligned_columns(batch["latent_mask"])
+        row = {"left_pad_columns_max": int((batch["attention_mask"] == 0).sum(1).max()),
+               "gap_columns_inserted": int(cols.max() + 1 - batch["latent_mask"].shape[1]) if cols is not None else 0}
+        outputs = {}
+        for impl in attention_implementations(args.device):
+            try:
+                model.set_attn_implementation(impl)
+                outputs[impl] = text_logits(model, batch, "cached", keep)
+                if impl != "eager":
+                    row[impl] = diff_stats(outputs[impl], outputs["eager"])
+            except Exception as e:  # an implementation that breaks on these masks is a finding
+                row[impl] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        model.set_attn_implementation("sdpa")
+        body["attention"][name] = row
+
+
+def grpo_parity(body: dict, trainer, rows, prompts: int, gens: int) -> None:
+    """A bf16 rollout (``prompts`` x ``gens``, one group per prompt) : sampling-time log-probs against the recomputed
+    ones (the importance-sampling correction recomputes them: ``old_per_token_logps``)."""
+    trainer.model.train()
+    out = trainer._generate_and_score_completions([dict(rows[i]) for i in range(prompts) for _ in range(gens)])
+    mask = (out["completion_mask"] * out["tool_mask"]).bool()
+    d = (out["old_per_token_logps"].float() - out["sampling_per_token_logps"].float()).abs()[mask]
+    metrics = trainer._metrics["train"]
+    body.update({"dtype": str(next(trainer.model.parameters()).dtype).replace("torch.", ""),
+                 "mean_abs_logprob_diff_nats": float(d.mean()), "max_abs_logprob_diff_nats": float(d.max()),
+                 "p99_abs_logprob_diff_nats": float(torch.quantile(d, 0.99)), "tokens": int(d.numel()),
+                 "latent_blocks_per_completion": metrics["latent/blocks_per_completion"][-1],
+                 "importance_sampling_ratio_mean": metrics["sampling/importance_sampling_ratio/mean"][-1],
+                 "importance_sampling_clipped_fraction":
+                     metrics["sampling/importance_sampling_ratio/clipped_fraction"][-1]})
+
+
+# ----------------------------------------------------------------------------------------------------- speed
+def decode_speed(body: dict, mem: dict, args, model, processor, lt, rows) -> None:
+    import generate as decoding
+
+    suppress = decoding.suppressed(model, processor, lt)
+    new = 8 if args.quick else 64
+    for batch_size in (8, 64):
+        batch = decoding.prompt_batch(processor, lt, rows, batch_size, args.device)
+        runs = {"latent": lambda: decoding.decode_ours(model, processor, batch, new, "hidden", suppress),
+                "plain": lambda: decoding.decode_ours(model, processor, batch, new, "none", suppress),
+                "hf_generate": lambda: decoding.decode_hf(model, processor, batch, new, suppress)}
+        times = {k: [] for k in runs}
+        with peak(args.device, mem, f"decode_batch{batch_size}_peak_gib"):
+            for i in range(1 + (1 if args.quick else 3)):
+                for name, fn in runs.items():
+                    sync(args.device)
+                    t0 = time.perf_counter()
+                    fn()
+                    sync(args.device)
+                    if i:  # the first round warms up
+                        times[name].append(time.perf_counter() - t0)
+        tps = {k: batch_size * new / statistics.median(v) for k, v in times.items()}
+        body[f"batch{batch_size}"] = {"new_tokens": new, **{f"{k}_tokens_per_s": v for k, v in tps.items()},
+                                      "latent_over_plain_tokens_per_s": tps["latent"] / tps["plain"],
+                                      "plain_over_hf_generate_tokens_per_s": tps["plain"] / tps["hf_generate"]}
+        args.report.log(f"speed: decode batch {batch_size}: " + ", ".join(f"{k} {v:.0f} tok/s" for k, v in tps.items()))
+
+
+def grpo_trainer(args, model, model_dir: Path, rows, work: Path):
+    import grpo_step
+
+    ns = argparse.Namespace(batch=args.grpo_prompts * args.grpo_generations, num_generations=args.grpo_generations,
+                            max_completion_length=16 if args.quick else 48, beta=0.0, num_iterations=1, start_bias=50.0)
+    return grpo_step.make_trainer(model_dir, args.size, rows, ns, args.device, True, work / "grpo", model=model)
+
+
+def grpo_speed(body: dict, mem: dict, args, setup, rows) -> None:
+    import grpo_step
+
+    trainer, timer, images = setup
+    batch = [rows[i] for i in range(args.grpo_prompts) for _ in range(args.grpo_generations)]
+    steps = []
+    with peak(args.device, mem, "grpo_step_peak_gib"):
+        for i in range(1 + (1 if args.quick else 2)):
+            s = grpo_step.grpo_step(trainer, timer, images, batch, args.device)
+            if i:
+                steps.append(s)
+    med = {p: statistics.median(s[p] for s in steps) for p in (*grpo_step.PHASES, "total")}
+    body.update({"prompts": args.grpo_prompts, "generations": args.grpo_generations,
+                 "step_ms": 1000 * med["total"], **{f"{p}_ms": 1000 * med[p] for p in grpo_step.PHASES},
+                 "generation_share": med["generation"] / med["total"]})
+
+
+def sft_speed(body: dict, mem: dict, args, model, model_dir: Path, rows) -> None:
+    import sft_step
+
+    first = None
+    trainers = {}
+    for variant in ("plain", "stage1", "stage2"):
+        trainers[variant] = sft_step.make_trainer(variant, args.size, model_dir, rows, 8, args.device, False,
+                                                  share=first, model=model if first is None else None)
+        first = first or trainers[variant][0]
+    times = {v: [] for v in trainers}
+    with peak(args.device, mem, "sft_step_peak_gib"):
+        for i in range(1 + (1 if args.quick else 3)):
+            for variant, (trainer, inputs, _) in trainers.items():
+                t = sft_step.step(trainer, inputs, args.device)
+                if i:
+                    times[variant].append(t)
+    ms = {v: 1000 * statistics.median(t) for v, t in times.items()}
+    body.update({"batch": 8, "latent_size": 4, **{f"{v}_step_ms": t for v, t in ms.items()},
+                 "stage1_over_plain": ms["stage1"] / ms["plain"], "stage2_over_plain": ms["stage2"] / ms["plain"]})
+    model.__dict__.pop("forward", None)  # the trainers installed their latent forward on the instance
+
+
+def seven_b_fits(body: dict, args, model_dir: Path, rows) -> None:
+    """One 7B-shaped stage-2 step (AdamW, gradient checkpointing, batch 2) on this GPU: fits or the OOM message."""
+    import sft_step
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        trainer, inputs, _ = sft_step.make_trainer("stage2", "7b", model_dir, rows, 2, args.device, True)
+        body["step_ms"] = 1000 * sft_step.step(trainer, inputs, args.device)
+        body["fits"] = True
+    except torch.cuda.OutOfMemoryError as e:
+        body["fits"], body["error"] = False, str(e).splitlines()[0][:300]
+    body["peak_gib"] = gib(torch.cuda.max_memory_allocated())
+
+
+# ------------------------------------------------------------------------------------------------------ main
+def main() -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", required=True, help="where gpu_check.json and gpu_check.md go")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--size", default="3b", choices=SIZES, help="model shape (3b/7b need a GPU)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and tokens (the CI test)")
+    parser.add_argument("--time_budget_s", type=float, default=450.0,
+                        help="the 7B memory check is skipped when less than 150 s of this budget is left")
+    parser.add_argument("--grpo_prompts", type=int, default=4)
+    parser.add_argument("--grpo_generations", type=int, default=8)
+    args = parser.parse_args()
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        sys.exit(f"gpu_check: --device {args.device} but torch sees no CUDA device; on a CPU machine run "
+                 "--size tiny --device cpu")
+    if args.size != "tiny" and not cuda:
+        sys.exit(f"gpu_check: --size {args.size} builds a {args.size}-shaped model and needs a GPU (--device cuda); "
+                 "on CPU run --size tiny --device cpu")
+    report = args.report = Report(Path(args.output_dir), args.device)
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    torch.manual_seed(0)
+    with report.section("env") as body:
+        env_section(body, args)
+
+    from mirage_rl.modeling import LatentTokens
+
+    model_dir = bench_model_dir("tiny", 4, work)
+    rows = build_rows(8, work / "data", "bench/gpu_check.py")
+    report.log(f"model: building {args.size} on {args.device}")
+    model, processor = load_bench_model(args.size, model_dir, args.device)
+    model.eval()
+    lt = LatentTokens.from_config(model.config)
+    model_fp32 = model if next(model.parameters()).dtype == torch.float32 else copy.deepcopy(model).float()
+
+    with report.section("parity") as body:
+        parity_section(body, args, model, model_fp32, processor, lt, rows)
+    if model_fp32 is not model:
+        del model_fp32
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+
+    mem: dict = {}  # peaks measured in the speed section, reported under "memory"
+    with report.section("speed") as body:
+        body["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+        body["decode"] = {}
+        decode_speed(body["decode"], mem, args, model, processor, lt, rows)
+        grpo_rows = rows.remove_columns([c for c in ("helper_image", "answer") if c in rows.column_names])
+        # the GRPO parity needs a bf16 policy: on CPU a bf16 copy of the tiny model, on CUDA the bf16 model itself
+        policy = model if next(model.parameters()).dtype == torch.bfloat16 else copy.deepcopy(model).to(torch.bfloat16)
+        setup = grpo_trainer(args, policy, model_dir, grpo_rows, work)
+        report.data["parity"]["grpo_logprobs"] = {}
+        grpo_parity(report.data["parity"]["grpo_logprobs"], setup[0], grpo_rows, 1, args.grpo_generations)
+        if policy is not model:  # the phase split is timed on the working model
+            del setup
+            setup = grpo_trainer(args, model, model_dir, grpo_rows, work)
+        del policy
+        body["grpo"] = {}
+        grpo_speed(body["grpo"], mem, args, setup, grpo_rows)
+        del setup
+        body["sft"] = {}
+        sft_speed(body["sft"], mem, args, model, model_dir, rows)
+
+    del model
+    gc.collect()
+    with report.section("memory") as body:
+        body.update(mem)
+        left = args.time_budget_s - (time.perf_counter() - report.t0)
+        if not cuda or args.quick or left < 150:
+            why = "CPU" if not cuda else "--quick" if args.quick else f"{left:.0f} s of the time budget left"
+            body["seven_b_stage2_gc_batch2"] = {"skipped": why}
+        else:
+            torch.cuda.empty_cache()
+            body["seven_b_stage2_gc_batch2"] = {}
+            seven_b_fits(body["seven_b_stage2_gc_batch2"], args, model_dir, rows)
+    report.log(f"wrote {report.out / 'gpu_check.json'} and gpu_check.md")
+    return report.data
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,99 @@
+"""bench/gpu_check.py: its CPU form (--size tiny --device cpu --quick) runs end to end and reports every section and
+key, finite, so that the GPU check cannot rot between the rare runs on a GPU; 3b on CPU is refused."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "bench" / "gpu_check.py"
+
+REQUIRED = {
+    "env": ["gpu_name", "gpu_memory_gib", "torch", "cuda", "transformers", "trl", "deepspeed", "flash_attn_importable",
+            "attention_implementations_tried", "command", "commit"],
+    "parity": ["bf16_vs_fp32.cached.max_abs_logit_diff", "bf16_vs_fp32.cached.mean_abs_logit_diff",
+               "bf16_vs_fp32.multipass.max_abs_logit_diff", "bf16_vs_fp32.multipass.mean_abs_logit_diff",
+               *[f"attention.{layout}.sdpa.max_abs_logit_diff"
+                 for layout in ("left_padding", "realigned_rollout", "two_blocks_per_row")],
+               "attention.realigned_rollout.gap_columns_inserted", "attention.left_padding.left_pad_columns_max",
+               "grpo_logprobs.mean_abs_logprob_diff_nats", "grpo_logprobs.max_abs_logprob_diff_nats",
+               "grpo_logprobs.p99_abs_logprob_diff_nats", "grpo_logprobs.importance_sampling_ratio_mean",
+               "grpo_logprobs.importance_sampling_clipped_fraction"],
+    "speed": ["sft.stage1_over_plain", "sft.stage2_over_plain", "sft.plain_step_ms",
+              *[f"decode.batch{b}.{k}" for b in (8, 64) for k in (
+                  "latent_tokens_per_s", "plain_tokens_per_s", "hf_generate_tokens_per_s",
+                  "latent_over_plain_tokens_per_s", "plain_over_hf_generate_tokens_per_s")],
+              *[f"grpo.{p}_ms" for p in ("step", "generation", "reward", "log_prob", "optimisation", "image_processing",
+                                          "other")], "grpo.generation_share"],
+    "memory": ["decode_batch8_peak_gib", "decode_batch64_peak_gib", "grpo_step_peak_gib", "sft_step_peak_gib",
+               "seven_b_stage2_gc_batch2.skipped"],
+}
+
+
+def lookup(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d[part]
+    return d
+
+
+def numbers(x):
+    if isinstance(x, dict):
+        for v in x.values():
+            yield from numbers(v)
+    elif isinstance(x, (int, float)) and not isinstance(x, bool):
+        yield x
+
+
+def run_check(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, str(SCRIPT), "--output_dir", str(out), *extra], capture_output=True,
+                          text=True, cwd=REPO, env=env, timeout=900)
+
+
+def test_the_cpu_form_reports_every_section_and_key_finite(vsp_dir, tmp_path):
+    out = tmp_path / "check"
+    proc = run_check(out, "--size", "tiny", "--device", "cpu", "--quick")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert json.loads(proc.stdout) == report  # the one JSON object on stdout is the file
+    assert list(report) == ["env", "parity", "speed", "memory"]
+    for section, keys in REQUIRED.items():
+        assert "error" not in report[section], report[section]["error"]
+        for key in keys:
+            lookup(report[section], key)  # KeyError names what is missing
+    assert all(math.isfinite(x) for x in numbers(report)), report
+    assert report["env"]["command"].endswith("--size tiny --device cpu --quick")
+    # bf16 against fp32: a real difference, far smaller than the logits; fp32 fills agree to rounding
+    parity = report["parity"]
+    assert 0 < parity["bf16_vs_fp32"]["cached"]["max_abs_logit_diff"] < 0.5
+    assert parity["bf16_vs_fp32"]["fp32_cached_vs_multipass"]["max_abs_logit_diff"] < 1e-4
+    assert parity["attention"]["realigned_rollout"]["gap_columns_inserted"] > 0  # the gap layout was exercised
+    assert parity["grpo_logprobs"]["dtype"] == "bfloat16" and parity["grpo_logprobs"]["tokens"] > 0
+    md = (out / "gpu_check.md").read_text()
+    assert all(f"## {s}" in md for s in REQUIRED) and "stage2_over_plain" in md
+    assert "[" in proc.stderr and "parity: done" in proc.stderr  # progress, so a cut-off run shows how far it got
+
+
+def test_a_3b_check_on_cpu_is_refused_before_anything_is_built(tmp_path):
+    proc = run_check(tmp_path / "x", "--size", "3b", "--device", "cpu")
+    assert proc.returncode == 1
+    assert "--size 3b builds a 3b-shaped model and needs a GPU (--device cuda); on CPU run --size tiny" in proc.stderr
+    assert not (tmp_path / "x").exists()
+    if not torch.cuda.is_available():
+        proc = run_check(tmp_path / "y")  # the defaults: cuda, 3b
+        assert proc.returncode == 1 and "torch sees no CUDA device" in proc.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_tiny_check_on_cuda(vsp_dir, tmp_path):
+    proc = run_check(tmp_path / "check", "--size", "tiny", "--device", "cuda", "--quick")
+    assert proc.returncode == 0, proc.stderr[-3000:]
