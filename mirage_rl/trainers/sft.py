@@ -254,7 +254,8 @@ class Stage1Trainer(Stage2Trainer):
     """Stage 1: helper-image latents teacher-forced into the slots; loss gamma * CE + (1 - cos).
 
     The cosine term compares the hidden state *before* each slot (position p_t - 1) with target t, so
-    that at inference the hidden state fed into slot t approximates the helper image's t-th vector.
+    that at inference the hidden state fed into slot t approximates the helper image's t-th vector. A micro-batch
+    without any latent block (``latent_blocks: null`` data) has no cosine term: it trains on ``gamma * CE`` alone.
     Overrides ``SFTTrainer.compute_loss`` (through :meth:`Stage2Trainer.compute_loss`).
     """
 
