@@ -1,6 +1,6 @@
 """What the benchmark scripts share: the VSP rows, the model at a given ``--size``, timing summaries, the JSON report.
 
-Sizes: ``tiny`` is the offline default (``mirage_rl.modeling.create_tiny_model``, fp32, CPU). ``3b`` and ``7b`` are
+Sizes: ``tiny`` is the offline default (``mirage_rl.tiny.create_tiny_model``, fp32, CPU). ``3b`` and ``7b`` are
 Qwen2.5-VL-3B/7B-shaped configs (text model, embedding and vision tower at the released sizes) with random
 weights, built in bf16 directly on the device, with the tiny offline tokenizer and processor (no hub access): timings
 of the real shapes without the real weights. They need a GPU.
@@ -68,7 +68,7 @@ def shaped_config(size: str, tiny_config):
 def bench_model_dir(size: str, latent_size: int | None, work: Path) -> Path:
     """Create the tiny checkpoint (tokenizer, processor, latent tokens) for ``latent_size`` under ``work``; every size
     starts from it. Returns its folder."""
-    from mirage_rl.modeling import create_tiny_model
+    from mirage_rl.tiny import create_tiny_model
 
     out = work / f"tiny_k{latent_size}"
     if not (out / "config.json").exists():

@@ -37,7 +37,6 @@ import gc
 import importlib.metadata
 import importlib.util
 import json
-import math
 import platform
 import resource
 import statistics

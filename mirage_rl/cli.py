@@ -110,8 +110,6 @@ def user_message(e: BaseException) -> str:
     """The one line a user error prints (a full disk is said in those words, with the path)."""
     if is_no_space(e):
         return e.strerror if isinstance(e, OSError) and e.strerror and "no space" in e.strerror else no_space_message(e)
-    if isinstance(e, OSError) and e.filename is None and e.strerror and e.errno is not None and not e.args[1:]:
-        return e.strerror
     return str(e).strip().replace("\n", " ")
 
 
@@ -126,7 +124,7 @@ def _run(cmd: str, rest: list[str]) -> int:
         _, counts = build_dataset(args)
         print(json.dumps({"output_dir": args.output_dir, **counts}))
     elif cmd == "create-model":
-        from .modeling import create_tiny_model
+        from .tiny import create_tiny_model
 
         from .outputs import output_dir_guard
 
@@ -178,7 +176,7 @@ def _run(cmd: str, rest: list[str]) -> int:
     elif cmd == "export":
         import torch
 
-        from .lora import export_merged
+        from .modeling import export_merged
 
         from .outputs import output_dir_guard
 

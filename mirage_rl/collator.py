@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .data.images import check_pixel_budget, pixel_budget
+from .latent import LatentMode, parse_latent_mode
 from .data.vsp import LATENT_MARKER
 from .modeling import LatentTokens
 
@@ -32,12 +33,9 @@ def max_chars_for(processor, max_length: int | None) -> int | None:
 
 logger = logging.getLogger(__name__)
 
-LATENT_MODES = ("hidden", "dummy", "none")
-
-
 def answer_text(answer: str, tokens: LatentTokens | None, latent_mode: str) -> str:
     """Expand every ``<output_image>`` marker into the latent block, or drop it (``latent_mode="none"``)."""
-    if latent_mode == "none":
+    if parse_latent_mode(latent_mode) is LatentMode.NONE:
         return answer.replace(LATENT_MARKER, "")
     if tokens is None:
         raise ValueError("latent_mode needs latent tokens (LatentTokens) to expand the <output_image> marker")
@@ -70,8 +68,7 @@ class LatentCollator:
     with_answer: bool = True
 
     def __post_init__(self):
-        if self.latent_mode not in LATENT_MODES:
-            raise ValueError(f"latent_mode must be one of {LATENT_MODES}, got {self.latent_mode!r}")
+        self.latent_mode = parse_latent_mode(self.latent_mode).value
         if self.stage == 1 and self.latent_mode == "none":
             raise ValueError("stage 1 needs latent tokens: use latent_mode 'hidden'")
         tok = self.processor.tokenizer

@@ -24,10 +24,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .atomic import atomic_save_figure, atomic_write_text
-from .collator import LATENT_MODES, LatentCollator
+from .collator import LatentCollator
 from .data import vsp
 from .data.images import open_image
 from .generation import generate
+from .latent import parse_latent_mode, resolve_latent_mode
 from .modeling import LatentTokens, load_model, load_processor
 from .outputs import output_dir_guard
 from .scoring import score_plan
@@ -64,6 +65,8 @@ class EvalArguments:
     def __post_init__(self):
         if self.task not in vsp.TASKS:
             raise ValueError(f"task must be one of {vsp.TASKS}, got {self.task!r}")
+        if self.latent_mode is not None:
+            self.latent_mode = parse_latent_mode(self.latent_mode).value
         if self.task == "describe" and self.latent_mode not in (None, "none"):
             raise ValueError(f"task describe has no latent block; latent_mode={self.latent_mode!r} would not be used: "
                              "leave it unset")
@@ -162,15 +165,8 @@ def _evaluate(args: EvalArguments, model=None, processor=None) -> dict:
     processor = processor if processor is not None else load_processor(args.model)
     model = model if model is not None else load_model(args.model)
     model.eval()
-    has_latent = getattr(model.config, "latent_token_ids", None) is not None
     describe = args.task == "describe"
-    mode = "none" if describe else args.latent_mode or getattr(model.config, "latent_mode", None)
-    if mode is None and not has_latent:
-        raise ValueError(f"{args.model}: the checkpoint has no latent tokens and records no latent_mode; pass "
-                         "--latent_mode none to evaluate it as a plain VLM, or evaluate a Mirage stage output")
-    mode = mode or "hidden"
-    if mode not in LATENT_MODES:
-        raise ValueError(f"latent_mode must be one of {LATENT_MODES}, got {mode!r}")
+    mode = "none" if describe else resolve_latent_mode(args.latent_mode, model.config, where=str(args.model)).value
     tokens = LatentTokens.for_model(model, processor, where=str(args.model)) if mode != "none" else None
     maps = vsp.load_benchmark(args.benchmark_dir, args.levels)
     if args.limit is not None:

@@ -94,9 +94,10 @@ def generate(model, processor, batch: dict, max_new_tokens: int = 64, latent_mod
         eos_token_ids: ids that end a row besides ``<|im_end|>`` and the pad token (GRPO's ``generation_kwargs``
             ``eos_token_id``).
     Raises:
-        ValueError: ``latent_mode`` is not ``"none"`` and the checkpoint has no latent tokens, or
-            ``latent_sigma`` without ``latent_mode="hidden"``.
+        ValueError: an unknown ``latent_mode`` (:class:`mirage_rl.latent.LatentMode`); ``latent_mode`` is not
+            ``"none"`` and the checkpoint has no latent tokens; or ``latent_sigma`` without ``latent_mode="hidden"``.
     """
+    latent_mode = latent.parse_latent_mode(latent_mode).value
     if latent_sigma is not None and latent_mode != "hidden":
         raise ValueError(f"latent_sigma (Gaussian latents) needs latent_mode='hidden', got {latent_mode!r}")
     device = model.get_input_embeddings().weight.device

@@ -10,6 +10,7 @@ hidden state of the previous position (Coconut-style recurrence, arXiv 2412.0676
 
 from __future__ import annotations
 
+import enum
 import math
 
 import torch
@@ -17,6 +18,56 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 COMPRESS_MODES = ("average", "grid")
+
+
+class LatentMode(str, enum.Enum):
+    """What enters the k latent slots of a block, in training, rollouts and decoding (one type for every entry point;
+    a ``str`` enum, so ``LatentMode.HIDDEN == "hidden"``).
+
+    * ``hidden``: Mirage. Each slot's input is the model's own last hidden state of the previous position (the
+      recurrent fill of stage 2, GRPO and decoding; stage 1 teacher-forces the helper-image targets instead).
+    * ``dummy``: the control. Each slot keeps the fixed input embedding of ``<|latent_pad|>``: the block is there,
+      with its k positions of extra compute, but carries no state from the model.
+    * ``none``: no latent block at all (Direct SFT, a plain VLM): ``<output_image>`` markers are dropped.
+    """
+
+    HIDDEN = "hidden"
+    DUMMY = "dummy"
+    NONE = "none"
+
+
+#: the values of :class:`LatentMode`, for messages and help texts
+LATENT_MODES = tuple(m.value for m in LatentMode)
+
+
+def parse_latent_mode(value, what: str = "latent_mode") -> LatentMode:
+    """``value`` (a string or a :class:`LatentMode`) as a :class:`LatentMode`.
+
+    Raises:
+        ValueError: naming ``what``, the valid values and the value given (``"hiden"`` is not silently a dummy).
+    """
+    try:
+        return LatentMode(value)
+    except ValueError:
+        raise ValueError(f"{what} must be one of {LATENT_MODES}, got {value!r}") from None
+
+
+def resolve_latent_mode(requested, config=None, where: str = "model") -> LatentMode:
+    """The latent mode a run uses: ``requested`` when given, else the mode the checkpoint was trained with
+    (``config.latent_mode``, recorded by every stage's save), else ``hidden`` when the checkpoint has latent tokens.
+
+    Raises:
+        ValueError: an unknown mode; or nothing requested, nothing recorded and no latent tokens in the checkpoint.
+    """
+    if requested is not None:
+        return parse_latent_mode(requested)
+    recorded = getattr(config, "latent_mode", None)
+    if recorded is not None:
+        return parse_latent_mode(recorded, f"{where}: config.latent_mode")
+    if getattr(config, "latent_token_ids", None):
+        return LatentMode.HIDDEN
+    raise ValueError(f"{where}: the checkpoint has no latent tokens and records no latent_mode; pass --latent_mode none "
+                     "to use it as a plain VLM, or Start from `mirage-rl create-model` or a stage-1 output")
 
 
 def backbone(model):

@@ -8,11 +8,14 @@
   keeps them fixed (TRL's fused LM head reads ``lm_head.weight`` directly and would skip the trainable rows).
 * An adapter checkpoint (a stage's ``output_dir`` with ``use_peft: true``) holds ``adapter_config.json`` +
   ``adapter_model.safetensors`` (LoRA weights and the latent token rows), the processor (with the latent tokens) and
-  ``mirage_adapter.json`` (latent size, latent mode). :func:`load_adapter_model` rebuilds base + adapter.
+  ``mirage_adapter.json`` (latent size, latent mode). :func:`mirage_rl.modeling.load_adapter_model` rebuilds base + adapter.
 * A stage that starts from an adapter checkpoint merges it into its base and, with ``use_peft``, trains a new adapter
   on top: the adapter-free model TRL uses as GRPO's reference (``beta > 0``) is then the previous stage's policy.
-* :func:`export_merged` (``mirage-rl export``): base + adapter(s) merged into one full checkpoint, loadable by
-  ``mirage-rl eval`` and any Qwen2.5-VL tool (vLLM for text-only models).
+* :func:`mirage_rl.modeling.export_merged` (``mirage-rl export``): base + adapter(s) merged into one full checkpoint,
+  loadable by ``mirage-rl eval`` and any Qwen2.5-VL tool (vLLM for text-only models).
+
+Loading lives in :mod:`mirage_rl.modeling` (which imports this module; this module imports no part of the project but
+the atomic writes).
 """
 
 from __future__ import annotations
@@ -68,68 +71,8 @@ def lora_config(model_args, model, latent_token_ids: list[int] | None):
 
 
 def write_adapter_info(output_dir, model_config) -> None:
-    """Record the latent tokens of the model an adapter trains (read back by :func:`load_adapter_model`)."""
+    """Record the latent tokens of the model an adapter trains (read back by :func:`mirage_rl.modeling.load_adapter_model`)."""
     info = {"latent_size": getattr(model_config, "latent_size", None),
             "latent_token_ids": getattr(model_config, "latent_token_ids", None),
             "latent_mode": getattr(model_config, "latent_mode", None)}
     atomic_write_text(Path(output_dir) / ADAPTER_INFO, json.dumps(info, indent=1) + "\n")
-
-
-def load_adapter_model(path, dtype, trust_remote_code: bool = False, attn_implementation: str | None = None):
-    """Base model + the adapter in ``path``, merged: a plain ``Qwen2_5_VLForConditionalGeneration`` whose
-    ``name_or_path`` is ``path`` (so that an adapter trained on top records ``path`` as its base).
-
-    The base (``adapter_config.json``'s ``base_model_name_or_path``) may itself be an adapter folder: it is loaded the
-    same way first. The latent tokens are added to the base as the adapter's processor and ``mirage_adapter.json``
-    describe them, then the adapter's rows overwrite them.
-
-    Raises:
-        FileNotFoundError: the base model named in ``adapter_config.json`` cannot be found (says how to fix it).
-        ValueError: the adapter's processor and ``mirage_adapter.json`` disagree on the latent tokens.
-    """
-    from peft import PeftModel
-
-    from .modeling import add_latent_tokens, load_model, load_processor
-
-    path = Path(path)
-    cfg = json.loads((path / ADAPTER_CONFIG).read_text())
-    base_path = cfg.get("base_model_name_or_path")
-    if not base_path:
-        raise FileNotFoundError(f"{path / ADAPTER_CONFIG}: no base_model_name_or_path; set it to the model the adapter "
-                                "was trained on")
-    try:
-        base = load_model(base_path, dtype=dtype, trust_remote_code=trust_remote_code,
-                          attn_implementation=attn_implementation)
-    except OSError as e:  # FileNotFoundError included; also a hub id that cannot be reached
-        raise FileNotFoundError(f"{path}: cannot load its base model {base_path} (adapter_config.json, "
-                                f"base_model_name_or_path): {e}; edit that key to where the base model is") from e
-    info_file = path / ADAPTER_INFO
-    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-    if info.get("latent_size"):
-        processor = load_processor(path, trust_remote_code=trust_remote_code)
-        tokens = add_latent_tokens(base, processor, int(info["latent_size"]))
-        want = info.get("latent_token_ids")
-        if want and want != {"start": tokens.start, "pad": tokens.pad, "end": tokens.end}:
-            raise ValueError(f"{info_file}: latent_token_ids {want} but the adapter's tokenizer gives {tokens}; save "
-                             "the adapter and its processor together")
-    if info.get("latent_mode"):
-        base.config.latent_mode = info["latent_mode"]
-    model = PeftModel.from_pretrained(base, str(path), is_trainable=False).merge_and_unload()
-    model.name_or_path = str(path)
-    model.config._name_or_path = str(path)
-    return model
-
-
-def export_merged(adapter_dir, output_dir, dtype=None, trust_remote_code: bool = False) -> None:
-    """Merge the adapter(s) of ``adapter_dir`` into its base and save a full checkpoint (safetensors + processor)
-    to ``output_dir``, atomically. Raises ``FileNotFoundError`` when ``adapter_dir`` holds no adapter."""
-    import torch
-
-    from .modeling import load_processor, save_pretrained
-
-    if not is_adapter_dir(adapter_dir):
-        raise FileNotFoundError(f"{adapter_dir}: no {ADAPTER_CONFIG}; `mirage-rl export` merges a LoRA adapter "
-                                "(a stage trained with use_peft: true)")
-    model = load_adapter_model(adapter_dir, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code)
-    model.name_or_path = model.config._name_or_path = str(output_dir)
-    save_pretrained(model, load_processor(adapter_dir, trust_remote_code=trust_remote_code), output_dir)

@@ -30,7 +30,6 @@ Model output is only ever parsed as text.
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 
 SAFE, PLAYER, GOAL, HOLE = 0, 1, 2, -1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mirage_rl.modeling import LATENT_END, LATENT_PAD, LATENT_START
+from mirage_rl.tokens import LATENT_END, LATENT_PAD, LATENT_START
 
 from ._text import MAX_COMPLETION_CHARS, boxed_answers, completion_text
 

@@ -30,7 +30,7 @@ def vsp_dir():
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """The tiny default, created by the same function as `mirage-rl create-model`."""
-    from mirage_rl.modeling import create_tiny_model
+    from mirage_rl.tiny import create_tiny_model
 
     out = tmp_path_factory.mktemp("models") / "tiny"
     create_tiny_model(out, latent_size=4, seed=0)
@@ -40,7 +40,7 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def stock_dir(tmp_path_factory):
     """A tiny checkpoint shaped like a stock Qwen2.5-VL: no latent tokens in its tokenizer, config or embeddings."""
-    from mirage_rl.modeling import create_tiny_model
+    from mirage_rl.tiny import create_tiny_model
 
     out = tmp_path_factory.mktemp("models") / "stock"
     create_tiny_model(out, latent_size=None, seed=0)

@@ -175,3 +175,46 @@ def test_misaligned_blocks_are_realigned_into_k_steps_per_block(tiny, small_rows
         assert (outs["cached"][0] - outs[other][0]).abs()[real].max() < 1e-9, other
         scale = grads[other].abs().max()
         assert (grads["cached"] - grads[other]).abs().max() <= 1e-6 * scale, other  # rounding: ~4e-7 measured
+
+
+def test_latent_mode_has_one_type_and_one_resolver(tiny):
+    import pytest
+    from types import SimpleNamespace
+
+    from mirage_rl.collator import LatentCollator
+    from mirage_rl.generation import generate
+    from mirage_rl.latent import LatentMode, parse_latent_mode, resolve_latent_mode
+    from mirage_rl.trainers import MirageGRPOConfig, MirageSFTConfig
+
+    model, processor = tiny
+    assert [m.value for m in LatentMode] == ["hidden", "dummy", "none"] and LatentMode.DUMMY == "dummy"
+    # requested, else recorded, else hidden when the checkpoint has latent tokens, else an error saying what to do
+    assert resolve_latent_mode("dummy", model.config) is LatentMode.DUMMY
+    assert resolve_latent_mode(None, SimpleNamespace(latent_mode="none", latent_token_ids={"start": 1})) is LatentMode.NONE
+    assert resolve_latent_mode(None, model.config) is LatentMode.HIDDEN
+    with pytest.raises(ValueError, match="no latent tokens and records no latent_mode; pass --latent_mode none"):
+        resolve_latent_mode(None, SimpleNamespace(), where="ckpt")
+    # a typo fails at every entry point, generate included (it used to decode as the dummy control)
+    message = r"latent_mode must be one of \('hidden', 'dummy', 'none'\), got 'hiden'"
+    for build in (lambda: parse_latent_mode("hiden"), lambda: LatentCollator(processor, None, "hiden"),
+                  lambda: MirageSFTConfig(output_dir="/tmp/x", use_cpu=True, bf16=False, latent_mode="hiden"),
+                  lambda: MirageGRPOConfig(output_dir="/tmp/x", use_cpu=True, bf16=False, latent_mode="hiden",
+                                           per_device_train_batch_size=4, num_generations=4),
+                  lambda: generate(model, processor, {}, latent_mode="hiden")):
+        with pytest.raises(ValueError, match=message):
+            build()
+
+
+def test_rewards_stay_light_and_lora_does_not_import_modeling():
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    code = "import sys, rewards; assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    tree = ast.parse((repo / "mirage_rl" / "lora.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not any(m and m.endswith("modeling") for m in imported)  # modeling -> lora only: no cycle

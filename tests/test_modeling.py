@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from mirage_rl.modeling import (LATENT_TOKENS, LatentTokens, add_latent_tokens, create_tiny_model, load_model,
-                                load_processor, tiny_config)
+from mirage_rl.modeling import LATENT_TOKENS, LatentTokens, add_latent_tokens, load_model, load_processor
+from mirage_rl.tiny import create_tiny_model, tiny_config
 
 
 def _inputs(processor, image):
@@ -57,7 +57,8 @@ def test_add_latent_tokens_to_a_checkpoint_without_them(tiny_dir):
 def test_rope_theta_and_pixels_reach_the_checkpoint(tmp_path):
     from PIL import Image
 
-    from mirage_rl.modeling import create_tiny_model, load_model, load_processor
+    from mirage_rl.modeling import load_model, load_processor
+    from mirage_rl.tiny import create_tiny_model
 
     create_tiny_model(tmp_path / "m", hidden_size=32, rope_theta=10.0, max_pixels=113 * 113, min_pixels=100 * 100)
     cfg = load_model(tmp_path / "m").config.text_config

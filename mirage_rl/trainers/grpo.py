@@ -40,7 +40,7 @@ from trl.models import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generat
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, pad
 
 from .. import latent
-from ..collator import LATENT_MODES
+from ..latent import LATENT_MODES, parse_latent_mode, resolve_latent_mode
 from ..generation import generate, row_generators
 from ..image_cache import ImageProcessingCache, VisionFeatureCache
 from ..modeling import LatentTokens, load_model
@@ -117,8 +117,8 @@ class MirageGRPOConfig(GRPOConfig):
                              "inputs, so latent rollouts run in mirage_rl.generation (docs/vllm_latent_rollouts.md); "
                              "use_vllm is for text-only policies (latent_mode: none)")
         super().__post_init__()
-        if self.latent_mode is not None and self.latent_mode not in LATENT_MODES:
-            raise ValueError(f"latent_mode must be one of {LATENT_MODES}, got {self.latent_mode!r}")
+        if self.latent_mode is not None:
+            self.latent_mode = parse_latent_mode(self.latent_mode).value
         if self.latent_objective not in LATENT_OBJECTIVES:
             raise ValueError(f"latent_objective must be one of {LATENT_OBJECTIVES}, got {self.latent_objective!r}")
         if self.latent_objective == "gaussian" and not self.latent_sigma > 0:
@@ -209,9 +209,8 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             raise ValueError("MirageGRPOTrainer needs a loaded model (mirage_rl.modeling.load_model), not a path")
         if args is None or not isinstance(args, MirageGRPOConfig):
             raise ValueError("args must be a MirageGRPOConfig")
-        self.latent_mode = args.latent_mode or getattr(model.config, "latent_mode", None) or "hidden"
-        if self.latent_mode not in LATENT_MODES:
-            raise ValueError(f"latent_mode must be one of {LATENT_MODES}, got {self.latent_mode!r}")
+        self.latent_mode = resolve_latent_mode(args.latent_mode, model.config,
+                                               where=getattr(model, "name_or_path", "model")).value
         if args.use_vllm and self.latent_mode != "none":
             raise ValueError(f"use_vllm: the checkpoint {getattr(model, 'name_or_path', '')} decodes with latent_mode "
                              f"{self.latent_mode!r}, which vLLM cannot run (docs/vllm_latent_rollouts.md); set "

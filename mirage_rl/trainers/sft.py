@@ -21,8 +21,8 @@ from transformers.utils import ModelOutput
 from trl import SFTConfig, SFTTrainer
 
 from .. import latent
-from ..collator import LATENT_MODES, LatentCollator
-from ..latent import COMPRESS_MODES
+from ..collator import LatentCollator
+from ..latent import COMPRESS_MODES, LATENT_MODES, parse_latent_mode
 from ..modeling import LatentTokens
 from .checkpointing import AtomicCheckpointMixin
 
@@ -78,8 +78,7 @@ class MirageSFTConfig(SFTConfig):
         super().__post_init__()
         if self.stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {self.stage}")
-        if self.latent_mode not in LATENT_MODES:
-            raise ValueError(f"latent_mode must be one of {LATENT_MODES}, got {self.latent_mode!r}")
+        self.latent_mode = parse_latent_mode(self.latent_mode).value
         if self.stage == 1 and self.latent_mode != "hidden":
             raise ValueError("stage 1 teacher-forces helper-image latents: set latent_mode: hidden (or use stage: 2 "
                              "for the Direct SFT / dummy-latent baselines)")
@@ -189,13 +188,12 @@ class Stage2Trainer(AtomicCheckpointMixin, SFTTrainer):
 
     def latent_forward(self, model, input_ids, attention_mask, labels, latent_mask, pixel_values=None,
                        image_grid_thw=None, mm_token_type_ids=None, **extra) -> LatentSFTOutput:
-        """Embed, fill the latent slots by ``latent_mode`` and return the CE loss on the answer tokens."""
-        embeds = latent.embed_inputs(model, input_ids, pixel_values, image_grid_thw)
-        pos, _ = latent.position_ids(model, input_ids, attention_mask, mm_token_type_ids, image_grid_thw)
-        if self.args.latent_mode == "hidden":
-            hidden = latent.latent_fill(model, embeds, pos, attention_mask, latent_mask, self.args.latent_fill)
-        else:  # dummy: the slots keep the <|latent_pad|> embedding; none: there are no slots
-            hidden = latent._lm_forward(latent.language_model(model), embeds, pos, attention_mask)
+        """Run the latent core (:func:`mirage_rl.latent.latent_hidden_states`): with ``latent_mode: hidden`` every slot is
+        filled by the recurrence; ``dummy`` slots keep the ``<|latent_pad|>`` embedding, ``none`` has no slots (a plain
+        forward). Returns the CE terms on the answer tokens."""
+        mask = latent_mask if self.args.latent_mode == "hidden" else None
+        hidden = latent.latent_hidden_states(model, input_ids, attention_mask, pixel_values, image_grid_thw,
+                                             mm_token_type_ids, mask, method=self.args.latent_fill)
         ce_sum, n_correct, n = answer_ce(model, hidden, labels)
         return LatentSFTOutput(ce_sum=ce_sum, n_correct=n_correct, n_tokens=n)
 
@@ -265,10 +263,9 @@ class Stage1Trainer(Stage2Trainer):
                        image_grid_thw=None, mm_token_type_ids=None, helper_pixel_values=None,
                        helper_image_grid_thw=None, **extra) -> LatentSFTOutput:
         n_slots = latent_mask.sum()
-        embeds = latent.embed_inputs(model, input_ids, pixel_values, image_grid_thw)
-        pos, _ = latent.position_ids(model, input_ids, attention_mask, mm_token_type_ids, image_grid_thw)
         if not bool(latent_mask.any()):  # no row of this micro-batch has a latent block (latent_blocks: null): CE only
-            hidden = latent._lm_forward(latent.language_model(model), embeds, pos, attention_mask)
+            hidden = latent.latent_hidden_states(model, input_ids, attention_mask, pixel_values, image_grid_thw,
+                                                 mm_token_type_ids)
             ce_sum, n_correct, n = answer_ce(model, hidden, labels)
             return LatentSFTOutput(ce_sum=ce_sum, cos_loss=hidden.sum() * 0.0, n_correct=n_correct, n_tokens=n,
                                    n_slots=n_slots)
@@ -277,8 +274,9 @@ class Stage1Trainer(Stage2Trainer):
                              "(does the dataset have a 'helper_image' column?)")
         k = self.latent_tokens.latent_size
         targets = latent.helper_targets(model, helper_pixel_values, helper_image_grid_thw, k, self.args.compress)
-        embeds = latent.teacher_forced(embeds, latent_mask, targets)
-        hidden = latent._lm_forward(latent.language_model(model), embeds, pos, attention_mask)
+        # stage 1 is the latent core with the helper targets as the slots' inputs (teacher forcing)
+        hidden = latent.latent_hidden_states(model, input_ids, attention_mask, pixel_values, image_grid_thw,
+                                             mm_token_type_ids, latent_mask, latent_inputs=targets.reshape(-1, targets.shape[-1]))
         ce_sum, n_correct, n = answer_ce(model, hidden, labels)
         before = torch.roll(latent_mask, shifts=-1, dims=1)  # position p_t - 1 of every slot p_t
         pred = hidden[before].float()

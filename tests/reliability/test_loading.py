@@ -34,7 +34,7 @@ def test_a_missing_local_model_is_a_local_error_at_once(small_dataset_dir, tmp_p
     assert main(["sft", "--config", str(RECIPES / "stage2_tiny.yaml"), "--model_name_or_path", "outputs/models/nope",
                  "--dataset_path", str(small_dataset_dir), "--output_dir", str(tmp_path / "s2")]) == 1
     err = capsys.readouterr().err
-    assert "processor outputs/models/nope does not exist (and is not an org/name hub id); did the stage that writes " \
+    assert "model outputs/models/nope does not exist (and is not an org/name hub id); did the stage that writes " \
            "it finish? Stage 2 starts from stage 1's output_dir" in err
     assert time.perf_counter() - t0 < 10 and "Traceback" not in err and "Repo id" not in err
     with pytest.raises(FileNotFoundError, match=r"model /no/such/folder does not exist"):
@@ -49,7 +49,7 @@ def test_an_unreachable_hub_id_fails_within_seconds_saying_it_is_not_available_o
         load_model("someorg/some-model")
     assert time.perf_counter() - t0 < 5
     monkeypatch.setattr(offline_hub, "HF_HUB_OFFLINE", True)
-    with pytest.raises(FileNotFoundError, match=r"processor someorg/some-model: .*not available offline.*under "
+    with pytest.raises(FileNotFoundError, match=r"model someorg/some-model: .*not available offline.*under "
                                                 r"HF_HUB_OFFLINE"):
         load_processor("someorg/some-model")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from mirage_rl.cli import main
-from mirage_rl.outputs import MANIFEST, OutputDirError, check_output_dir, foreign_entries, run_lock
+from mirage_rl.outputs import MANIFEST, foreign_entries, run_lock
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "recipes" / "vsp_spatial_planning"
