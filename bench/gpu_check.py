@@ -369,7 +369,6 @@ def sft_speed(body: dict, mem: dict, args, model, model_dir: Path, rows) -> None
     ms = {v: 1000 * statistics.median(t) for v, t in times.items()}
     body.update({"batch": 8, "latent_size": 4, **{f"{v}_step_ms": t for v, t in ms.items()},
                  "stage1_over_plain": ms["stage1"] / ms["plain"], "stage2_over_plain": ms["stage2"] / ms["plain"]})
-    model.__dict__.pop("forward", None)  # the trainers installed their latent forward on the instance
 
 
 def seven_b_fits(body: dict, args, model_dir: Path, rows) -> None:

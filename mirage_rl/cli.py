@@ -140,7 +140,7 @@ def _run(cmd: str, rest: list[str]) -> int:
     elif cmd == "sft":
         from trl import ModelConfig
 
-        from .sft import SFTScriptArguments, run_sft
+        from .commands.sft import SFTScriptArguments, run_sft
         from .trainers import MirageSFTConfig
 
         script_args, training_args, model_args = parse((SFTScriptArguments, MirageSFTConfig, ModelConfig), rest)
@@ -148,7 +148,7 @@ def _run(cmd: str, rest: list[str]) -> int:
     elif cmd == "grpo":
         from trl import ModelConfig
 
-        from .grpo import GRPOScriptArguments, run_grpo
+        from .commands.grpo import GRPOScriptArguments, run_grpo
         from .trainers import MirageGRPOConfig
 
         script_args, training_args, model_args = parse((GRPOScriptArguments, MirageGRPOConfig, ModelConfig), rest)

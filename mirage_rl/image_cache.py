@@ -25,13 +25,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import types
-
 import torch
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from . import latent
+from .patching import is_patched, original, patch_method, unpatch_method
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -67,9 +66,8 @@ class VisionFeatureCache:
         """Route ``get_image_features`` of ``model``'s backbone (PEFT-wrapped or not) through this cache. Idempotent;
         installing another cache on the same backbone replaces the first."""
         bb = latent.backbone(model)
-        if getattr(bb, "_mirage_original_get_image_features", None) is None:
-            bb._mirage_original_get_image_features = bb.get_image_features
-            bb.get_image_features = types.MethodType(_cached_get_image_features, bb)
+        if not is_patched(bb, "get_image_features"):
+            patch_method(bb, "get_image_features", _cached_get_image_features)
         bb._mirage_vision_cache = self
 
     def _find(self, key: tuple, pixels: torch.Tensor) -> torch.Tensor | None:
@@ -120,7 +118,7 @@ def _cached_get_image_features(self, pixel_values, image_grid_thw=None, **kwargs
     """``Qwen2_5_VLModel.get_image_features`` through the installed :class:`VisionFeatureCache` (bypassed while the
     tower trains, or for calls with extra arguments)."""
     cache = self._mirage_vision_cache
-    encode = self._mirage_original_get_image_features
+    encode = original(self, "get_image_features")
     if (image_grid_thw is None or kwargs != {"return_dict": True}
             or any(p.requires_grad for p in self.visual.parameters())):
         return encode(pixel_values, image_grid_thw, **kwargs)
@@ -155,14 +153,14 @@ class ImageProcessingCache:
         """Route ``image_processor.preprocess`` (what ``__call__`` runs) through this cache inside the block, then
         restore it and forget the block's images. (The wrapper lives on the instance only inside the block:
         ``save_pretrained`` serializes the instance's attributes.)"""
-        if "preprocess" in vars(image_processor):
+        if is_patched(image_processor, "preprocess"):
             raise RuntimeError("the image processor's preprocess is already wrapped (nested ImageProcessingCache.active)")
-        image_processor.preprocess = types.MethodType(
-            functools.partial(_cached_preprocess, cache=self, original=image_processor.preprocess), image_processor)
+        patch_method(image_processor, "preprocess",
+                     functools.partial(_cached_preprocess, cache=self, original=image_processor.preprocess))
         try:
             yield self
         finally:
-            del image_processor.preprocess
+            unpatch_method(image_processor, "preprocess")
             self.clear()
 
     def preprocess(self, original, images: list, kwargs: dict) -> BatchFeature | None:

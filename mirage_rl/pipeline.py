@@ -68,12 +68,12 @@ def parse_stage(stage: str, argv: list[str]):
     from trl import ModelConfig
 
     if stage == "grpo":
-        from .grpo import GRPOScriptArguments, run_grpo
+        from .commands.grpo import GRPOScriptArguments, run_grpo
         from .trainers import MirageGRPOConfig
 
         script, train, model = parse((GRPOScriptArguments, MirageGRPOConfig, ModelConfig), argv)
         return script, train, model, run_grpo, "grpo"
-    from .sft import SFTScriptArguments, run_sft
+    from .commands.sft import SFTScriptArguments, run_sft
     from .trainers import MirageSFTConfig
 
     script, train, model = parse((SFTScriptArguments, MirageSFTConfig, ModelConfig), argv)
@@ -83,7 +83,7 @@ def parse_stage(stage: str, argv: list[str]):
 
 
 def settings_differences(recorded: dict | None, expected: dict) -> list[str]:
-    """``key: saved -> recipe`` for every training setting (:func:`mirage_rl.sft.run_settings`) that differs between
+    """``key: saved -> recipe`` for every training setting (:func:`mirage_rl.commands.common.run_settings`) that differs between
     a saved stage and the recipe about to train it; ``["unknown"]`` when the folder records none."""
     if not recorded:
         return ["unknown (the folder records no training settings: it was written by an older mirage-rl or by hand)"]
@@ -100,7 +100,7 @@ def run_stage(stage: str, argv: list[str], retrain: bool = False) -> str:
             trained with other settings (naming them) and not ``retrain``.
     """
     from .outputs import read_manifest
-    from .sft import run_settings
+    from .commands.common import run_settings
 
     script, train, model, runner, command = parse_stage(stage, argv)
     if finished(train.output_dir) and not retrain:

@@ -59,9 +59,9 @@ def test_recipes_parse(tmp_path):
 
     from mirage_rl.cli import CreateModelArguments
     from mirage_rl.evaluation import EvalArguments
-    from mirage_rl.grpo import GRPOScriptArguments
+    from mirage_rl.commands.grpo import GRPOScriptArguments
     from mirage_rl.results import ResultsArguments
-    from mirage_rl.sft import SFTScriptArguments
+    from mirage_rl.commands.sft import SFTScriptArguments
     from mirage_rl.trainers import MirageGRPOConfig, MirageSFTConfig
 
     recipes = sorted(Path(__file__).resolve().parents[1].glob("recipes/**/*.yaml"))

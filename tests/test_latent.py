@@ -218,3 +218,18 @@ def test_rewards_stay_light_and_lora_does_not_import_modeling():
     tree = ast.parse((repo / "mirage_rl" / "lora.py").read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not any(m and m.endswith("modeling") for m in imported)  # modeling -> lora only: no cycle
+
+
+def test_one_way_to_patch_a_method_and_undo_it():
+    from mirage_rl.patching import is_patched, original, patch_method, unpatch_method
+
+    class Box:
+        def size(self):
+            return 1
+
+    box = Box()
+    patch_method(box, "size", lambda self: original(self, "size")() + 10)
+    patch_method(box, "size", lambda self: original(self, "size")() + 20)  # again: the first original is kept
+    assert box.size() == 21 and is_patched(box, "size") and Box().size() == 1  # the class is untouched
+    unpatch_method(box, "size")
+    assert box.size() == 1 and not is_patched(box, "size") and vars(box) == {}

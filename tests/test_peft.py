@@ -21,7 +21,7 @@ def sft(stage: int, model, data, out, *extra: str):
     from trl import ModelConfig
 
     from mirage_rl.recipe import parse
-    from mirage_rl.sft import SFTScriptArguments, run_sft
+    from mirage_rl.commands.sft import SFTScriptArguments, run_sft
     from mirage_rl.trainers import MirageSFTConfig
 
     argv = ["--config", str(RECIPES / f"stage{stage}_tiny.yaml"), "--model_name_or_path", str(model),

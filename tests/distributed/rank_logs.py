@@ -36,12 +36,12 @@ class RankLog(TrainerCallback):
 def main():
     cmd, rest = sys.argv[1], sys.argv[2:]
     if cmd == "sft":
-        from mirage_rl.sft import SFTScriptArguments, run_sft
+        from mirage_rl.commands.sft import SFTScriptArguments, run_sft
         from mirage_rl.trainers import MirageSFTConfig
 
         run_sft(*parse((SFTScriptArguments, MirageSFTConfig, ModelConfig), rest), callbacks=[RankLog()])
     elif cmd == "grpo":
-        from mirage_rl.grpo import GRPOScriptArguments, run_grpo
+        from mirage_rl.commands.grpo import GRPOScriptArguments, run_grpo
         from mirage_rl.trainers import MirageGRPOConfig
 
         run_grpo(*parse((GRPOScriptArguments, MirageGRPOConfig, ModelConfig), rest), callbacks=[RankLog()])

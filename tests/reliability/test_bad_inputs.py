@@ -12,7 +12,7 @@ from mirage_rl.collator import LatentCollator
 from mirage_rl.data.build import BuildDataArguments, build_dataset, build_vsp_dataset
 from mirage_rl.data.images import open_image
 from mirage_rl.modeling import LatentTokens, load_model, load_processor
-from mirage_rl.sft import SFTScriptArguments, check_sft_dataset, load_train_split
+from mirage_rl.commands.sft import SFTScriptArguments, check_sft_dataset, load_train_split
 from mirage_rl.trainers import (
     MirageGRPOConfig,
     MirageGRPOTrainer,
@@ -223,7 +223,7 @@ def test_checkpoint_without_latent_tokens_for_stage2_grpo_and_eval(no_latent_dir
 
     import rewards
     from mirage_rl.evaluation import EvalArguments, evaluate
-    from mirage_rl.sft import run_sft
+    from mirage_rl.commands.sft import run_sft
 
     msg = r"no_latent: the checkpoint has no latent tokens .*Start from `mirage-rl create-model` or a stage-1 output"
     with pytest.raises(ValueError, match=msg):

@@ -11,7 +11,7 @@ from PIL import Image
 from mirage_rl.collator import LatentCollator
 from mirage_rl.data.build import BuildDataArguments, build_dataset
 from mirage_rl.modeling import LatentTokens
-from mirage_rl.sft import SFTScriptArguments, check_sft_dataset, load_train_split
+from mirage_rl.commands.sft import SFTScriptArguments, check_sft_dataset, load_train_split
 from mirage_rl.trainers import MirageSFTConfig
 
 GOOD_VSP_ROW = {"map_desc": [[1, 0, 0], [0, -1, 0], [0, 0, 2]], "text_output": "\\boxed{RIGHT, RIGHT, DOWN, DOWN}",

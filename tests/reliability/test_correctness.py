@@ -46,7 +46,7 @@ def test_grpo_prompt_ending_in_latent_start_masks_and_scores_the_same_slots(obje
 # ---------------------------------------------------------------------------------------- stage 1 and its data
 def test_stage1_with_latent_blocks_null_trains_rows_without_a_block_on_ce(tiny_dir, rows_of, save_rows, tmp_path):
     from mirage_rl.modeling import load_model, load_processor
-    from mirage_rl.sft import SFTScriptArguments, check_sft_dataset, load_train_split
+    from mirage_rl.commands.sft import SFTScriptArguments, check_sft_dataset, load_train_split
     from mirage_rl.trainers import Stage1Trainer
 
     rows = rows_of(4)
@@ -66,7 +66,7 @@ def test_stage1_with_latent_blocks_null_trains_rows_without_a_block_on_ce(tiny_d
 
 
 def test_latent_size_above_a_helper_images_visual_tokens_is_caught_in_data_validation(tiny, small_rows, tmp_path):
-    from mirage_rl.sft import check_sft_dataset
+    from mirage_rl.commands.sft import check_sft_dataset
 
     _, processor = tiny
     args = MirageSFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, stage=1, latent_size=64)
@@ -164,7 +164,7 @@ def test_official_scoring_reproduces_vsp_s_parser(answer, official, strict):
 # ------------------------------------------------------------------------------ ce_loss under gradient accumulation
 def test_logged_ce_loss_is_token_weighted_under_gradient_accumulation(tiny_dir, rows_of, save_rows, tmp_path):
     from mirage_rl.modeling import load_model, load_processor
-    from mirage_rl.sft import SFTScriptArguments, load_train_split
+    from mirage_rl.commands.sft import SFTScriptArguments, load_train_split
     from mirage_rl.trainers import Stage2Trainer
 
     rows = rows_of(2)

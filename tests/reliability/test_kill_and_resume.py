@@ -113,7 +113,7 @@ def test_resume_restores_the_checkpoint_weights(tiny_dir, small_dataset_dir, tmp
     import torch
 
     from mirage_rl.modeling import load_model, load_processor
-    from mirage_rl.sft import SFTScriptArguments, load_train_split
+    from mirage_rl.commands.sft import SFTScriptArguments, load_train_split
     from mirage_rl.trainers import MirageSFTConfig, Stage2Trainer
 
     out = tmp_path / "stage2"

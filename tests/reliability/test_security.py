@@ -65,7 +65,7 @@ def test_trust_remote_code_is_never_switched_on_in_code_or_recipes():
     from trl import ModelConfig
 
     from mirage_rl.recipe import parse
-    from mirage_rl.sft import SFTScriptArguments
+    from mirage_rl.commands.sft import SFTScriptArguments
     from mirage_rl.trainers import MirageGRPOConfig, MirageSFTConfig
 
     types = (SFTScriptArguments, MirageSFTConfig, ModelConfig)
@@ -79,7 +79,7 @@ def test_trust_remote_code_is_never_switched_on_in_code_or_recipes():
 def test_trust_remote_code_reaches_the_loaders_only_from_the_recipe(tiny_dir, monkeypatch, trust):
     from trl import ModelConfig
 
-    import mirage_rl.sft as sft
+    import mirage_rl.commands.common as sft
 
     seen = {}
     monkeypatch.setattr(sft, "load_model", lambda path, **kw: seen.setdefault("model", kw["trust_remote_code"]))

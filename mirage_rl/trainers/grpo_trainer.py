@@ -29,141 +29,25 @@ import copy
 import hashlib
 import logging
 import time
-import types
 from dataclasses import dataclass, field
 
 import torch
 from accelerate.utils import is_peft_model
 from transformers.modeling_outputs import BaseModelOutputWithPast
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generation
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, pad
 
 from .. import latent
-from ..latent import LATENT_MODES, parse_latent_mode, resolve_latent_mode
+from ..latent import resolve_latent_mode
 from ..generation import generate, row_generators
 from ..image_cache import ImageProcessingCache, VisionFeatureCache
 from ..modeling import LatentTokens, load_model
+from ..patching import is_patched, original, patch_method
 from .checkpointing import AtomicCheckpointMixin
-from .sft import LATENT_FILLS, check_training_length
+from .grpo_config import MirageGRPOConfig
 
 logger = logging.getLogger(__name__)
-
-LATENT_OBJECTIVES = ("none", "gaussian")
-
-
-@dataclass
-class MirageGRPOConfig(GRPOConfig):
-    """``GRPOConfig`` plus the latent fields.
-
-    Fields:
-        latent_mode: how rollouts fill latent slots: ``hidden`` (Mirage), ``dummy`` (the fixed ``<|latent_pad|>``
-            embedding: the control) or ``none`` (no latent tokens: a Direct-SFT policy). Default: the
-            checkpoint's ``config.latent_mode`` (recorded by ``mirage-rl sft``), else ``hidden``.
-        latent_objective: ``none`` or ``gaussian`` (see the module docstring).
-        latent_sigma: the fixed standard deviation of Gaussian latents (hidden-state units).
-        latent_fill: ``auto`` / ``cached`` / ``multipass`` (:func:`mirage_rl.latent.latent_fill`).
-        cache_prompt_images: run the image processor and the frozen vision tower once per distinct prompt image of a
-            generation batch, and reuse their outputs in the rollout, old/reference log-probs and the loss
-            (:mod:`mirage_rl.image_cache`).
-        vllm_importance_sampling_correction: TRL's truncated / masked importance-sampling correction (same name and
-            semantics, with ``vllm_importance_sampling_mode``, ``_clip_min``, ``_clip_max``), applied to latent rollouts:
-            the rollout's sampling-time log-probs (cached decode) and the recomputed ones (full forward) differ in
-            bf16 (up to 0.14 nats measured on CPU), and the loss is weighted by ``exp(recomputed - sampled)``, clipped
-            or masked. ``None`` (default): on when the policy is not fp32 (bf16/fp16 weights, or ``bf16``/``fp16``
-            mixed precision), off in fp32 (where the two agree to ~1e-5). Logged as
-            ``sampling/importance_sampling_ratio/{mean,min,max,clipped_fraction}`` and
-            ``sampling/sampling_logp_difference/{mean,max}``.
-        nan_reward_patience: stop training when a reward function returns NaN (or None) for every completion of this
-            many consecutive generation batches (each such batch is logged as a warning); 0 never stops.
-        overwrite_output_dir: write into an ``output_dir`` holding entries no mirage-rl run wrote (kept, never
-            deleted); without it such a folder is refused before any work (``mirage_rl.outputs``).
-
-    TRL options and the latent rollout (``mirage_rl.generation.generate`` replaces TRL's generation):
-
-    * honoured: ``temperature``, ``top_p``, ``max_completion_length``, ``num_generations``, ``beta``, ``loss_type``,
-      ``epsilon``/``epsilon_high``, ``importance_sampling_level``, ``mask_truncated_completions``,
-      ``top_entropy_quantile``, ``entropy_coef`` (text tokens; latent slots carry no entropy), ``reward_weights``,
-      ``scale_rewards``, ``steps_per_generation``, ``num_iterations``, ``sync_ref_model``, ``seed``, ``use_vllm``
-      (``latent_mode: none`` only); ``generation_kwargs`` keys ``eos_token_id`` (extra end-of-completion ids, also
-      in TRL's masks), ``suppress_tokens`` (never sampled) and ``do_sample: true``.
-    * refused at start-up, with the reason: ``top_k``, ``min_p``, ``repetition_penalty``, any other
-      ``generation_kwargs`` key, ``cache_implementation`` (the rollout keeps a ``DynamicCache``),
-      ``use_transformers_continuous_batching``, ``use_vllm`` with a latent mode; with ``latent_objective:
-      gaussian`` also ``top_entropy_quantile < 1`` (slots would be ranked by a token entropy they do not have),
-      ``entropy_coef`` / ``use_adaptive_entropy`` (the bonus would count the slots' token entropy) and
-      ``importance_sampling_level: sequence`` (it would average Gaussian log-densities with token log-probs).
-    """
-
-    latent_mode: str | None = field(default=None, metadata={"help": f"One of {LATENT_MODES}; default: the checkpoint's."})
-    latent_objective: str = field(default="none", metadata={"help": f"One of {LATENT_OBJECTIVES}."})
-    latent_sigma: float = field(default=0.1, metadata={"help": "Std of Gaussian latents (latent_objective: gaussian)."})
-    latent_fill: str = field(default="auto", metadata={"help": "auto, cached or multipass."})
-    cache_prompt_images: bool = field(default=True, metadata={
-        "help": "Process and encode each distinct prompt image once per generation batch (mirage_rl.image_cache)."})
-    vllm_importance_sampling_correction: bool | None = field(default=None, metadata={
-        "help": "Importance-sampling correction of the rollout's log-probs against the recomputed ones (TRL's option, "
-                "with its vllm_importance_sampling_mode / _clip_min / _clip_max), for latent rollouts too. Default: on "
-                "when the policy is not fp32 (bf16 weights or mixed precision), off in fp32; with use_vllm: TRL's (on)."})
-    nan_reward_patience: int = field(default=3, metadata={
-        "help": "Stop after a reward function returns NaN/None for every completion of this many consecutive "
-                "generation batches (0: never stop, only warn)."})
-    overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "Write into an output_dir holding entries no mirage-rl run wrote (they are kept, never deleted)."})
-
-    def __post_init__(self):
-        if self.use_vllm and self.latent_mode not in (None, "none"):  # before TRL's own vLLM checks
-            raise ValueError(f"use_vllm with latent_mode: {self.latent_mode}: vLLM cannot feed hidden states back as "
-                             "inputs, so latent rollouts run in mirage_rl.generation (docs/vllm_latent_rollouts.md); "
-                             "use_vllm is for text-only policies (latent_mode: none)")
-        super().__post_init__()
-        if self.latent_mode is not None:
-            self.latent_mode = parse_latent_mode(self.latent_mode).value
-        if self.latent_objective not in LATENT_OBJECTIVES:
-            raise ValueError(f"latent_objective must be one of {LATENT_OBJECTIVES}, got {self.latent_objective!r}")
-        if self.latent_objective == "gaussian" and not self.latent_sigma > 0:
-            raise ValueError(f"latent_sigma must be > 0 for latent_objective: gaussian, got {self.latent_sigma}")
-        unsupported = {"top_k": (self.top_k, (0, None)), "min_p": (self.min_p, (None, 0.0)),
-                       "repetition_penalty": (self.repetition_penalty, (1.0,))}
-        for name, (value, neutral) in unsupported.items():
-            if value not in neutral:
-                raise ValueError(f"{name}={value}: latent rollouts sample with temperature and top_p only; unset {name}")
-        if self.use_transformers_continuous_batching:
-            raise ValueError("use_transformers_continuous_batching: latent rollouts use mirage_rl.generation; unset it")
-        check_training_length(self)
-        if self.latent_fill not in LATENT_FILLS:
-            raise ValueError(f"latent_fill must be one of {LATENT_FILLS}, got {self.latent_fill!r}")
-        if self.nan_reward_patience < 0:
-            raise ValueError(f"nan_reward_patience must be >= 0 (0: never stop), got {self.nan_reward_patience}")
-        if not self.use_vllm:
-            if self.cache_implementation is not None:
-                raise ValueError(f"cache_implementation={self.cache_implementation!r}: latent rollouts keep a "
-                                 "DynamicCache (the latent fill appends one position at a time); unset it")
-            unsupported = sorted(set(self.generation_kwargs or {}) - set(GENERATION_KWARGS))
-            if unsupported:
-                raise ValueError(f"generation_kwargs {unsupported}: latent rollouts (mirage_rl.generation) honour only "
-                                 f"{list(GENERATION_KWARGS)}; set temperature, top_p and max_completion_length as "
-                                 "options of their own and remove the others")
-            if (self.generation_kwargs or {}).get("do_sample", True) is not True:
-                raise ValueError("generation_kwargs do_sample: false: GRPO rollouts sample; remove it")
-        if self.latent_objective == "gaussian":
-            why = {"top_entropy_quantile": (self.top_entropy_quantile < 1.0,
-                                            "it ranks positions by token entropy, which a Gaussian latent slot does "
-                                            "not have, and would drop them: set 1.0"),
-                   "entropy_coef": (self.entropy_coef != 0.0 or self.use_adaptive_entropy,
-                                    "the entropy bonus would count the latent slots' token entropy: set 0 and "
-                                    "use_adaptive_entropy: false"),
-                   "importance_sampling_level": (self.importance_sampling_level == "sequence",
-                                                 "a sequence ratio would average Gaussian log-densities with token "
-                                                 "log-probs: use token")}
-            for name, (bad, reason) in why.items():
-                if bad:
-                    raise ValueError(f"{name}={getattr(self, name)!r} with latent_objective: gaussian: {reason}")
-
-
-#: ``generation_kwargs`` keys the latent rollout honours (see ``MirageGRPOConfig``)
-GENERATION_KWARGS = ("eos_token_id", "suppress_tokens", "do_sample")
-
 
 def _latent_backbone_forward(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
                              mm_token_type_ids=None, latent_mask=None, latent_inputs=None, latent_fill_method="auto",
@@ -173,7 +57,7 @@ def _latent_backbone_forward(self, input_ids=None, attention_mask=None, pixel_va
     them it is the original forward. With ``latent_inputs`` the hidden states before each slot are kept in
     ``self._latent_slot_hidden`` ``(N, H)`` for the Gaussian log-density."""
     if latent_mask is None:
-        return self._mirage_original_forward(input_ids=input_ids, attention_mask=attention_mask,
+        return original(self, "forward")(input_ids=input_ids, attention_mask=attention_mask,
                                              pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                                              mm_token_type_ids=mm_token_type_ids, **kwargs)
     hidden = latent.latent_hidden_states(self, input_ids, attention_mask, pixel_values, image_grid_thw,
@@ -186,9 +70,8 @@ def _latent_backbone_forward(self, input_ids=None, attention_mask=None, pixel_va
 def install_latent_forward(model) -> None:
     """Make ``model(..., latent_mask=...)`` run the latent computation inside the backbone (idempotent)."""
     bb = latent.backbone(model)
-    if getattr(bb, "_mirage_original_forward", None) is None:
-        bb._mirage_original_forward = bb.forward
-        bb.forward = types.MethodType(_latent_backbone_forward, bb)
+    if not is_patched(bb, "forward"):
+        patch_method(bb, "forward", _latent_backbone_forward)
 
 
 class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
@@ -199,6 +82,19 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
     Raises:
         ValueError: a model given as a path, a missing processor, a latent mode the checkpoint cannot run, or
             Gaussian latents without ``latent_mode: hidden``; tools at rollout time.
+
+    State that crosses TRL's hooks (TRL's signatures leave no other way), and its lifecycle:
+
+    * ``_rollout_latents`` ``(B, S, H)``: the Gaussian latents of the generation batch being scored. Set by
+      :meth:`_generate_single_turn`, read by the old/reference log-prob calls inside TRL's
+      ``_generate_and_score_completions``, cleared when that method returns (the batch then carries them as
+      ``latent_values``).
+    * ``_loss_latents``: the micro-batch's ``latent_values`` during :meth:`_compute_loss` (set on entry, cleared on exit),
+      read by :meth:`_get_per_token_logps_and_entropies`.
+    * ``backbone._latent_slot_hidden`` ``(N, H)``: the hidden states before the Gaussian slots of the last latent forward,
+      set by the installed backbone forward and read right after it in :meth:`_get_per_token_logps_and_entropies`
+      (TRL's fused LM head returns only log-probs and entropies).
+    * ``_generation_time``: seconds of latent decoding in the current generation batch (logged as ``time/generation``).
     """
 
     _tag_names = ["trl", "grpo", "mirage-rl"]
@@ -531,7 +427,9 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         if any(x is not None for x in (pixel_attention_mask, spatial_shapes, num_tiles, image_sizes, token_type_ids,
                                        image_position_ids)):
             raise ValueError("MirageGRPOTrainer supports Qwen2.5-VL-style image inputs (pixel_values, image_grid_thw)")
-        batch_size = batch_size or input_ids.size(0)
+        # Lines marked "TRL 1.16" follow TRL's method (trl/trainer/grpo_trainer.py) for Qwen-style image inputs; the
+        # rest is the latent fill and the Gaussian slot log-density. Diff them against the next TRL when upgrading.
+        batch_size = batch_size or input_ids.size(0)  # TRL 1.16
         slots, _ = self._slot_masks(input_ids)
         slots[:, : input_ids.size(1) - logits_to_keep] = False  # only the completion holds rollout latents
         values = self._loss_latents if self._loss_latents is not None else self._rollout_latents
@@ -539,20 +437,20 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         if gaussian and bool(slots.any()) and values is None:
             raise RuntimeError("Gaussian latents of this batch are missing (internal error: latent_values not passed)")
         unwrapped = self.accelerator.unwrap_model(model)
-        all_logps, all_entropies, all_aux = [], [], []
-        cum_imgs = torch.tensor([0] + list(num_images)).cumsum(0) if num_images is not None else None
-        if pixel_values is not None and image_grid_thw is not None:
+        all_logps, all_entropies, all_aux = [], [], []  # TRL 1.16
+        cum_imgs = torch.tensor([0] + list(num_images)).cumsum(0) if num_images is not None else None  # TRL 1.16
+        if pixel_values is not None and image_grid_thw is not None:  # TRL 1.16: image rows per sample
             rows = torch.stack([s.sum() for s in torch.split(image_grid_thw.prod(-1), list(num_images))])
             cum_rows = torch.cat([rows.new_zeros(1), rows.cumsum(0)])
-        for start in range(0, input_ids.size(0), batch_size):
-            end = min(start + batch_size, input_ids.size(0))
-            ids, am = input_ids[start:end], attention_mask[start:end]
-            inputs = {"input_ids": ids, "attention_mask": am}
-            if pixel_values is not None and image_grid_thw is not None:
-                inputs["pixel_values"] = pixel_values[int(cum_rows[start]):int(cum_rows[end])]
-                inputs["image_grid_thw"] = image_grid_thw[int(cum_imgs[start]):int(cum_imgs[end])]
-            if mm_token_type_ids is not None:
-                inputs["mm_token_type_ids"] = mm_token_type_ids[start:end]
+        for start in range(0, input_ids.size(0), batch_size):  # TRL 1.16: chunks of batch_size
+            end = min(start + batch_size, input_ids.size(0))  # TRL 1.16
+            ids, am = input_ids[start:end], attention_mask[start:end]  # TRL 1.16
+            inputs = {"input_ids": ids, "attention_mask": am}  # TRL 1.16
+            if pixel_values is not None and image_grid_thw is not None:  # TRL 1.16
+                inputs["pixel_values"] = pixel_values[int(cum_rows[start]):int(cum_rows[end])]  # TRL 1.16
+                inputs["image_grid_thw"] = image_grid_thw[int(cum_imgs[start]):int(cum_imgs[end])]  # TRL 1.16
+            if mm_token_type_ids is not None:  # TRL 1.16
+                inputs["mm_token_type_ids"] = mm_token_type_ids[start:end]  # TRL 1.16
             chunk_slots = slots[start:end]
             has_slots = bool(chunk_slots.any())
             if has_slots and self.latent_mode == "hidden":
@@ -561,26 +459,26 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
                 if gaussian:
                     v, n = values[start:end], chunk_slots.sum(1)
                     inputs["latent_inputs"] = v[torch.arange(v.shape[1], device=v.device)[None] < n[:, None]]
-            if compute_aux_loss:
-                inputs["output_router_logits"] = True
-            labels = ids.masked_fill(am == 0, -100)
-            labels[:, :-logits_to_keep] = -100
-            with self.accelerator.autocast():
-                outputs = model(**inputs, labels=labels, fused_lm_head=True)
-            logps = outputs.log_probs[:, -logits_to_keep:]
+            if compute_aux_loss:  # TRL 1.16
+                inputs["output_router_logits"] = True  # TRL 1.16
+            labels = ids.masked_fill(am == 0, -100)  # TRL 1.16: the fused LM head scores the completion
+            labels[:, :-logits_to_keep] = -100  # TRL 1.16
+            with self.accelerator.autocast():  # TRL 1.16
+                outputs = model(**inputs, labels=labels, fused_lm_head=True)  # TRL 1.16
+            logps = outputs.log_probs[:, -logits_to_keep:]  # TRL 1.16
             if gaussian and has_slots:
                 h = latent.backbone(unwrapped)._latent_slot_hidden
                 lp = latent.gaussian_logprob(inputs["latent_inputs"], h, self.args.latent_sigma)
                 logps = logps.masked_scatter(chunk_slots[:, -logits_to_keep:], lp.to(logps.dtype))
-            all_logps.append(logps)
-            if compute_entropy:
-                all_entropies.append(outputs.entropy[:, -logits_to_keep:])
-            if compute_aux_loss:
-                all_aux.append(outputs.aux_loss)
-        logps = torch.cat(all_logps, 0)
-        entropies = torch.cat(all_entropies, 0) if compute_entropy else None
-        aux = torch.stack(all_aux).mean() if compute_aux_loss else None
-        return logps, entropies, aux
+            all_logps.append(logps)  # TRL 1.16
+            if compute_entropy:  # TRL 1.16
+                all_entropies.append(outputs.entropy[:, -logits_to_keep:])  # TRL 1.16
+            if compute_aux_loss:  # TRL 1.16
+                all_aux.append(outputs.aux_loss)  # TRL 1.16
+        logps = torch.cat(all_logps, 0)  # TRL 1.16
+        entropies = torch.cat(all_entropies, 0) if compute_entropy else None  # TRL 1.16
+        aux = torch.stack(all_aux).mean() if compute_aux_loss else None  # TRL 1.16
+        return logps, entropies, aux  # TRL 1.16
 
 
 def rollout_seed(seed: int, mode: str, step: int, row: int) -> int:

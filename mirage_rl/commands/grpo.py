@@ -11,8 +11,11 @@ from pathlib import Path
 
 from trl import ModelConfig
 
-from .atomic import atomic_save_figure
-from .sft import (
+from ..atomic import atomic_save_figure
+from ..outputs import output_dir_guard, record
+from ..trainers import MirageGRPOConfig, MirageGRPOTrainer
+from ..trainers.checkpointing import resolve_resume
+from .common import (
     SFTScriptArguments,
     load_model_and_processor,
     load_train_split,
@@ -22,9 +25,6 @@ from .sft import (
     save_final,
     split_name,
 )
-from .outputs import output_dir_guard, record
-from .trainers import MirageGRPOConfig, MirageGRPOTrainer
-from .trainers.checkpointing import resolve_resume
 
 logger = logging.getLogger(__name__)
 

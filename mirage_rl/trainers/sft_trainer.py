@@ -13,107 +13,21 @@ model instance so that DDP/DeepSpeed wrappers run the latent computation through
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers.utils import ModelOutput
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 from .. import latent
 from ..collator import LatentCollator
-from ..latent import COMPRESS_MODES, LATENT_MODES, parse_latent_mode
 from ..modeling import LatentTokens
+from ..patching import patch_method
 from .checkpointing import AtomicCheckpointMixin
+from .sft_config import MirageSFTConfig
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class MirageSFTConfig(SFTConfig):
-    """``SFTConfig`` plus the latent fields. Defaults that differ from TRL's are the ones the latent
-    collator needs (``remove_unused_columns=False``, ``skip_prepare_dataset``, ``max_length=None``).
-
-    Fields:
-        stage: 1 (teacher-forced helper-image latents + cosine loss) or 2 (recurrent latents, CE only).
-        latent_size: k, latent slots per block. Must equal the checkpoint's ``config.latent_size``.
-        latent_mode: ``hidden`` (Mirage), ``dummy`` (slots keep the fixed ``<|latent_pad|>`` embedding:
-            the control) or ``none`` (no latent block: Direct SFT).
-        compress: how stage 1 pools the helper image into k vectors: ``average`` or ``grid``.
-        gamma: weight of the CE term in stage 1 (paper: 0.1).
-        latent_fill: ``auto`` / ``cached`` / ``multipass`` (see :func:`mirage_rl.latent.latent_fill`).
-        latent_blocks: latent blocks (``<output_image>`` markers) every answer must hold (``None``: any number).
-        max_length: the most tokens of a row (default 8192); a longer row raises, naming it (never truncated).
-            Checked before tokenizing: a row with more UTF-8 bytes than ``max_length`` tokens can cover is refused
-            at start-up.
-        overwrite_output_dir: write into an ``output_dir`` that holds entries no mirage-rl run wrote (they are kept,
-            never deleted); without it such a folder is refused before any work (``mirage_rl.outputs``).
-
-    ``__post_init__`` refuses settings that would train on nonsense: ``num_train_epochs <= 0`` without
-    ``max_steps``, ``gamma < 0``, an unknown ``latent_fill``, ``max_length < 1``, ``latent_blocks < 0``.
-    """
-
-    stage: int = field(default=2, metadata={"help": "Mirage stage: 1 or 2."})
-    latent_size: int = field(default=4, metadata={"help": "Latent size k (slots per latent block)."})
-    latent_mode: str = field(default="hidden", metadata={"help": f"One of {LATENT_MODES}."})
-    compress: str = field(default="average", metadata={"help": f"Stage-1 pooling, one of {COMPRESS_MODES}."})
-    gamma: float = field(default=0.1, metadata={"help": "Stage-1 weight of the CE loss (paper: 0.1)."})
-    latent_fill: str = field(default="auto", metadata={"help": "auto, cached or multipass."})
-    latent_blocks: int | None = field(default=1, metadata={
-        "help": "<output_image> markers (latent blocks) every answer must hold; checked before training. "
-                "null: any number."})
-    train_vision_tower: bool = field(default=False, metadata={
-        "help": "Train the vision tower too (for from-scratch models; Mirage keeps a pretrained one frozen). "
-                "Stage 1 needs it frozen: its targets come from the same tower."})
-    max_length: int | None = field(default=8192, metadata={
-        "help": "Most tokens per row; longer rows raise (never truncated), huge ones before they are tokenized."})
-    overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "Write into an output_dir holding entries no mirage-rl run wrote (they are kept, never deleted)."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Must be False: the collator reads the raw columns."})
-
-    def __post_init__(self):
-        if self.dataset_kwargs is None:
-            self.dataset_kwargs = {}
-        self.dataset_kwargs.setdefault("skip_prepare_dataset", True)
-        super().__post_init__()
-        if self.stage not in (1, 2):
-            raise ValueError(f"stage must be 1 or 2, got {self.stage}")
-        self.latent_mode = parse_latent_mode(self.latent_mode).value
-        if self.stage == 1 and self.latent_mode != "hidden":
-            raise ValueError("stage 1 teacher-forces helper-image latents: set latent_mode: hidden (or use stage: 2 "
-                             "for the Direct SFT / dummy-latent baselines)")
-        if self.compress not in COMPRESS_MODES:
-            raise ValueError(f"compress must be one of {COMPRESS_MODES}, got {self.compress!r}")
-        if self.latent_size < 1:
-            raise ValueError(f"latent_size must be >= 1, got {self.latent_size}")
-        if self.train_vision_tower and self.stage == 1:
-            raise ValueError("train_vision_tower with stage 1: the helper-image targets come from the vision tower, "
-                             "which would learn to collapse them; train it in stage 2 only")
-        if self.remove_unused_columns:
-            raise ValueError("remove_unused_columns must be False: the latent collator needs the raw dataset columns")
-        check_training_length(self)
-        if self.gamma < 0:
-            raise ValueError(f"gamma must be >= 0 (the stage-1 weight of the CE loss; paper: 0.1), got {self.gamma}")
-        if self.latent_fill not in LATENT_FILLS:
-            raise ValueError(f"latent_fill must be one of {LATENT_FILLS}, got {self.latent_fill!r}")
-        if self.max_length is not None and self.max_length < 1:
-            raise ValueError(f"max_length must be >= 1 (tokens per row), got {self.max_length}")
-        if self.latent_blocks is not None and self.latent_blocks < 0:
-            raise ValueError(f"latent_blocks must be >= 0 or null, got {self.latent_blocks}")
-
-
-#: ``latent_fill`` values (:func:`mirage_rl.latent.latent_fill`)
-LATENT_FILLS = ("auto", "cached", "multipass")
-
-
-def check_training_length(args) -> None:
-    """Refuse a run that would train zero steps: ``num_train_epochs <= 0`` while ``max_steps`` is unset (``-1``).
-    Without this check the untrained start model would be saved as a finished stage."""
-    if args.max_steps is not None and args.max_steps > 0:
-        return
-    if args.num_train_epochs is None or args.num_train_epochs <= 0:
-        raise ValueError(f"num_train_epochs={args.num_train_epochs} with max_steps={args.max_steps} trains nothing: set "
-                         "num_train_epochs > 0 or max_steps >= 1")
 
 
 @dataclass
@@ -148,16 +62,20 @@ def answer_ce(model, hidden: torch.Tensor, labels: torch.Tensor):
     return ce, (logits.argmax(-1) == tgt).sum(), n
 
 
-class Stage2Trainer(AtomicCheckpointMixin, SFTTrainer):
-    """Stage 2 (recurrent latents), the dummy-latent control and Direct SFT, by ``args.latent_mode``.
+class LatentSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
+    """What both SFT stages share: the latent collator, the latent forward installed on the model instance (so that
+    DDP/DeepSpeed wrappers run it through their own forward), the world-size-independent loss and the token-weighted
+    metrics. The two stages are siblings that differ only in :meth:`latent_forward` and their ``stage``.
 
-    Overrides ``SFTTrainer.compute_loss`` (and ``Trainer._save_checkpoint`` through
+    Overrides ``SFTTrainer.compute_loss`` and ``SFTTrainer.log`` (and ``Trainer._save_checkpoint`` through
     :class:`~mirage_rl.trainers.checkpointing.AtomicCheckpointMixin`); the collator is
     :class:`mirage_rl.collator.LatentCollator`.
-    Raises ``ValueError`` when the checkpoint lacks latent tokens or its latent size differs from the recipe.
+    Raises ``ValueError`` when the config's stage is not the trainer's, the checkpoint lacks latent tokens or its
+    latent size differs from the recipe.
     """
 
-    stage = 2
+    stage: int  # set by each stage
+
 
     def __init__(self, model, args: MirageSFTConfig, train_dataset=None, processing_class=None, **kwargs):
         if args.stage != self.stage:
@@ -178,24 +96,13 @@ class Stage2Trainer(AtomicCheckpointMixin, SFTTrainer):
         self.model_accepts_loss_kwargs = True
         self._metric_sums: dict[str, dict[str, float]] = {}  # logged metrics as sums over the logging window
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        base.forward = self._make_forward(base)
+        patch_method(base, "forward", self._make_forward(base), bind=False)
 
     def _make_forward(self, base):
         def forward(**batch):
             return self.latent_forward(base, **batch)
 
         return forward
-
-    def latent_forward(self, model, input_ids, attention_mask, labels, latent_mask, pixel_values=None,
-                       image_grid_thw=None, mm_token_type_ids=None, **extra) -> LatentSFTOutput:
-        """Run the latent core (:func:`mirage_rl.latent.latent_hidden_states`): with ``latent_mode: hidden`` every slot is
-        filled by the recurrence; ``dummy`` slots keep the ``<|latent_pad|>`` embedding, ``none`` has no slots (a plain
-        forward). Returns the CE terms on the answer tokens."""
-        mask = latent_mask if self.args.latent_mode == "hidden" else None
-        hidden = latent.latent_hidden_states(model, input_ids, attention_mask, pixel_values, image_grid_thw,
-                                             mm_token_type_ids, mask, method=self.args.latent_fill)
-        ce_sum, n_correct, n = answer_ce(model, hidden, labels)
-        return LatentSFTOutput(ce_sum=ce_sum, n_correct=n_correct, n_tokens=n)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Run the installed latent forward; log ``ce_loss`` (+ ``cos_loss``), ``mean_token_accuracy`` and
@@ -247,14 +154,34 @@ class Stage2Trainer(AtomicCheckpointMixin, SFTTrainer):
             self._metrics[mode]["cos_loss"] = [sums["cos_sum"] / sums["n_slots"]]
         super().log(logs, start_time)
 
+    def latent_forward(self, model, **batch) -> LatentSFTOutput:
+        raise NotImplementedError
 
-class Stage1Trainer(Stage2Trainer):
+
+class Stage2Trainer(LatentSFTTrainer):
+    """Stage 2 (recurrent latents), the dummy-latent control and Direct SFT, by ``args.latent_mode``."""
+
+    stage = 2
+
+    def latent_forward(self, model, input_ids, attention_mask, labels, latent_mask, pixel_values=None,
+                       image_grid_thw=None, mm_token_type_ids=None, **extra) -> LatentSFTOutput:
+        """Run the latent core (:func:`mirage_rl.latent.latent_hidden_states`): with ``latent_mode: hidden`` every slot is
+        filled by the recurrence; ``dummy`` slots keep the ``<|latent_pad|>`` embedding, ``none`` has no slots (a plain
+        forward). Returns the CE terms on the answer tokens."""
+        mask = latent_mask if self.args.latent_mode == "hidden" else None
+        hidden = latent.latent_hidden_states(model, input_ids, attention_mask, pixel_values, image_grid_thw,
+                                             mm_token_type_ids, mask, method=self.args.latent_fill)
+        ce_sum, n_correct, n = answer_ce(model, hidden, labels)
+        return LatentSFTOutput(ce_sum=ce_sum, n_correct=n_correct, n_tokens=n)
+
+
+class Stage1Trainer(LatentSFTTrainer):
     """Stage 1: helper-image latents teacher-forced into the slots; loss gamma * CE + (1 - cos).
 
     The cosine term compares the hidden state *before* each slot (position p_t - 1) with target t, so
     that at inference the hidden state fed into slot t approximates the helper image's t-th vector. A micro-batch
     without any latent block (``latent_blocks: null`` data) has no cosine term: it trains on ``gamma * CE`` alone.
-    Overrides ``SFTTrainer.compute_loss`` (through :meth:`Stage2Trainer.compute_loss`).
+    A sibling of :class:`Stage2Trainer` over :class:`LatentSFTTrainer`.
     """
 
     stage = 1

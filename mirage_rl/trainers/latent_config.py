@@ -1,0 +1,59 @@
+"""The fields both Mirage configs share, declared once (:class:`LatentFields`), and the checks both run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..latent import LATENT_MODES, parse_latent_mode
+
+#: ``latent_fill`` values (:func:`mirage_rl.latent.latent_fill`)
+LATENT_FILLS = ("auto", "cached", "multipass")
+
+
+@dataclass
+class LatentFields:
+    """Fields of :class:`~mirage_rl.trainers.sft_config.MirageSFTConfig` and
+    :class:`~mirage_rl.trainers.grpo_config.MirageGRPOConfig` (a dataclass mixin placed before the TRL config).
+
+    Fields:
+        latent_mode (``str`` or ``None``, default ``None``): what enters the latent slots, one of ``hidden`` (Mirage:
+            the previous position's hidden state), ``dummy`` (the fixed ``<|latent_pad|>`` embedding: the control) or
+            ``none`` (no latent block: Direct SFT) (:class:`mirage_rl.latent.LatentMode`). ``None``: SFT trains
+            ``hidden``; GRPO uses the mode the checkpoint records, else ``hidden`` when it has latent tokens
+            (:func:`mirage_rl.latent.resolve_latent_mode`).
+        latent_fill (``str``, default ``"auto"``): how hidden latents are computed in training and scoring:
+            ``cached`` (KV cache, k single-column steps per block), ``multipass`` (cache-free, needed under gradient
+            checkpointing) or ``auto`` (multipass under gradient checkpointing, else cached)
+            (:func:`mirage_rl.latent.latent_fill`).
+        overwrite_output_dir (``bool``, default ``False``): write into an ``output_dir`` holding entries no mirage-rl
+            run wrote (they are kept, never deleted); without it such a folder is refused before any work
+            (:mod:`mirage_rl.outputs`).
+    """
+
+    latent_mode: str | None = field(default=None, metadata={
+        "help": f"One of {LATENT_MODES}; default: SFT hidden, GRPO the checkpoint's recorded mode."})
+    latent_fill: str = field(default="auto", metadata={"help": f"One of {LATENT_FILLS}."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Write into an output_dir holding entries no mirage-rl run wrote (they are kept, never deleted)."})
+
+    def check_latent_fields(self) -> None:
+        """Validate the shared fields (call from ``__post_init__``, after TRL's).
+
+        Raises:
+            ValueError: an unknown ``latent_mode`` or ``latent_fill``, or a run that trains zero steps.
+        """
+        if self.latent_mode is not None:
+            self.latent_mode = parse_latent_mode(self.latent_mode).value
+        if self.latent_fill not in LATENT_FILLS:
+            raise ValueError(f"latent_fill must be one of {LATENT_FILLS}, got {self.latent_fill!r}")
+        check_training_length(self)
+
+
+def check_training_length(args) -> None:
+    """Refuse a run that would train zero steps: ``num_train_epochs <= 0`` while ``max_steps`` is unset (``-1``).
+    Without this check the untrained start model would be saved as a finished stage."""
+    if args.max_steps is not None and args.max_steps > 0:
+        return
+    if args.num_train_epochs is None or args.num_train_epochs <= 0:
+        raise ValueError(f"num_train_epochs={args.num_train_epochs} with max_steps={args.max_steps} trains nothing: set "
+                         "num_train_epochs > 0 or max_steps >= 1")
