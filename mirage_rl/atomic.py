@@ -8,13 +8,18 @@ modes of ``tempfile``. A folder save replaces only what the same group of comman
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import os
 import secrets
 import shutil
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .outputs import MANIFEST, group_of, merged_manifest, read_manifest, write_manifest
+#: the manifest of an output folder: which entries mirage-rl wrote there and which group wrote each
+#: (:mod:`mirage_rl.outputs` states the rules; saves here keep it up to date)
+MANIFEST = "mirage_output.json"
 
 
 def umask() -> int:
@@ -178,3 +183,47 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# ------------------------------------------------------------------------------------------------ manifest
+def read_manifest(folder: str | os.PathLike) -> dict:
+    """The manifest of ``folder`` (``{"entries": {name_or_glob: group}, ...}``); empty when there is none or it is
+    unreadable (then nothing in the folder counts as mirage-rl's)."""
+    path = Path(folder) / MANIFEST
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"entries": {}}
+    if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
+        return {"entries": {}}
+    return data
+
+
+def group_of(name: str, manifest: dict) -> str | None:
+    """The group that wrote ``name`` according to ``manifest`` (exact names first, then globs), or None."""
+    entries = manifest.get("entries", {})
+    if name in entries:
+        return entries[name]
+    for pattern, group in entries.items():
+        if any(c in pattern for c in "*?[") and fnmatch.fnmatchcase(name, pattern):
+            return group
+    return None
+
+
+def write_manifest(folder: str | os.PathLike, manifest: dict) -> None:
+    """Write ``manifest`` into ``folder`` atomically."""
+    atomic_write_text(Path(folder) / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+def merged_manifest(old: dict, group: str, names, run: dict | None = None, command: str | None = None) -> dict:
+    """``old`` with the entries of ``group`` replaced by ``names`` (a save of that group wrote exactly these), the
+    other groups' entries kept; ``run`` (the settings of the run that saved) replaces the old one when given."""
+    entries = {n: g for n, g in old.get("entries", {}).items() if g != group}
+    entries.update({n: group for n in names if n != MANIFEST})
+    out = {**old, "entries": entries}
+    if run is not None:
+        out["run"] = run
+    if command is not None:
+        out["history"] = (old.get("history") or [])[-19:] + [
+            {"command": command, "group": group, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")}]
+    return out

@@ -21,7 +21,6 @@ The rules (README, "What an output_dir may contain"):
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
 import os
@@ -32,11 +31,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from .atomic import MANIFEST, atomic_write_text, group_of, read_manifest, write_manifest
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "mirage_output.json"
 #: hidden siblings that mirage-rl itself creates beside (or inside) a folder: atomic-write temp entries, the old
 #: version kept during a folder swap, locks and their owner records
 _OWN_HIDDEN = re.compile(r"^\..+\.(tmp-.*|old-\d+|lock|lock\.owner)$")
@@ -53,31 +52,6 @@ _PATTERN_GROUP = {"checkpoint-*": "checkpoints", "runs": "checkpoints", "README.
 
 class OutputDirError(UserError):
     """An ``output_dir`` that cannot be used: a file, foreign entries, not writable, or in use by another run."""
-
-
-# ------------------------------------------------------------------------------------------------ manifest
-def read_manifest(folder: str | os.PathLike) -> dict:
-    """The manifest of ``folder`` (``{"entries": {name_or_glob: group}, ...}``); empty when there is none or it is
-    unreadable (then nothing in the folder counts as mirage-rl's)."""
-    path = Path(folder) / MANIFEST
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {"entries": {}}
-    if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
-        return {"entries": {}}
-    return data
-
-
-def group_of(name: str, manifest: dict) -> str | None:
-    """The group that wrote ``name`` according to ``manifest`` (exact names first, then globs), or None."""
-    entries = manifest.get("entries", {})
-    if name in entries:
-        return entries[name]
-    for pattern, group in entries.items():
-        if any(c in pattern for c in "*?[") and fnmatch.fnmatchcase(name, pattern):
-            return group
-    return None
 
 
 def is_own_hidden(name: str) -> bool:
@@ -100,27 +74,6 @@ def foreign_entries(folder: str | os.PathLike) -> list[str]:
             continue
         out.append(name)
     return sorted(out)
-
-
-def write_manifest(folder: str | os.PathLike, manifest: dict) -> None:
-    """Write ``manifest`` into ``folder`` atomically."""
-    from .atomic import atomic_write_text
-
-    atomic_write_text(Path(folder) / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-
-
-def merged_manifest(old: dict, group: str, names, run: dict | None = None, command: str | None = None) -> dict:
-    """``old`` with the entries of ``group`` replaced by ``names`` (a save of that group wrote exactly these), the
-    other groups' entries kept; ``run`` (the settings of the run that saved) replaces the old one when given."""
-    entries = {n: g for n, g in old.get("entries", {}).items() if g != group}
-    entries.update({n: group for n in names if n != MANIFEST})
-    out = {**old, "entries": entries}
-    if run is not None:
-        out["run"] = run
-    if command is not None:
-        out["history"] = (old.get("history") or [])[-19:] + [
-            {"command": command, "group": group, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")}]
-    return out
 
 
 def claim(folder: str | os.PathLike, group: str, accepted: list[str] = ()) -> None:
@@ -223,8 +176,6 @@ def run_lock(path: str | os.PathLike, command: str | None = None):
     except Timeout:
         raise OutputDirError(f"{path} is in use by another mirage-rl run ({_describe_owner(owner_file)}); wait for it "
                              "to end or use another output_dir") from None
-    from .atomic import atomic_write_text
-
     atomic_write_text(owner_file, json.dumps({
         "pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": command or " ".join(["mirage-rl", *sys.argv[1:]])}) + "\n")
