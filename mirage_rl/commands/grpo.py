@@ -15,16 +15,8 @@ from ..atomic import atomic_save_figure
 from ..outputs import output_dir_guard, record
 from ..trainers import MirageGRPOConfig, MirageGRPOTrainer
 from ..trainers.checkpointing import resolve_resume
-from .common import (
-    SFTScriptArguments,
-    load_model_and_processor,
-    load_train_split,
-    peft_config_for,
-    require_columns,
-    run_settings,
-    save_final,
-    split_name,
-)
+from .common import SFTScriptArguments, load_model_and_processor, load_train_split, peft_config_for, require_columns
+from .common import run_settings, save_final, split_name
 
 logger = logging.getLogger(__name__)
 
