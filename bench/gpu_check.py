@@ -60,22 +60,6 @@ def version(package: str) -> str | None:
         return None
 
 
-def commit() -> str:
-    """The checked-out commit, read from ``.git`` (empty outside a clone)."""
-    head = REPO / ".git" / "HEAD"
-    try:
-        ref = head.read_text().strip()
-        if ref.startswith("ref: "):
-            path = REPO / ".git" / ref[5:]
-            if path.exists():
-                return path.read_text().strip()[:12]
-            packed = (REPO / ".git" / "packed-refs").read_text().splitlines()
-            return next((x.split()[0][:12] for x in packed if x.endswith(ref[5:])), "")
-        return ref[:12]
-    except OSError:
-        return ""
-
-
 class Report:
     """The report being built: every finished section is written at once (JSON and markdown, atomically)."""
 
@@ -147,6 +131,8 @@ def peak(device: str, into: dict, key: str):
 
 # ------------------------------------------------------------------------------------------------------- env
 def env_section(body: dict, args) -> None:
+    from mirage_rl.results import git_commit
+
     cuda = args.device.startswith("cuda")
     body.update({
         "gpu_name": torch.cuda.get_device_name() if cuda else None,
@@ -157,7 +143,7 @@ def env_section(body: dict, args) -> None:
         "accelerate": version("accelerate"), "flash_attn_importable": importlib.util.find_spec("flash_attn") is not None,
         "attention_implementations_tried": attention_implementations(args.device),
         "size": args.size, "device": args.device, "quick": args.quick,
-        "command": " ".join(["python", *sys.argv]), "commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "command": " ".join(["python", *sys.argv]), "commit": git_commit(REPO), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
     })
 
 

@@ -124,9 +124,8 @@ def _run(cmd: str, rest: list[str]) -> int:
         _, counts = build_dataset(args)
         print(json.dumps({"output_dir": args.output_dir, **counts}))
     elif cmd == "create-model":
-        from .tiny import create_tiny_model
-
         from .outputs import output_dir_guard
+        from .tiny import create_tiny_model
 
         (args,) = parse((CreateModelArguments,), rest)
         with output_dir_guard(args.output_dir, "model", args.overwrite_output_dir):
@@ -177,7 +176,6 @@ def _run(cmd: str, rest: list[str]) -> int:
         import torch
 
         from .modeling import export_merged
-
         from .outputs import output_dir_guard
 
         (args,) = parse((ExportArguments,), rest)

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 import torch
 
 from .data.images import check_pixel_budget, pixel_budget
-from .latent import LatentMode, parse_latent_mode
 from .data.vsp import LATENT_MARKER
+from .latent import LatentMode, parse_latent_mode
 from .modeling import LatentTokens
+
+logger = logging.getLogger(__name__)
 
 
 def max_chars_for(processor, max_length: int | None) -> int | None:
@@ -31,7 +33,6 @@ def max_chars_for(processor, max_length: int | None) -> int | None:
         tok._mirage_max_token_bytes = max(len(t.encode("utf-8")) for t in tok.get_vocab()) or 1
     return max_length * tok._mirage_max_token_bytes
 
-logger = logging.getLogger(__name__)
 
 def answer_text(answer: str, tokens: LatentTokens | None, latent_mode: str) -> str:
     """Expand every ``<output_image>`` marker into the latent block, or drop it (``latent_mode="none"``)."""

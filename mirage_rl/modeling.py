@@ -253,9 +253,6 @@ def check_safetensors(path: str | Path) -> None:
                          f"{8 + n + end}): {fix}")
 
 
-TOKENIZER_FILES = ("tokenizer_config.json", ("tokenizer.json", "vocab.json"))
-
-
 def check_processor_files(folder: str | Path) -> None:
     """Raise ``FileNotFoundError`` when a local model folder lacks the tokenizer or image-processor files (without
     them transformers loads an empty tokenizer, and the error later blames the latent token ids)."""

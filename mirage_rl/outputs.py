@@ -76,27 +76,29 @@ def foreign_entries(folder: str | os.PathLike) -> list[str]:
     return sorted(out)
 
 
-def claim(folder: str | os.PathLike, group: str, accepted: list[str] = ()) -> None:
-    """Create ``folder`` and record in its manifest what ``group`` may leave there while it runs (``PATTERNS``), and
-    the foreign entries the user accepted with ``overwrite_output_dir`` (group ``user``: kept, never deleted)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+def _add_entries(folder: Path, new: dict, replace: bool) -> None:
+    """Add ``new`` (``{name_or_glob: group}``) to the manifest of ``folder`` (``replace``: over existing entries of the
+    same name); the manifest is written only when it changes or does not exist yet."""
     manifest = read_manifest(folder)
-    entries = dict(manifest["entries"])
-    for pattern in PATTERNS.get(group, ()):
-        entries.setdefault(pattern, _PATTERN_GROUP.get(pattern, group))
-    for name in accepted:
-        entries.setdefault(name, "user")
+    entries = {**manifest["entries"], **new} if replace else {**new, **manifest["entries"]}
     if entries != manifest["entries"] or not (folder / MANIFEST).exists():
         write_manifest(folder, {**manifest, "entries": entries})
 
 
+def claim(folder: str | os.PathLike, group: str, accepted: list[str] = ()) -> None:
+    """Create ``folder`` and record in its manifest what ``group`` may leave there while it runs (``PATTERNS``), and
+    the foreign entries the user accepted with ``overwrite_output_dir`` (group ``user``: kept, never deleted);
+    entries already recorded keep their group."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    new = {name: "user" for name in accepted}
+    new.update({p: _PATTERN_GROUP.get(p, group) for p in PATTERNS.get(group, ())})
+    _add_entries(folder, new, replace=False)
+
+
 def record(folder: str | os.PathLike, names, group: str) -> None:
     """Add ``names`` (written by ``group``) to the manifest of ``folder``."""
-    manifest = read_manifest(folder)
-    entries = {**manifest["entries"], **{n: group for n in names}}
-    if entries != manifest["entries"] or not (Path(folder) / MANIFEST).exists():
-        write_manifest(folder, {**manifest, "entries": entries})
+    _add_entries(Path(folder), {n: group for n in names}, replace=True)
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -126,9 +128,6 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False, what: str
         raise OutputDirError(f"{what} {p} holds entries that no mirage-rl run wrote there ({shown}); mirage-rl does "
                              "not mix its outputs into such a folder: choose another folder, or pass "
                              "--overwrite_output_dir true to write beside them (they are kept, never deleted)")
-    if foreign:
-        logger.warning("%s %s: writing beside %d entries mirage-rl did not write (%s); they are kept", what, p,
-                       len(foreign), ", ".join(foreign[:8]))
     return foreign
 
 
@@ -204,6 +203,9 @@ def output_dir_guard(path: str | os.PathLike, group: str, overwrite: bool = Fals
     check_output_dir(path, overwrite, what)  # fast refusal before taking the lock
     with run_lock(path, command):
         accepted = check_output_dir(path, overwrite, what)  # again, now that no other run can write there
+        if accepted:
+            logger.warning("%s %s: writing beside %d entries mirage-rl did not write (%s); they are kept", what, path,
+                           len(accepted), ", ".join(accepted[:8]))
         existed = Path(path).exists()
         claim(path, group, accepted)
         try:

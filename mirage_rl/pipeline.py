@@ -99,7 +99,7 @@ def run_stage(stage: str, argv: list[str], retrain: bool = False) -> str:
         ValueError: an SFT recipe's ``stage`` differs from the pipeline stage; or the output holds a finished model
             trained with other settings (naming them) and not ``retrain``.
     """
-    from .outputs import read_manifest
+    from .atomic import read_manifest
     from .commands.common import run_settings
 
     script, train, model, runner, command = parse_stage(stage, argv)

@@ -102,22 +102,26 @@ def find_cell(map_desc: list[list[int]], value: int) -> tuple[int, int]:
     raise ValueError(f"map_desc has no cell with value {value}: {map_desc}")
 
 
-def replay(map_desc: list[list[int]], plan: list[str]) -> tuple[bool, bool]:
-    """Replay ``plan`` on ``map_desc``; return ``(success_official, success_strict)``."""
+def _cells(map_desc: list[list[int]], moves: list[str]):
+    """The value of the cell the player stands on after each move (FrozenLake physics: a move off the edge leaves
+    the player in place): the one walk both rules replay."""
     n_rows, n_cols = len(map_desc), len(map_desc[0])
     r, c = find_cell(map_desc, PLAYER)
-    official = None
-    for move in plan:
+    for move in moves:
         dr, dc = MOVES[move]
-        nr, nc = r + dr, c + dc
-        if 0 <= nr < n_rows and 0 <= nc < n_cols:
-            r, c = nr, nc
-        cell = map_desc[r][c]
+        if 0 <= r + dr < n_rows and 0 <= c + dc < n_cols:
+            r, c = r + dr, c + dc
+        yield map_desc[r][c]
+
+
+def replay(map_desc: list[list[int]], plan: list[str]) -> tuple[bool, bool]:
+    """Replay ``plan`` on ``map_desc``; return ``(success_official, success_strict)``."""
+    official, cell = False, PLAYER
+    for cell in _cells(map_desc, plan):
         if cell == HOLE:
-            return (official is True), False
-        if cell == GOAL and official is None:
-            official = True
-    return (official is True), map_desc[r][c] == GOAL
+            return official, False
+        official = official or cell == GOAL
+    return official, cell == GOAL
 
 
 @dataclass
@@ -137,19 +141,11 @@ class PlanScore:
 def play_official(map_desc: list[list[int]], items: list[str | None]) -> str:
     """VSP's replay of parsed items: ``"success"`` (goal reached before any hole or bad item), ``"fail"`` (a hole, or
     the plan ends elsewhere) or ``"invalid"`` (an item that is not a move, read before the episode ended)."""
-    n_rows, n_cols = len(map_desc), len(map_desc[0])
-    r, c = find_cell(map_desc, PLAYER)
-    for move in items:
-        if move is None:
-            return "invalid"
-        dr, dc = MOVES[move]
-        if 0 <= r + dr < n_rows and 0 <= c + dc < n_cols:
-            r, c = r + dr, c + dc
-        if map_desc[r][c] == HOLE:
-            return "fail"
-        if map_desc[r][c] == GOAL:
-            return "success"
-    return "fail"
+    bad = items.index(None) if None in items else len(items)
+    for cell in _cells(map_desc, items[:bad]):
+        if cell in (HOLE, GOAL):
+            return "success" if cell == GOAL else "fail"
+    return "invalid" if bad < len(items) else "fail"
 
 
 def score_plan(map_desc: list[list[int]], completion: str) -> PlanScore:
@@ -159,9 +155,8 @@ def score_plan(map_desc: list[list[int]], completion: str) -> PlanScore:
     if box is None:
         return PlanScore(None, False, False, False, "invalid")
     items = plan_items(box)
-    bad = next((i for i, m in enumerate(items) if m is None), len(items))
-    plan = items[:bad]
+    valid = None not in items
+    plan = items if valid else items[: items.index(None)]
     verdict = play_official(map_desc, items)
-    valid = bad == len(items)
     strict = valid and replay(map_desc, plan)[1]  # type: ignore[arg-type]
     return PlanScore(plan or None, valid, verdict == "success", strict, verdict)  # type: ignore[arg-type]

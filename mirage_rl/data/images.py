@@ -44,15 +44,21 @@ def open_image(path: str | Path, where: str | None = None) -> Image.Image:
                          "not an image: re-export it or remove the row") from None
 
 
-def pixel_budget(image_processor) -> int | None:
-    """The most pixels a Qwen2-VL-style image processor keeps (``max_pixels``; transformers 5 stores it as
-    ``size["longest_edge"]``, an area), or None when it has no such budget."""
-    value = getattr(image_processor, "max_pixels", None)
+def _pixels(image_processor, name: str, size_key: str) -> int | None:
+    """``image_processor.<name>``, else its ``size["<name>"]`` or ``size["<size_key>"]`` (transformers 5 stores the
+    pixel bounds of Qwen2-VL-style processors as areas under ``shortest_edge`` / ``longest_edge``)."""
+    value = getattr(image_processor, name, None)
     size = getattr(image_processor, "size", None)
     if value is None and size is not None:
         get = size.get if isinstance(size, dict) else (lambda k: getattr(size, k, None))
-        value = get("max_pixels") or get("longest_edge")
+        value = get(name) or get(size_key)
     return int(value) if value else None
+
+
+def pixel_budget(image_processor) -> int | None:
+    """The most pixels a Qwen2-VL-style image processor keeps (``max_pixels``; transformers 5 stores it as
+    ``size["longest_edge"]``, an area), or None when it has no such budget."""
+    return _pixels(image_processor, "max_pixels", "longest_edge")
 
 
 def check_pixel_budget(image: Image.Image, max_pixels: int | None, where: str) -> None:
@@ -77,9 +83,7 @@ def visual_tokens(image_processor, width: int, height: int) -> int:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
     patch, merge = int(getattr(image_processor, "patch_size", 14)), int(getattr(image_processor, "merge_size", 2))
-    size = getattr(image_processor, "size", None)
-    get = (size.get if isinstance(size, dict) else (lambda k: getattr(size, k, None))) if size is not None else (lambda k: None)
-    lo = getattr(image_processor, "min_pixels", None) or get("min_pixels") or get("shortest_edge") or 56 * 56
+    lo = _pixels(image_processor, "min_pixels", "shortest_edge") or 56 * 56  # smart_resize's own defaults
     hi = pixel_budget(image_processor) or 14 * 14 * 4 * 1280
-    h, w = smart_resize(height, width, factor=patch * merge, min_pixels=int(lo), max_pixels=int(hi))
+    h, w = smart_resize(height, width, factor=patch * merge, min_pixels=lo, max_pixels=hi)
     return (h // (patch * merge)) * (w // (patch * merge))

@@ -14,15 +14,13 @@ LATENT_OBJECTIVES = ("none", "gaussian")
 
 @dataclass
 class MirageGRPOConfig(LatentFields, GRPOConfig):
-    """``GRPOConfig`` plus the latent fields.
+    """``GRPOConfig`` plus the latent fields (the shared ones, ``latent_mode``, ``latent_fill`` and
+    ``overwrite_output_dir``, are documented in :class:`~mirage_rl.trainers.latent_config.LatentFields`; unset,
+    ``latent_mode`` is the checkpoint's recorded mode, else ``hidden``).
 
     Fields:
-        latent_mode: how rollouts fill latent slots: ``hidden`` (Mirage), ``dummy`` (the fixed ``<|latent_pad|>``
-            embedding: the control) or ``none`` (no latent tokens: a Direct-SFT policy). Default: the
-            checkpoint's ``config.latent_mode`` (recorded by ``mirage-rl sft``), else ``hidden``.
         latent_objective: ``none`` or ``gaussian`` (see the module docstring).
         latent_sigma: the fixed standard deviation of Gaussian latents (hidden-state units).
-        latent_fill: ``auto`` / ``cached`` / ``multipass`` (:func:`mirage_rl.latent.latent_fill`).
         cache_prompt_images: run the image processor and the frozen vision tower once per distinct prompt image of a
             generation batch, and reuse their outputs in the rollout, old/reference log-probs and the loss
             (:mod:`mirage_rl.image_cache`).
@@ -36,8 +34,6 @@ class MirageGRPOConfig(LatentFields, GRPOConfig):
             ``sampling/sampling_logp_difference/{mean,max}``.
         nan_reward_patience: stop training when a reward function returns NaN (or None) for every completion of this
             many consecutive generation batches (each such batch is logged as a warning); 0 never stops.
-        overwrite_output_dir: write into an ``output_dir`` holding entries no mirage-rl run wrote (kept, never
-            deleted); without it such a folder is refused before any work (``mirage_rl.outputs``).
 
     TRL options and the latent rollout (``mirage_rl.generation.generate`` replaces TRL's generation):
 

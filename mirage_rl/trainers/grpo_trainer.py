@@ -29,7 +29,6 @@ import copy
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
 
 import torch
 from accelerate.utils import is_peft_model
