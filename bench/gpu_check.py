@@ -20,7 +20,8 @@ limit still leaves what it measured; progress goes to stderr with the elapsed se
 * ``speed`` (the working dtype: bf16 on CUDA, fp32 on CPU; medians of interleaved repeats, as ``bench/`` does):
   stage-1 / plain and stage-2 / plain SFT step ratios at batch 8, k = 4 (``bench/sft_step.py``); latent-interleaved
   decoding tokens/s against plain decoding and HF ``generate`` at batch 8 and 64 (``bench/generate.py``); one GRPO
-  step split into phases at 4 prompts x 8 generations (``bench/grpo_step.py``).
+  step split into phases at 2 prompts x 4 generations with gradient checkpointing on CUDA (``bench/grpo_step.py``;
+  4 x 8 ran out of the H100's 80 GB at 3B shapes).
 * ``memory``: peak allocated GPU memory (CPU: the process's peak RSS) of each of the above, and whether one
   7B-shaped stage-2 step with gradient checkpointing at batch 2 fits this GPU (``skipped`` on CPU, with ``--quick``
   or when the time budget is spent).
@@ -86,6 +87,21 @@ class Report:
         body["elapsed_s"] = round(time.perf_counter() - self.t0, 1)
         self.save()
         self.log(f"{name}: done")
+
+    @contextmanager
+    def part(self, body: dict, name: str):
+        """Fill ``body[name]`` inside the block; an error (an OOM, say) is recorded there and the next part runs."""
+        body[name] = part = {}
+        try:
+            yield part
+        except Exception as e:
+            traceback.print_exc()
+            part["error"] = f"{type(e).__name__}: {e}"[:600]
+            self.log(f"{name}: {type(e).__name__}")
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.save()
 
     def save(self) -> None:
         self._write(self.out / "gpu_check.json", json.dumps(self.data, indent=1, default=str) + "\n")
@@ -277,6 +293,9 @@ def grpo_parity(body: dict, trainer, rows, prompts: int, gens: int) -> None:
     body.update({"dtype": str(next(trainer.model.parameters()).dtype).replace("torch.", ""),
                  "mean_abs_logprob_diff_nats": float(d.mean()), "max_abs_logprob_diff_nats": float(d.max()),
                  "p99_abs_logprob_diff_nats": float(torch.quantile(d, 0.99)), "tokens": int(d.numel()),
+                 # near 0: the sampled tokens were near-certain and the differences above say little (the first H100
+                 # run: the biased head opened a latent block at every step, the only sampled tokens)
+                 "sampled_logprob_mean_nats": float(out["sampling_per_token_logps"].float()[mask].mean()),
                  "latent_blocks_per_completion": metrics["latent/blocks_per_completion"][-1],
                  "importance_sampling_ratio_mean": metrics["sampling/importance_sampling_ratio/mean"][-1],
                  "importance_sampling_clipped_fraction":
@@ -315,7 +334,9 @@ def grpo_trainer(args, model, model_dir: Path, rows, work: Path):
     import grpo_step
 
     ns = argparse.Namespace(batch=args.grpo_prompts * args.grpo_generations, num_generations=args.grpo_generations,
-                            max_completion_length=16 if args.quick else 48, beta=0.0, num_iterations=1, start_bias=50.0)
+                            max_completion_length=16 if args.quick else 48, beta=0.0, num_iterations=1, start_bias=50.0,
+                            # 3B shapes on one H100: 4 x 8 ran out of 80 GB with and without it; 2 x 4 with it peaks at 49 GiB
+                            gradient_checkpointing=args.device.startswith("cuda"))
     return grpo_step.make_trainer(model_dir, args.size, rows, ns, args.device, True, work / "grpo", model=model)
 
 
@@ -381,8 +402,8 @@ def main() -> dict:
     parser.add_argument("--quick", action="store_true", help="fewer repeats and tokens (the CI test)")
     parser.add_argument("--time_budget_s", type=float, default=450.0,
                         help="the 7B memory check is skipped when less than 150 s of this budget is left")
-    parser.add_argument("--grpo_prompts", type=int, default=4)
-    parser.add_argument("--grpo_generations", type=int, default=8)
+    parser.add_argument("--grpo_prompts", type=int, default=2)
+    parser.add_argument("--grpo_generations", type=int, default=4)
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
@@ -418,8 +439,8 @@ def main() -> dict:
     mem: dict = {}  # peaks measured in the speed section, reported under "memory"
     with report.section("speed") as body:
         body["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
-        body["decode"] = {}
-        decode_speed(body["decode"], mem, args, model, processor, lt, rows)
+        with report.part(body, "decode"):
+            decode_speed(body["decode"], mem, args, model, processor, lt, rows)
         grpo_rows = rows.remove_columns([c for c in ("helper_image", "answer") if c in rows.column_names])
         # the GRPO parity needs a bf16 policy: on CPU a bf16 copy of the tiny model, on CUDA the bf16 model itself
         policy = model if next(model.parameters()).dtype == torch.bfloat16 else copy.deepcopy(model).to(torch.bfloat16)
@@ -430,11 +451,12 @@ def main() -> dict:
             del setup
             setup = grpo_trainer(args, model, model_dir, grpo_rows, work)
         del policy
-        body["grpo"] = {}
-        grpo_speed(body["grpo"], mem, args, setup, grpo_rows)
+        with report.part(body, "grpo"):
+            grpo_speed(body["grpo"], mem, args, setup, grpo_rows)
         del setup
-        body["sft"] = {}
-        sft_speed(body["sft"], mem, args, model, model_dir, rows)
+        model.gradient_checkpointing_disable()  # the SFT steps are timed without it, as bench/sft_step.py does
+        with report.part(body, "sft"):
+            sft_speed(body["sft"], mem, args, model, model_dir, rows)
 
     del model
     gc.collect()

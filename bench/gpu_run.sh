@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# The prepared GPU check, as one command for the lent device machine (run from the repo root there, with .whl carried):
-#   bash bench/gpu_run.sh                 # Qwen2.5-VL-3B shapes, CUDA, <= 8 minutes on one H100
-# Installs the wheels of bench/gpu_wheels.sh into /tmp/site, runs bench/gpu_check.py with its report in $OUT (the
-# device tool's output folder; outputs/gpu_check elsewhere) and the log beside it. Extra arguments go to the check.
+# The prepared GPU check, as one command for the lent device machine (run from the repo root there, with
+# `carry: [".whl", ".gpudata"]` made by bench/gpu_wheels.sh):
+#   bash bench/gpu_run.sh                 # Qwen2.5-VL-3B shapes, CUDA, about 2.5 minutes on one H100
+# Installs the wheels into /tmp/site, reads the VSP maps from .gpudata (../shared does not travel), runs
+# bench/gpu_check.py with its report in $OUT (the device tool's output folder; outputs/gpu_check elsewhere) and the
+# log beside it. Extra arguments go to the check.
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH="/tmp/site:${PWD}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+[ -d .gpudata/vsp ] && export MIRAGE_SHARED_DATA="${MIRAGE_SHARED_DATA:-$PWD/.gpudata}"
 out="${OUT:-outputs/gpu_check}"
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/nvidia_smi.txt" || true

@@ -93,7 +93,8 @@ def make_trainer(model_dir: Path, size: str, rows, args, device: str, cache: boo
         row = torch.randn(head.shape[1], generator=torch.Generator().manual_seed(0)) * std
         head[lt.start] = row.to(head.device, head.dtype)
     config = MirageGRPOConfig(
-        output_dir=str(out), use_cpu=device == "cpu", bf16=device.startswith("cuda"), gradient_checkpointing=False,
+        output_dir=str(out), use_cpu=device == "cpu", bf16=device.startswith("cuda"),
+        gradient_checkpointing=getattr(args, "gradient_checkpointing", False),
         per_device_train_batch_size=args.batch, num_generations=args.num_generations,
         max_completion_length=args.max_completion_length, beta=args.beta, num_iterations=args.num_iterations,
         loss_type="dapo", learning_rate=1e-5, report_to="none", save_strategy="no", seed=0,
