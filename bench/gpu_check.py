@@ -16,7 +16,9 @@ limit still leaves what it measured; progress goes to stderr with the elapsed se
   layouts that are unusual here: left padding, realigned rollouts with masked gap columns
   (``mirage_rl.latent.aligned_columns``) and two latent blocks per row;
   ``grpo_logprobs``: a bf16 GRPO rollout's sampling-time log-probs against the recomputed ones (mean, max, 99th
-  percentile absolute difference, in nats) and the importance-sampling correction they get.
+  percentile absolute difference, in nats) and the importance-sampling correction they get; again with the
+  ``<|latent_start|>`` head bias scaled to 15 and 5 (``by_start_bias``: at 3B shapes the bench's bias opens a block
+  at every step, and ``sampled_logprob_mean_nats`` near 0 says the sampled tokens were near-certain).
 * ``speed`` (the working dtype: bf16 on CUDA, fp32 on CPU; medians of interleaved repeats, as ``bench/`` does):
   stage-1 / plain and stage-2 / plain SFT step ratios at batch 8, k = 4 (``bench/sft_step.py``); latent-interleaved
   decoding tokens/s against plain decoding and HF ``generate`` at batch 8 and 64 (``bench/generate.py``); one GRPO
@@ -302,6 +304,30 @@ def grpo_parity(body: dict, trainer, rows, prompts: int, gens: int) -> None:
                      metrics["sampling/importance_sampling_ratio/clipped_fraction"][-1]})
 
 
+def grpo_parity_weaker_bias(body: dict, trainer, rows, gens: int, biases=(15.0, 5.0)) -> None:
+    """The parity again with the ``<|latent_start|>`` head row scaled down from the bench's ``start_bias`` 50 to each of
+    ``biases``: at 3B shapes a bias of 50 opens a block at every step, so every sampled token is near-certain (the
+    first H100 run). Filled into ``body["by_start_bias"]["<bias>"]``; the head row is restored afterwards."""
+    from mirage_rl.modeling import LatentTokens
+
+    lt = LatentTokens.from_config(trainer.model.config)
+    head = trainer.model.get_output_embeddings().weight
+    saved = head[lt.start].detach().clone()
+    body["by_start_bias"] = {}
+    try:
+        for bias in biases:
+            with torch.no_grad():
+                head[lt.start] = saved * (bias / 50.0)
+            part = body["by_start_bias"][f"{bias:g}"] = {}
+            try:
+                grpo_parity(part, trainer, rows, 1, gens)
+            except Exception as e:  # a finding, not the end of the check
+                part["error"] = f"{type(e).__name__}: {e}"[:500]
+    finally:
+        with torch.no_grad():
+            head[lt.start] = saved
+
+
 # ----------------------------------------------------------------------------------------------------- speed
 def decode_speed(body: dict, mem: dict, args, model, processor, lt, rows) -> None:
     import generate as decoding
@@ -447,6 +473,7 @@ def main() -> dict:
         setup = grpo_trainer(args, policy, model_dir, grpo_rows, work)
         report.data["parity"]["grpo_logprobs"] = {}
         grpo_parity(report.data["parity"]["grpo_logprobs"], setup[0], grpo_rows, 1, args.grpo_generations)
+        grpo_parity_weaker_bias(report.data["parity"]["grpo_logprobs"], setup[0], grpo_rows, args.grpo_generations)
         if policy is not model:  # the phase split is timed on the working model
             del setup
             setup = grpo_trainer(args, model, model_dir, grpo_rows, work)

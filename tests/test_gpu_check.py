@@ -77,6 +77,10 @@ def test_the_cpu_form_reports_every_section_and_key_finite(vsp_dir, tmp_path):
     assert parity["bf16_vs_fp32"]["fp32_cached_vs_multipass"]["max_abs_logit_diff"] < 1e-4
     assert parity["attention"]["realigned_rollout"]["gap_columns_inserted"] > 0  # the gap layout was exercised
     assert parity["grpo_logprobs"]["dtype"] == "bfloat16" and parity["grpo_logprobs"]["tokens"] > 0
+    assert parity["grpo_logprobs"]["sampled_logprob_mean_nats"] < 0
+    weaker = parity["grpo_logprobs"]["by_start_bias"]  # the parity at weaker head biases, each a full record
+    assert set(weaker) == {"15", "5"} and all(w["tokens"] > 0 and "error" not in w for w in weaker.values())
+    assert report["speed"]["grpo"]["generations"] == 4 and "error" not in report["speed"]["sft"]
     md = (out / "gpu_check.md").read_text()
     assert all(f"## {s}" in md for s in REQUIRED) and "stage2_over_plain" in md
     assert "[" in proc.stderr and "parity: done" in proc.stderr  # progress, so a cut-off run shows how far it got
