@@ -38,7 +38,7 @@ baselines: install
 # The small from-scratch comparison of docs/RESULTS.md (CPU, 2 cores): data, base model, 5 arms x 3 seeds, the 400
 # test maps; rewrites the tables of docs/RESULTS.md and docs/figures/results_small.png. Resumes where it stopped.
 results: install
-	$(CLI) results --config $(RECIPES)/small_results.yaml
+	$(CLI) results --config $(RECIPES)/results_small.yaml
 
 test: install
 	$(BIN)/python -m pytest -q

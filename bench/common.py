@@ -107,12 +107,12 @@ def build_rows(n: int, out: Path, script: str):
     Exits with a message naming ``MIRAGE_SHARED_DATA`` when the data is not there."""
     from datasets import load_from_disk
 
-    from mirage_rl.data.build import BuildDataArguments, build_vsp_dataset
+    from mirage_rl.data.build import BuildDataArguments, build_task_dataset
 
     vsp = SHARED_DATA / "vsp"
     if not vsp.exists():
         sys.exit(f"{script}: the VSP data is not at {vsp}; set MIRAGE_SHARED_DATA to the shared/data folder")
-    build_vsp_dataset(BuildDataArguments(output_dir=str(out), train_jsonl=str(vsp / "mirage_train_maps.jsonl"),
+    build_task_dataset(BuildDataArguments(output_dir=str(out), train_jsonl=str(vsp / "mirage_train_maps.jsonl"),
                                          test_dir=str(vsp / "maze_planning"), max_train_maps=n, num_generated=0,
                                          seed=0))
     return load_from_disk(str(out))["train"]

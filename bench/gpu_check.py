@@ -149,7 +149,7 @@ def peak(device: str, into: dict, key: str):
 
 # ------------------------------------------------------------------------------------------------------- env
 def env_section(body: dict, args) -> None:
-    from mirage_rl.results import git_commit
+    from mirage_rl.results.machine import git_commit
 
     cuda = args.device.startswith("cuda")
     body.update({

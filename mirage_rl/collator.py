@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .data.images import check_pixel_budget, pixel_budget
-from .data.vsp import LATENT_MARKER
+from .data.messages import LATENT_MARKER
 from .latent import LatentMode, parse_latent_mode
 from .modeling import LatentTokens
 

@@ -1,15 +1,16 @@
-"""``mirage-rl eval``: run a checkpoint on a VSP folder with latent-interleaved greedy decoding.
+"""``mirage-rl eval``: run a checkpoint on a task's benchmark with latent-interleaved greedy decoding.
 
-While it runs, every batch of samples is appended to ``output_dir/samples.partial.jsonl`` (the journal); a
-killed evaluation run again with the same settings continues from it. At the end it writes, each atomically
-(temp file + rename), into ``output_dir``:
-``report.json`` (``benchmark``, ``n``, ``accuracy``, ``accuracy_strict``, ``invalid_rate``, ``by_level``),
-``samples.jsonl`` (one line per map: ``prompt_id``, ``level``, ``completion``, ``plan``, ``verdict``,
-``success``, ``success_strict``) and ``accuracy_by_level.png``.
+The task (``--task``, :mod:`mirage_rl.tasks`) gives the items, the prompt, the scoring and the metrics; everything
+here is task-blind. While it runs, every batch of samples is appended to ``output_dir/samples.partial.jsonl`` (the
+journal); a killed evaluation run again with the same settings continues from it. At the end it writes, each
+atomically (temp file + rename), into ``output_dir``: ``report.json`` (``benchmark``, ``task``, ``n``, the task's
+metrics, ``by_level``), ``samples.jsonl`` (one line per item: ``prompt_id``, ``level``, ``completion`` and the task's
+per-sample fields) and ``accuracy_by_level.png``.
 
-``--task describe`` evaluates the perception task instead (image -> the map as a table, ``vsp.DESCRIBE_PROMPT``, no
-latent block): each sample holds ``table_exact``, ``cells_right``, ``n_cells``, ``player_found``, ``goal_found``
-(:func:`score_table`) and the report ``table_exact``, ``cell_accuracy``, ``player_found``, ``goal_found`` per level.
+``plan`` (VSP spatial planning): samples hold ``plan``, ``verdict``, ``success``, ``success_strict``; the report
+``accuracy``, ``accuracy_strict``, ``invalid_rate``. ``describe`` (perception: image -> the map as a table, no
+latent block): samples hold ``table_exact``, ``cells_right``, ``n_cells``, ``player_found``, ``goal_found``; the
+report ``table_exact``, ``cell_accuracy``, ``player_found``, ``goal_found``.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_save_figure, atomic_write_text
 from .collator import LatentCollator
-from .data import vsp
 from .data.images import open_image
+from .data.messages import to_messages
 from .generation import generate
 from .latent import parse_latent_mode, resolve_latent_mode
 from .modeling import LatentTokens, load_model, load_processor
 from .outputs import output_dir_guard
-from .scoring import score_plan
+from .tables import markdown_table
+from .tasks import get_task, task_names
 
 logger = logging.getLogger(__name__)
 
@@ -63,15 +65,15 @@ class EvalArguments:
         "help": "Write into an output_dir holding entries no mirage-rl run wrote (they are kept, never deleted)."})
 
     def __post_init__(self):
-        if self.task not in vsp.TASKS:
-            raise ValueError(f"task must be one of {vsp.TASKS}, got {self.task!r}")
+        if self.task not in task_names():
+            raise ValueError(f"task must be one of {task_names()}, got {self.task!r}")
         if self.latent_mode is not None:
             self.latent_mode = parse_latent_mode(self.latent_mode).value
-        if self.task == "describe" and self.latent_mode not in (None, "none"):
-            raise ValueError(f"task describe has no latent block; latent_mode={self.latent_mode!r} would not be used: "
+        task = get_task(self.task)
+        if not task.has_latent_block and self.latent_mode not in (None, "none"):
+            raise ValueError(f"task {self.task} has no latent block; latent_mode={self.latent_mode!r} would not be used: "
                              "leave it unset")
-        if self.prompt not in vsp.PROMPTS:
-            raise ValueError(f"prompt must be one of {sorted(vsp.PROMPTS)}, got {self.prompt!r}")
+        task.prompt(self.prompt)  # ValueError naming the task's prompts
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {self.batch_size}, {self.max_new_tokens}")
         if self.limit is not None and self.limit < 1:
@@ -80,62 +82,27 @@ class EvalArguments:
             raise ValueError(f"levels must be map levels >= 1 (3..8 in VSP), got {self.levels}")
 
 
-def score_table(map_desc: list[list[int]], text: str) -> dict:
-    """Score a describe-task answer against the map: the answer's lines are the map's rows, its whitespace-separated
-    symbols the cells (``@`` player, ``*`` goal, ``#`` hole, ``_`` safe, as :func:`vsp.map_to_text` writes them).
-
-    Returns ``table_exact`` (the whole table, nothing more or less), ``cells_right`` of ``n_cells`` (a missing
-    cell counts wrong), ``player_found`` and ``goal_found`` (``@`` / ``*`` at the true cell).
-    """
-    want = [row.split() for row in vsp.map_to_text(map_desc).split("\n")]
-    got = [line.split() for line in text.strip().split("\n")]
-
-    def at(r: int, c: int) -> str | None:
-        return got[r][c] if r < len(got) and c < len(got[r]) else None
-
-    cells = [(r, c) for r in range(len(want)) for c in range(len(want[r]))]
-    right = sum(at(r, c) == want[r][c] for r, c in cells)
-    found = {sym: any(want[r][c] == sym and at(r, c) == sym for r, c in cells) for sym in "@*"}
-    return {"table_exact": got == want, "cells_right": right, "n_cells": len(cells),
-            "player_found": found["@"], "goal_found": found["*"]}
-
-
 def summarize(samples: list[dict], benchmark: str, task: str = "plan") -> dict:
-    """Per level and overall: accuracy (official and strict) and invalid rate (``task`` plan), or the rates of
-    exact tables, right cells, found player and found goal (``task`` describe)."""
-    def stats(rows):
-        n = len(rows)
-        if task == "describe":
-            return {"n": n, "table_exact": sum(r["table_exact"] for r in rows) / n,
-                    "cell_accuracy": sum(r["cells_right"] for r in rows) / sum(r["n_cells"] for r in rows),
-                    "player_found": sum(r["player_found"] for r in rows) / n,
-                    "goal_found": sum(r["goal_found"] for r in rows) / n}
-        return {"n": n, "accuracy": sum(r["success"] for r in rows) / n,
-                "accuracy_strict": sum(r["success_strict"] for r in rows) / n,
-                "invalid_rate": sum(r["verdict"] == "invalid" for r in rows) / n}
-
+    """Per level and overall, the task's rates (``Task.summarize``: official and strict accuracy and invalid rate for
+    ``plan``; exact tables, right cells, found player and goal for ``describe``)."""
+    t = get_task(task)
     by_level = defaultdict(list)
     for r in samples:
         by_level[str(r["level"])].append(r)
-    return {"benchmark": benchmark, "task": task, **stats(samples),
-            "by_level": {lvl: stats(rows) for lvl, rows in sorted(by_level.items(), key=lambda x: int(x[0]))}}
-
-
-#: task -> the two (report key, label) pairs plotted per level
-BARS = {"plan": (("accuracy", "official (VSP)"), ("accuracy_strict", "strict (Mirage)")),
-        "describe": (("table_exact", "exact table"), ("cell_accuracy", "cells right"))}
+    return {"benchmark": benchmark, "task": task, **t.summarize(samples),
+            "by_level": {lvl: t.summarize(rows) for lvl, rows in sorted(by_level.items(), key=lambda x: int(x[0]))}}
 
 
 def plot_by_level(report: dict, path: str | os.PathLike, title: str) -> None:
-    """Bar chart per level, saved atomically as PNG: official and strict accuracy (task plan) or exact tables and
-    right cells (task describe)."""
+    """Bar chart per level, saved atomically as PNG: the task's first two metrics (official and strict accuracy for
+    ``plan``, exact tables and right cells for ``describe``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     levels = list(report["by_level"])
-    (k1, l1), (k2, l2) = BARS[report.get("task", "plan")]
+    (k1, l1), (k2, l2) = get_task(report.get("task", "plan")).metrics[:2]
     x = range(len(levels))
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar([i - 0.2 for i in x], [report["by_level"][lv][k1] for lv in levels], 0.4, label=l1)
@@ -165,14 +132,14 @@ def _evaluate(args: EvalArguments, model=None, processor=None) -> dict:
     processor = processor if processor is not None else load_processor(args.model)
     model = model if model is not None else load_model(args.model)
     model.eval()
-    describe = args.task == "describe"
-    mode = "none" if describe else resolve_latent_mode(args.latent_mode, model.config, where=str(args.model)).value
+    task = get_task(args.task)
+    mode = resolve_latent_mode(args.latent_mode, model.config, where=str(args.model)).value if task.has_latent_block \
+        else "none"
     tokens = LatentTokens.for_model(model, processor, where=str(args.model)) if mode != "none" else None
-    maps = vsp.load_benchmark(args.benchmark_dir, args.levels)
+    maps = task.load_benchmark(args.benchmark_dir, args.levels)
     if args.limit is not None:
         maps = maps[: args.limit]
-    prompt_text = vsp.DESCRIBE_PROMPT if describe else vsp.PROMPTS[args.prompt]
-    messages = vsp.to_messages(prompt_text)
+    messages = to_messages(task.prompt(args.prompt))
     collator = LatentCollator(processor, tokens, latent_mode=mode, with_answer=False)
     out_dir = Path(args.output_dir)
     journal = Journal(out_dir / JOURNAL, run_identity(args, mode), resume=args.resume)
@@ -186,13 +153,7 @@ def _evaluate(args: EvalArguments, model=None, processor=None) -> dict:
         out = generate(model, processor, batch, max_new_tokens=args.max_new_tokens, latent_mode=mode)
         rows = []
         for m, text in zip(chunk, out.texts):
-            row = {"prompt_id": m.prompt_id, "level": m.level, "completion": text}
-            if describe:
-                row.update(score_table(m.map_desc, text))
-            else:
-                s = score_plan(m.map_desc, text)
-                row.update({"plan": s.plan, "verdict": s.verdict, "success": s.success,
-                            "success_strict": s.success_strict})
+            row = {"prompt_id": m.prompt_id, "level": m.level, "completion": text, **task.score(m, text)}
             rows.append(row)
         journal.append(rows)
         samples += rows
@@ -281,15 +242,8 @@ class Journal:
 
 
 def format_table(report: dict) -> str:
-    """A short text table of the report (printed by the CLI)."""
-    if report.get("task") == "describe":
-        keys = ("table_exact", "cell_accuracy", "player_found", "goal_found")
-        lines = [f"{'level':>6} {'n':>5} " + " ".join(f"{k:>13}" for k in keys)]
-        for lv, s in [*report["by_level"].items(), ("all", report)]:
-            lines.append(f"{lv:>6} {s['n']:>5} " + " ".join(f"{s[k]:>13.3f}" for k in keys))
-        return "\n".join(lines)
-    lines = [f"{'level':>6} {'n':>5} {'acc':>7} {'strict':>7} {'invalid':>8}"]
-    for lv, s in report["by_level"].items():
-        lines.append(f"{lv:>6} {s['n']:>5} {s['accuracy']:>7.3f} {s['accuracy_strict']:>7.3f} {s['invalid_rate']:>8.3f}")
-    lines.append(f"{'all':>6} {report['n']:>5} {report['accuracy']:>7.3f} {report['accuracy_strict']:>7.3f} {report['invalid_rate']:>8.3f}")
-    return "\n".join(lines)
+    """The report as a table, one row per level and one for all (printed by the CLI): the task's metrics, headed by
+    their ``report.json`` keys."""
+    keys = [k for k, _ in get_task(report.get("task", "plan")).metrics]
+    rows = [[lv, s["n"], *(s[k] for k in keys)] for lv, s in [*report["by_level"].items(), ("all", report)]]
+    return markdown_table(["level", "n", *keys], rows)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from .atomic import atomic_write_text, recover_directory
 from .outputs import output_dir_guard
-from .recipe import parse
+from .recipe import parse, recipe_path
+from .tables import markdown_table
 
 logger = logging.getLogger(__name__)
 
@@ -40,16 +41,6 @@ class PipelineArguments:
     retrain: bool = field(default=False, metadata={"help": "Retrain stages whose output already holds a model."})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Write into output folders holding entries no mirage-rl run wrote (they are kept, never deleted)."})
-
-
-def recipe_path(args: PipelineArguments, name: str) -> Path:
-    """``{recipe_dir}/{name}_{variant}.yaml``; raises ``FileNotFoundError`` listing the variants that exist."""
-    path = Path(args.recipe_dir) / f"{name}_{args.variant}.yaml"
-    if not path.exists():
-        have = sorted({p.stem.split("_", 1)[1] for p in Path(args.recipe_dir).glob(f"{name}_*.yaml")})
-        raise FileNotFoundError(f"{path}: no {name} recipe for variant {args.variant!r} (variants in "
-                                f"{args.recipe_dir}: {have or 'none'})")
-    return path
 
 
 def finished(output_dir: str | Path) -> bool:
@@ -126,8 +117,8 @@ def run_pipeline(args: PipelineArguments) -> list[dict]:
     unknown = [s for s in args.stages if s not in STAGES]
     if unknown or list(args.stages) != [s for s in STAGES if s in args.stages]:
         raise ValueError(f"stages must be an ordered sub-sequence of {list(STAGES)}, got {args.stages}")
-    paths = {s: recipe_path(args, s) for s in args.stages}
-    eval_path = recipe_path(args, "eval") if args.evaluate else None
+    paths = {s: recipe_path(args.recipe_dir, s, args.variant) for s in args.stages}
+    eval_path = recipe_path(args.recipe_dir, "eval", args.variant) if args.evaluate else None
     root = Path(args.output_root) if args.output_root else None
     # every recipe is parsed (and every option checked) before the first stage trains
     first = parse_stage(args.stages[0], ["--config", str(paths[args.stages[0]])]
@@ -183,13 +174,10 @@ def evaluate_stage(stage: str, model_dir: str, eval_recipe: Path) -> dict:
 def format_summary(rows: list[dict]) -> str:
     """Markdown table: one row per stage, official accuracy per level, overall official / strict / invalid."""
     levels = sorted({lv for r in rows for lv in r["by_level"]}, key=int)
-    head = ["stage", "latent mode", *[f"level {lv}" for lv in levels], "all", "all (strict)", "invalid"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["stage"], r["latent_mode"], *[f"{r['by_level'].get(lv, float('nan')):.3f}" for lv in levels],
-                 f"{r['accuracy']:.3f}", f"{r['accuracy_strict']:.3f}", f"{r['invalid_rate']:.3f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    table = [[r["stage"], r["latent_mode"], *(r["by_level"].get(lv, float("nan")) for lv in levels), r["accuracy"],
+              r["accuracy_strict"], r["invalid_rate"]] for r in rows]
+    return markdown_table(["stage", "latent mode", *(f"level {lv}" for lv in levels), "all", "all (strict)", "invalid"],
+                          table) + "\n"
 
 
 def write_summary(rows: list[dict], root: str | os.PathLike) -> None:

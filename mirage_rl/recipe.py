@@ -41,6 +41,28 @@ def _unique_key_loader():
     return UniqueKeyLoader
 
 
+#: The runs a recipe folder may hold a recipe for; a recipe is named ``<stage>_<variant>.yaml`` (``stage1_tiny.yaml``,
+#: ``grpo_qwen2.5_vl_7b.yaml``, ``results_small.yaml``): the run first, then the model or experiment variant.
+RECIPE_STAGES = ("stage1", "stage2", "grpo", "eval", "direct_sft", "direct_sft_grpo", "dummy_latent", "model",
+                 "pretrain", "results")
+
+
+def recipe_path(recipe_dir: str | Path, stage: str, variant: str) -> Path:
+    """``{recipe_dir}/{stage}_{variant}.yaml``, the one naming rule of recipes (:data:`RECIPE_STAGES`).
+
+    Raises:
+        FileNotFoundError: the file is missing; the message lists the variants of ``stage`` the folder has.
+    """
+    path = Path(recipe_dir) / f"{stage}_{variant}.yaml"
+    if not path.is_file():
+        longer = [s for s in RECIPE_STAGES if s.startswith(stage + "_")]  # direct_sft_* is not direct_sft_grpo_*
+        have = sorted(p.stem[len(stage) + 1:] for p in Path(recipe_dir).glob(f"{stage}_*.yaml")
+                      if not any(p.stem.startswith(s + "_") for s in longer))
+        raise FileNotFoundError(f"{path}: no {stage} recipe for variant {variant!r} (variants in {recipe_dir}: "
+                                f"{have or 'none'}; recipes are named <stage>_<variant>.yaml)")
+    return path
+
+
 def load_recipe(path: str | Path) -> dict:
     """Read a YAML recipe into a dict.
 

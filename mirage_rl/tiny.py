@@ -40,7 +40,7 @@ def train_tokenizer(texts: list[str], vocab_size: int = 2048):
 
 def tiny_corpus() -> list[str]:
     """Task text for the tiny tokenizer: VSP prompts, plans in words and letters, and generic answers."""
-    from .data import vsp
+    from .tasks.vsp_planning import prompts as vsp
 
     words = ["LEFT", "RIGHT", "UP", "DOWN", "L", "R", "U", "D"]
     plans = [", ".join(words[(i * 7 + j * 3) % 4] for j in range(i % 9 + 1)) for i in range(200)]
@@ -56,7 +56,7 @@ def tiny_config(vocab_size: int, hidden_size: int = 128, num_layers: int = 4, nu
 
     ``rope_theta``: base of the (multimodal) rotary embedding. mRoPE gives the image's row and column the lowest
     frequencies of each head; with a head of 32 dims and the default 10000 a column step turns the query by at most
-    0.003 rad, so a small model cannot tell the columns of a map apart. The ``small_*`` recipes use 10 (column steps
+    0.003 rad, so a small model cannot tell the columns of a map apart. The ``*_small`` recipes use 10 (column steps
     of 0.12..0.24 rad).
     """
     head_dim = hidden_size // num_heads

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mirage_rl.scoring import extract_boxed
+from mirage_rl.tasks.answers import extract_boxed
 
 # Completions longer than this are not answers; a reward reads at most this many characters, so a
 # runaway or hostile output costs O(limit) and scores as a malformed answer.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from mirage_rl.scoring import score_plan
+from mirage_rl.tasks.vsp_planning.scoring import score_plan
 
 from ._text import MAX_COMPLETION_CHARS, boxed_answers, completion_text, per_row
 
@@ -21,10 +21,10 @@ def plan_success_reward(completions, map_desc=None, rule: str = "official", **kw
 
     Args:
         completions: TRL completions (strings or chat messages).
-        map_desc: dataset column, one VSP map per row (list of rows of cell codes, ``mirage_rl.scoring``);
+        map_desc: dataset column, one VSP map per row (list of rows of cell codes, ``mirage_rl.tasks.vsp_planning.scoring``);
             ``None`` for a row gives ``None`` (no reference).
         rule: ``"official"`` (VSP: the episode ends at the goal) or ``"strict"`` (Mirage: every move replayed,
-            the final cell must be the goal); see ``mirage_rl.scoring``.
+            the final cell must be the goal); see ``mirage_rl.tasks.vsp_planning.scoring``.
     Raises:
         ValueError: unknown ``rule``, or a column of the wrong length.
     """

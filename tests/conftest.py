@@ -68,10 +68,10 @@ def tiny(tiny_dir):
 
 @pytest.fixture(scope="session")
 def small_dataset_dir(tmp_path_factory, vsp_dir):
-    from mirage_rl.data.build import BuildDataArguments, build_vsp_dataset
+    from mirage_rl.data.build import BuildDataArguments, build_task_dataset
 
     out = tmp_path_factory.mktemp("data") / "vsp"
-    build_vsp_dataset(BuildDataArguments(output_dir=str(out), train_jsonl=str(vsp_dir / "mirage_train_maps.jsonl"),
+    build_task_dataset(BuildDataArguments(output_dir=str(out), train_jsonl=str(vsp_dir / "mirage_train_maps.jsonl"),
                                          test_dir=str(vsp_dir / "maze_planning"), max_train_maps=24,
                                          num_generated=8, seed=1))
     return out

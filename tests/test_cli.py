@@ -22,11 +22,12 @@ def test_eval_writes_report_samples_and_plot(tiny_dir, vsp_dir, tmp_path, capsys
 
 
 def test_eval_describe_task_scores_the_map_table(tiny_dir, vsp_dir, tmp_path, capsys):
-    from mirage_rl.data import vsp
-    from mirage_rl.evaluation import EvalArguments, score_table, summarize
+    from mirage_rl.tasks.vsp_planning import maps as vsp_maps
+    from mirage_rl.evaluation import EvalArguments, summarize
+    from mirage_rl.tasks.vsp_planning.describe import score_table
 
     desc = [[0, -1, 0], [1, 0, 0], [0, 0, 2]]
-    assert vsp.map_to_text(desc) == "_ # _\n@ _ _\n_ _ *"
+    assert vsp_maps.map_to_text(desc) == "_ # _\n@ _ _\n_ _ *"
     assert score_table(desc, "_ # _\n@ _ _\n_ _ *\n") == {"table_exact": True, "cells_right": 9, "n_cells": 9,
                                                             "player_found": True, "goal_found": True}
     # a wrong cell, a missing row: counted wrong, the rest still scored by position
@@ -48,7 +49,7 @@ def test_eval_describe_task_scores_the_map_table(tiny_dir, vsp_dir, tmp_path, ca
     assert report["task"] == "describe" and report["by_level"]["4"]["n"] == 6
     assert 0 <= report["cell_accuracy"] <= 1 and "accuracy" not in report
     lines = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
-    maps = {m.prompt_id: m.map_desc for m in vsp.load_benchmark(vsp_dir / "maze_planning", [4])}
+    maps = {m.prompt_id: m.map_desc for m in vsp_maps.load_benchmark(vsp_dir / "maze_planning", [4])}
     assert all(x["n_cells"] == 16 and x == {**x, **score_table(maps[x["prompt_id"]], x["completion"])} for x in lines)
     assert "cell_accuracy" in capsys.readouterr().out
 
@@ -60,15 +61,18 @@ def test_recipes_parse(tmp_path):
     from mirage_rl.cli import CreateModelArguments
     from mirage_rl.evaluation import EvalArguments
     from mirage_rl.commands.grpo import GRPOScriptArguments
+    from mirage_rl.recipe import RECIPE_STAGES
     from mirage_rl.results import ResultsArguments
     from mirage_rl.commands.sft import SFTScriptArguments
     from mirage_rl.trainers import MirageGRPOConfig, MirageSFTConfig
 
     recipes = sorted(Path(__file__).resolve().parents[1].glob("recipes/**/*.yaml"))
-    kinds = {r.stem.removeprefix("small_").split("_")[0] for r in recipes}
+    # one naming rule, <stage>_<variant>.yaml: the longest known stage the name starts with
+    stage_of = {r: max((s for s in RECIPE_STAGES if r.stem.startswith(s + "_")), key=len) for r in recipes}
+    kinds = set(stage_of.values())
     assert {"stage1", "stage2", "grpo", "eval", "model", "results"} <= kinds
     for r in recipes:
-        stem = r.stem.removeprefix("small_")
+        stem = stage_of[r]
         if stem.startswith("eval"):
             (e,) = TrlParser((EvalArguments,)).parse_args_and_config(["--config", str(r), "--model", "m"])
             assert e.max_new_tokens > 0

@@ -5,7 +5,7 @@ import torch
 
 from mirage_rl import latent
 from mirage_rl.collator import LatentCollator
-from mirage_rl.data.vsp import LATENT_MARKER
+from mirage_rl.data.messages import LATENT_MARKER
 from mirage_rl.modeling import LatentTokens
 from conftest import scramble
 

@@ -6,9 +6,10 @@ from mirage_rl.tiny import create_tiny_model, tiny_config
 
 
 def _inputs(processor, image):
-    from mirage_rl.data import vsp
+    from mirage_rl.data import messages
+    from mirage_rl.tasks.vsp_planning import prompts
 
-    text = processor.apply_chat_template(vsp.to_messages(vsp.TEST_PROMPT), add_generation_prompt=True, tokenize=False)
+    text = processor.apply_chat_template(messages.to_messages(prompts.TEST_PROMPT), add_generation_prompt=True, tokenize=False)
     return processor(text=[text], images=[image], return_tensors="pt")
 
 

@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 
 from mirage_rl import results
-from mirage_rl.data import vsp
+from mirage_rl.tasks.vsp_planning import maps as vsp_maps
 from mirage_rl.evaluation import summarize
 from mirage_rl.recipe import parse
-from mirage_rl.scoring import parse_plan, replay, score_plan
+from mirage_rl.tasks import get_task
+from mirage_rl.tasks.vsp_planning.scoring import parse_plan, replay, score_plan
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "recipes/vsp_spatial_planning/small_results.yaml"
+CONFIG = REPO / "recipes/vsp_spatial_planning/results_small.yaml"
 
 
 def args_for(tmp_path, **kw):
@@ -54,7 +55,7 @@ def test_plan_of_a_subset_and_missing_recipe(tmp_path):
     keys = [s.key for s in results.plan(a)]
     assert [k for k in keys if k.startswith("seed")] == ["seed3/stage1", "seed3/dummy_latent", "seed3/eval_dummy_latent"]
     a = args_for(tmp_path, variant="nosuch")
-    with pytest.raises(FileNotFoundError, match="nosuch_model.yaml"):
+    with pytest.raises(FileNotFoundError, match="model_nosuch.yaml"):
         results.plan(a)
     with pytest.raises(ValueError, match="unknown"):
         results.ResultsArguments(arms=["mirage", "magic"])
@@ -85,12 +86,12 @@ def test_binomial_tail():
 
 
 def test_blind_baselines_from_training_answers(small_dataset_dir, vsp_dir):
-    chance = results.blind_baselines(str(small_dataset_dir), str(vsp_dir / "maze_planning"), levels=[3, 4])
+    chance = get_task("plan").chance_baselines(str(small_dataset_dir), str(vsp_dir / "maze_planning"), levels=[3, 4])
     assert set(chance) == {"3", "4"} and chance["3"]["from_levels"] == "3"
     from datasets import load_from_disk
 
     rows = load_from_disk(str(small_dataset_dir))["train"].select_columns(["solution", "map_desc", "level"])
-    tests = [m.map_desc for m in vsp.load_benchmark(vsp_dir / "maze_planning", [3])]
+    tests = [m.map_desc for m in vsp_maps.load_benchmark(vsp_dir / "maze_planning", [3])]
     plans = Counter(tuple(parse_plan(r["solution"])) for r in rows if r["level"] == 3)
     # brute force: the expected accuracy of a plan drawn from the level-3 training answers
     expected = sum(c * sum(replay(m, list(p))[0] for m in tests) / len(tests) for p, c in plans.items()) / sum(plans.values())
@@ -107,7 +108,7 @@ def fake_report(maps, rng, skill):
     samples = []
     for m in maps:
         r = rng.random()
-        text = ("\\boxed{" + ", ".join(vsp.shortest_plan(m.map_desc)) + "}" if r < skill
+        text = ("\\boxed{" + ", ".join(vsp_maps.shortest_plan(m.map_desc)) + "}" if r < skill
                 else "no box" if r > 0.97 else "\\boxed{" + ",".join(rng.choice("LRUD") for _ in range(3)) + "}")
         s = score_plan(m.map_desc, text)
         samples.append({"level": m.level, "verdict": s.verdict, "success": s.success, "success_strict": s.success_strict})
@@ -118,7 +119,7 @@ def test_report_tables_figure_and_kept_text(tmp_path, small_dataset_dir, vsp_dir
     a = args_for(tmp_path, seeds=[0, 1], arms=["direct_sft", "mirage"], benchmark_dir=str(vsp_dir / "maze_planning"))
     a.data_config = str(tmp_path / "data.yaml")
     Path(a.data_config).write_text(f"output_dir: {small_dataset_dir}\n")
-    maps = vsp.load_benchmark(vsp_dir / "maze_planning")
+    maps = vsp_maps.load_benchmark(vsp_dir / "maze_planning")
     rng = random.Random(0)
     log = results.StepLog(Path(a.output_root) / "steps.json")
     skills = {"direct_sft": [0.5, 0.6], "stage2": [0.7, 0.2]}

@@ -1,6 +1,7 @@
 import pytest
 
-from mirage_rl.scoring import extract_boxed, parse_plan, replay, score_plan
+from mirage_rl.tasks.answers import extract_boxed
+from mirage_rl.tasks.vsp_planning.scoring import parse_plan, replay, score_plan
 
 # 3x3: player bottom-middle, goal top-middle, hole at middle-left
 MAP = [[0, 2, 0],

@@ -8,7 +8,7 @@ from trl import ModelConfig
 
 from .. import latent
 from ..collator import max_chars_for
-from ..data.vsp import LATENT_MARKER
+from ..data.messages import LATENT_MARKER
 from ..modeling import add_latent_tokens, load_processor
 from ..outputs import output_dir_guard
 from ..trainers import MirageSFTConfig, Stage1Trainer, Stage2Trainer

@@ -1,11 +1,6 @@
-"""Build training sets: ``source: vsp`` (the VSP spatial-planning set: Mirage's 1000 train maps + generated
-maps) or ``source: mirage_jsonl`` (any JSONL in Mirage's own data format, with image files).
-
-VSP rows: ``prompt`` (conversational, one image), ``image`` (the map, VSP style), ``helper_image`` (the map
-with the shortest path drawn as red arrows), ``answer`` (``<output_image>`` marker where the latent block
-goes, then ``\\boxed{...}``: Mirage's "direct" variant), ``solution`` (the boxed plan alone), ``map_desc``,
-``level``, ``source`` and ``map_id``. Every training map equal to a test map is removed (Mirage's published
-split leaks 7).
+"""Build training sets: ``source: vsp`` (the rows of a task, ``task: plan`` or ``describe``: the VSP spatial-planning
+set of Mirage's 1000 train maps + generated maps, built by :mod:`mirage_rl.tasks.vsp_planning.rows`, whose docstring
+lists the columns) or ``source: mirage_jsonl`` (any JSONL in Mirage's own data format, with image files).
 
 Mirage-format rows (``text_input`` with one ``<image>``, ``image_input``, ``image_output`` = the helper image,
 ``text_output`` with the ``<output_image>`` marker): ``prompt``, ``image``, ``helper_image``, ``answer``,
@@ -17,7 +12,6 @@ the count and the first reasons are logged, returned and written to ``build_repo
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -28,9 +22,11 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_directory
 from ..outputs import output_dir_guard
-from ..scoring import extract_boxed, parse_plan, replay
-from . import vsp
-from .images import open_image
+from ..tasks import get_task, task_names
+from ..tasks.answers import extract_boxed
+from .images import encode_png, open_image
+from .jsonl import jsonl_rows, text_field
+from .messages import LATENT_MARKER, to_messages
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +77,9 @@ class BuildDataArguments:
     def __post_init__(self):
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
-        if self.task not in vsp.TASKS:
-            raise ValueError(f"task must be one of {vsp.TASKS}, got {self.task!r}")
-        if self.prompt not in vsp.PROMPTS:
-            raise ValueError(f"prompt must be one of {sorted(vsp.PROMPTS)}, got {self.prompt!r}")
+        if self.task not in task_names():
+            raise ValueError(f"task must be one of {task_names()}, got {self.task!r}")
+        get_task(self.task).prompt(self.prompt)  # ValueError naming the task's prompts
         if self.source == "mirage_jsonl" and not self.jsonl:
             raise ValueError("source: mirage_jsonl needs jsonl: the path of the JSONL file")
         if self.max_text_chars < 1:
@@ -121,57 +116,25 @@ class BadRows:
         return {"skipped_rows": len(reasons), "skip_reasons": reasons[:MAX_REPORTED_REASONS]}
 
 
-def _png(img) -> dict:
-    # encoded once here: `datasets` stores the bytes as they are, and thousands of maps never sit in
-    # memory as decoded images
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return {"bytes": buf.getvalue(), "path": None}
-
-
-def _row(map_desc, plan, level, source, map_id, prompt_text, task: str = "plan") -> dict:
-    image = _png(vsp.render_map(map_desc))
-    if task == "describe":  # the perception task: the map as text, no latent block, the map as its own helper
-        prompt_text, solution = vsp.DESCRIBE_PROMPT, vsp.map_to_text(map_desc)
-        answer, helper = solution, image
-    else:
-        solution = vsp.plan_to_answer(plan)
-        answer, helper = vsp.LATENT_MARKER + solution, _png(vsp.render_helper(map_desc, plan))
-    return {
-        "prompt": vsp.to_messages(prompt_text),
-        "image": image,
-        "helper_image": helper,
-        "answer": answer,
-        "solution": solution,
-        "map_desc": map_desc,
-        "level": level,
-        "source": source,
-        "map_id": str(map_id),
-    }
-
-
 def build_dataset(args: BuildDataArguments):
-    """``mirage-rl build-data``: :func:`build_vsp_dataset` or :func:`build_mirage_jsonl_dataset` by ``args.source``,
+    """``mirage-rl build-data``: :func:`build_task_dataset` or :func:`build_mirage_jsonl_dataset` by ``args.source``,
     after the output folder is checked and locked (:func:`mirage_rl.outputs.output_dir_guard`: an existing file, a
     folder of foreign entries or a running build there fail before any rendering)."""
     with output_dir_guard(args.output_dir, "dataset", args.overwrite_output_dir):
-        return build_mirage_jsonl_dataset(args) if args.source == "mirage_jsonl" else build_vsp_dataset(args)
+        return build_mirage_jsonl_dataset(args) if args.source == "mirage_jsonl" else build_task_dataset(args)
 
 
-def text_field(r: dict, key: str, where: str, max_chars: int) -> str:
-    """``r[key]`` as a string of at most ``max_chars`` characters.
+def build_task_dataset(args: BuildDataArguments):
+    """``source: vsp``: the rows of the task ``args.task`` (``Task.build_rows``, e.g.
+    :func:`mirage_rl.tasks.vsp_planning.rows.build_rows`), saved to ``args.output_dir``; returns ``(DatasetDict,
+    counts)``.
 
     Raises:
-        ValueError: naming ``where`` and ``key``: not a string (e.g. ``123``), or longer than ``max_chars``.
+        ValueError: naming the file and line of a bad source row (unless ``skip_bad_rows``), or no row left.
     """
-    value = r[key]
-    if not isinstance(value, str):
-        raise ValueError(f"{where}: field {key!r} must be a string, got {type(value).__name__} {str(value)[:40]!r}; "
-                         "fix the row")
-    if len(value) > max_chars:
-        raise ValueError(f"{where}: field {key!r} has {len(value)} characters, more than max_text_chars={max_chars}; "
-                         "shorten the row or raise max_text_chars")
-    return value
+    bad = BadRows(args.skip_bad_rows)
+    rows, extra_features, counts = get_task(args.task).build_rows(args, bad)
+    return _save_rows(rows, args, bad, extra_features, **counts)
 
 
 def _save_rows(rows: list[dict], args: BuildDataArguments, bad: BadRows, extra_features: dict, **counts):
@@ -191,74 +154,6 @@ def _save_rows(rows: list[dict], args: BuildDataArguments, bad: BadRows, extra_f
     return ds, counts
 
 
-def build_vsp_dataset(args: BuildDataArguments):
-    """Build the VSP training set described in the module docstring and save it to ``args.output_dir``.
-
-    Returns the ``datasets.DatasetDict`` (split ``train``) and a dict of counts.
-
-    Raises:
-        ValueError: naming the file and line of a Mirage row that is malformed or whose plan fails (unless
-            ``skip_bad_rows``: then counted and reported), or no row left.
-    """
-    from datasets import Sequence, Value
-
-    test_keys = {vsp.map_key(m.map_desc) for m in vsp.load_benchmark(args.test_dir)}
-    bad = BadRows(args.skip_bad_rows)
-    train = vsp.jsonl_rows(args.train_jsonl, on_error=bad)
-    if args.max_train_maps is not None:
-        train = train[: args.max_train_maps]
-    rows, leaked, other_level, seen = [], 0, 0, set(test_keys)
-    for i, r in tqdm(train, desc="render Mirage train maps"):
-        where = f"{args.train_jsonl}:{i}"
-        try:
-            map_desc, given, level = _check_vsp_row(r, where, args.max_text_chars)
-        except ValueError as e:
-            bad(e, i)
-            continue
-        if args.train_levels is not None and level not in args.train_levels:
-            other_level += 1
-            continue
-        key = vsp.map_key(map_desc)
-        if key in test_keys:
-            leaked += 1
-            continue
-        seen.add(key)
-        rows.append(_row(map_desc, given, level, "mirage", r.get("map_id", i), vsp.PROMPTS[args.prompt],
-                         args.task))
-    generated = vsp.generate_maps(args.num_generated, sizes=args.generated_sizes, seed=args.seed,
-                                  hole_prob=args.hole_prob, exclude=seen)
-    for j, m in enumerate(tqdm(generated, desc="render generated maps", disable=not generated)):
-        rows.append(_row(m, vsp.shortest_plan(m), len(m), "generated", f"gen-{args.seed}-{j}", vsp.PROMPTS[args.prompt],
-                         args.task))
-    if not rows:
-        raise ValueError(f"{args.train_jsonl}: no training maps left after removing test maps and generating {args.num_generated}")
-    return _save_rows(rows, args, bad, {"map_desc": Sequence(Sequence(Value("int32"))), "level": Value("int32")},
-                      mirage=len(rows) - len(generated), generated=len(generated), removed_test_overlap=leaked,
-                      removed_other_levels=other_level)
-
-
-def _check_vsp_row(r: dict, where: str, max_chars: int = 20_000):
-    """``(map_desc, plan, level)`` of a Mirage VSP train row; ``ValueError`` naming ``where`` when it is malformed."""
-    for key in ("map_desc", "text_output", "level"):
-        if key not in r:
-            raise ValueError(f"{where}: missing field {key!r} (a VSP train row needs map_desc, text_output, level)")
-    text_output = text_field(r, "text_output", where, max_chars)
-    if "text_input" in r:
-        text_field(r, "text_input", where, max_chars)
-    map_desc = vsp.validate_map(r["map_desc"], where=where)
-    plan = vsp.shortest_plan(map_desc)
-    given = parse_plan(text_output)
-    if given is None or not replay(map_desc, given)[1]:
-        raise ValueError(f"{where}: text_output {text_output[:80]!r} is not a successful plan for map_desc")
-    if plan is None or len(given) != len(plan):
-        raise ValueError(f"{where}: text_output is not a shortest plan (BFS finds {plan})")
-    try:
-        level = int(r["level"])
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: level must be an integer, got {r['level']!r}") from None
-    return map_desc, given, level
-
-
 MIRAGE_FIELDS = ("text_input", "image_input", "image_output", "text_output")
 
 
@@ -276,7 +171,7 @@ def build_mirage_jsonl_dataset(args: BuildDataArguments):
     root = Path(args.image_root) if args.image_root else path.parent
     bad = BadRows(args.skip_bad_rows)
     rows = []
-    for i, r in tqdm(vsp.jsonl_rows(path, on_error=bad), desc=f"read {path.name}"):
+    for i, r in tqdm(jsonl_rows(path, on_error=bad), desc=f"read {path.name}"):
         where = f"{path}:{i}"
         try:
             rows.append(_mirage_row(r, i, where, root, args))
@@ -294,9 +189,9 @@ def _mirage_row(r: dict, line: int, where: str, root: Path, args: BuildDataArgum
                          "(image_output is the helper image)")
     for key in MIRAGE_FIELDS:
         text_field(r, key, where, args.max_text_chars)
-    n_markers = r["text_output"].count(vsp.LATENT_MARKER)
+    n_markers = r["text_output"].count(LATENT_MARKER)
     if n_markers != args.latent_blocks:
-        raise ValueError(f"{where}: text_output has {n_markers} {vsp.LATENT_MARKER} marker(s), expected "
+        raise ValueError(f"{where}: text_output has {n_markers} {LATENT_MARKER} marker(s), expected "
                          f"{args.latent_blocks} (latent_blocks): put one marker where the latent block goes")
     images = {}
     for key in ("image_input", "image_output"):
@@ -305,11 +200,11 @@ def _mirage_row(r: dict, line: int, where: str, root: Path, args: BuildDataArgum
             value = value[len(args.strip_image_prefix):]
         images[key] = open_image(root / value, where=f"{where} {key}")
     try:
-        prompt = vsp.to_messages(r["text_input"])
+        prompt = to_messages(r["text_input"])
     except ValueError as e:
         raise ValueError(f"{where}: text_input: {e}") from None
     boxes = extract_boxed(r["text_output"])
-    return {"prompt": prompt, "image": _png(images["image_input"]), "helper_image": _png(images["image_output"]),
+    return {"prompt": prompt, "image": encode_png(images["image_input"]), "helper_image": encode_png(images["image_output"]),
             "answer": r["text_output"], "solution": (boxes[-1] or "") if boxes else "", "source": "mirage_jsonl",
             "map_id": str(r.get("map_id", line))}
 

@@ -6,6 +6,7 @@ Every image the project reads from a path (benchmark maps, Mirage-format JSONL r
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -87,3 +88,12 @@ def visual_tokens(image_processor, width: int, height: int) -> int:
     hi = pixel_budget(image_processor) or 14 * 14 * 4 * 1280
     h, w = smart_resize(height, width, factor=patch * merge, min_pixels=lo, max_pixels=hi)
     return (h // (patch * merge)) * (w // (patch * merge))
+
+
+def encode_png(img) -> dict:
+    """``{"bytes": PNG bytes, "path": None}``: an image as a ``datasets`` ``Image()`` cell."""
+    # encoded once here: `datasets` stores the bytes as they are, and thousands of maps never sit in
+    # memory as decoded images
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return {"bytes": buf.getvalue(), "path": None}

@@ -9,7 +9,7 @@ from PIL import Image
 
 from mirage_rl.cli import main
 from mirage_rl.collator import LatentCollator
-from mirage_rl.data.build import BuildDataArguments, build_dataset, build_vsp_dataset
+from mirage_rl.data.build import BuildDataArguments, build_dataset, build_task_dataset
 from mirage_rl.data.images import open_image
 from mirage_rl.modeling import LatentTokens, load_model, load_processor
 from mirage_rl.commands.sft import SFTScriptArguments, check_sft_dataset, load_train_split
@@ -41,7 +41,7 @@ def test_jsonl_row_that_is_not_json_names_file_and_line(vsp_dir, tmp_path):
     jsonl = tmp_path / "train.jsonl"
     jsonl.write_text(json.dumps(GOOD_VSP_ROW) + "\n{\"map_desc\": [[1, 0]\n")
     with pytest.raises(ValueError, match=rf"{jsonl}:2: not valid JSON .*fix or remove that line"):
-        build_vsp_dataset(vsp_build_args(vsp_dir, tmp_path, jsonl))
+        build_task_dataset(vsp_build_args(vsp_dir, tmp_path, jsonl))
 
 
 def test_jsonl_row_missing_a_field_names_file_line_and_field(vsp_dir, tmp_path):
@@ -49,7 +49,7 @@ def test_jsonl_row_missing_a_field_names_file_line_and_field(vsp_dir, tmp_path):
     row = {k: v for k, v in GOOD_VSP_ROW.items() if k != "text_output"}
     jsonl.write_text(json.dumps(GOOD_VSP_ROW) + "\n" + json.dumps(row) + "\n")
     with pytest.raises(ValueError, match=rf"{jsonl}:2: missing field 'text_output'"):
-        build_vsp_dataset(vsp_build_args(vsp_dir, tmp_path, jsonl))
+        build_task_dataset(vsp_build_args(vsp_dir, tmp_path, jsonl))
 
 
 def test_skip_bad_rows_reports_count_and_first_reasons(vsp_dir, tmp_path, caplog):
@@ -57,7 +57,7 @@ def test_skip_bad_rows_reports_count_and_first_reasons(vsp_dir, tmp_path, caplog
     bad = [json.dumps({k: v for k, v in GOOD_VSP_ROW.items() if k != "level"}), "not json",
            json.dumps({**GOOD_VSP_ROW, "text_output": "\\boxed{LEFT}"}), "[1, 2]"]
     jsonl.write_text("\n".join([json.dumps(GOOD_VSP_ROW), *bad]) + "\n")
-    ds, counts = build_vsp_dataset(vsp_build_args(vsp_dir, tmp_path, jsonl, skip_bad_rows=True))
+    ds, counts = build_task_dataset(vsp_build_args(vsp_dir, tmp_path, jsonl, skip_bad_rows=True))
     assert len(ds["train"]) == counts["train"] == 1
     assert counts["skipped_rows"] == 4
     assert [r.split(":")[1] for r in counts["skip_reasons"]] == ["2", "3", "4", "5"]
@@ -133,7 +133,7 @@ def test_skip_bad_mirage_rows(tmp_path):
 def test_benchmark_image_truncated_or_missing(vsp_dir, tmp_path):
     import shutil
 
-    from mirage_rl.data.vsp import load_benchmark
+    from mirage_rl.tasks.vsp_planning.maps import load_benchmark
 
     bench = tmp_path / "bench"
     shutil.copytree(vsp_dir / "maze_planning" / "level3", bench / "level3")
@@ -185,7 +185,7 @@ def test_empty_jsonl(vsp_dir, tmp_path):
     jsonl = tmp_path / "train.jsonl"
     jsonl.write_text("\n")
     with pytest.raises(ValueError, match="no training maps left"):
-        build_vsp_dataset(vsp_build_args(vsp_dir, tmp_path, jsonl))
+        build_task_dataset(vsp_build_args(vsp_dir, tmp_path, jsonl))
 
 
 # ---------------------------------------------------------------------------- rows meeting the processor

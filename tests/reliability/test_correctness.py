@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mirage_rl.modeling import QWEN2_5_VL_CHAT_TEMPLATE
-from mirage_rl.scoring import score_plan
+from mirage_rl.tasks.vsp_planning.scoring import score_plan
 from mirage_rl.trainers import MirageGRPOConfig, MirageSFTConfig
 
 

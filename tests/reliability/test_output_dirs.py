@@ -156,7 +156,7 @@ def test_the_pipeline_and_results_roots_are_checked_too(tmp_path, capsys):
     assert main(["pipeline", "--recipe_dir", str(RECIPES), "--variant", "tiny", "--output_root", str(root)]) == 1
     assert f"pipeline summary folder {root} holds entries that no mirage-rl run wrote there (draft.md)" in \
         capsys.readouterr().err
-    assert main(["results", "--config", str(RECIPES / "small_results.yaml"), "--output_root", str(root),
+    assert main(["results", "--config", str(RECIPES / "results_small.yaml"), "--output_root", str(root),
                  "--run", "false"]) == 1
     assert f"output_root {root} holds entries that no mirage-rl run wrote there (draft.md)" in capsys.readouterr().err
     assert sorted(p.name for p in root.iterdir()) == ["draft.md"]

@@ -1,10 +1,10 @@
-"""VSP spatial planning (maze navigation): maps, rendering, helper images, generator and loaders.
+"""VSP spatial planning (maze navigation): maps, rendering, helper images, generator and the benchmark loader.
 
 Source: VSP (Wu et al., 2024, "VSP: Diagnosing the Dual Challenges of Perception and Reasoning in
 Spatial Planning Tasks for MLLMs") and the train/test splits of Mirage (arXiv 2506.17218, section 4).
 
 A map is ``map_desc``: a square list of rows of ints, ``0`` safe, ``1`` player, ``2`` goal, ``-1`` hole
-(see :mod:`mirage_rl.scoring`). Maps are drawn exactly as VSP drew them: the FrozenLake sprites of
+(see :mod:`mirage_rl.tasks.vsp_planning.scoring`). Maps are drawn exactly as VSP drew them: the FrozenLake sprites of
 ``gym==0.26.2`` (MIT licence, copied under ``assets/frozenlake/``), 32 px sprites scaled to 64 px
 cells with nearest neighbour, a 1 px grid line of colour (180, 200, 230), the elf facing down, alpha
 blending with pygame's integer formula. The test images re-render pixel-identically (tested).
@@ -12,7 +12,6 @@ blending with pygame's integer formula. The test images re-render pixel-identica
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..scoring import GOAL, HOLE, MOVES, PLAYER, SAFE, find_cell
+from .scoring import GOAL, HOLE, MOVES, PLAYER, SAFE, find_cell
 
 logger = logging.getLogger(__name__)
 
@@ -34,65 +33,6 @@ ARROW_RGB = (255, 0, 0)
 _ASSETS = Path(__file__).parent / "assets" / "frozenlake"
 MOVE_WORDS = {"L": "LEFT", "R": "RIGHT", "U": "UP", "D": "DOWN"}
 TABLE_SYMBOLS = {"_": SAFE, "@": PLAYER, "*": GOAL, "#": HOLE}
-
-_PROMPT_HEAD = (
-    "\nAs a professional maze solver, your task is to analyze a grid-based map and devise an action plan that "
-    "enables a player to reach the goal from the starting point without falling into any holes, using the fewest "
-    "possible moves.\n\n## Game Setup\n- The game presents a fully observable grid-based map.\n- The player starts "
-    "at a specified grid square, with the goal located elsewhere on the map.\n- Each grid square is either safe or "
-    "contains a hole.\n- Your goal is to guide the player to the goal while avoiding holes.\n"
-)
-_PROMPT_EXAMPLE = (
-    '- For example, your final answer should be like "L,L,R,U,D", which means an action plan of left, left, '
-    "right, up, and down.\n"
-)
-_PROMPT_TAIL = (
-    "\n## Moving Rules\n- The action plan involves a series of moves: 'L' (left), 'R' (right), 'U' (up), or 'D' "
-    "(down).\n- Each move transfers the player to the adjacent square in that direction, provided it is a safe "
-    "square. The player cannot move more than one square at a time.\n- Moving off the edge of the map has no "
-    "effect. The player will remain at the same square.\n- DO NOT MOVE INTO A HOLE! Falling into a hole results in "
-    "defeat.\n- Locating at the grid containing the goal results in victory.\n\nHere is the map: <image>\n\nPlease "
-    "provide your action plan.\n The final answer MUST BE put in \\boxed{}."
-)
-#: The prompt of Mirage's VSP training split (with the answer-format example line).
-TRAIN_PROMPT = _PROMPT_HEAD + _PROMPT_EXAMPLE + _PROMPT_TAIL
-#: The prompt of the VSP test split as Mirage evaluates it.
-TEST_PROMPT = _PROMPT_HEAD + "\n" + _PROMPT_TAIL
-#: The benchmark prompt without the task description: the map and the answer instruction only (the last lines
-#: of the VSP prompt). For models trained from scratch, to whom the description is noise that costs 5x the
-#: compute per step (the `small_*` recipes); evaluate such a model with the prompt it was trained on.
-SHORT_PROMPT = "Here is the map: <image>\n\nPlease provide your action plan.\n The final answer MUST BE put in \\boxed{}."
-#: The prompt of the perception task (``task: describe`` of ``build-data``): read the map off the image.
-DESCRIBE_PROMPT = "Here is the map: <image>\n\nDescribe the map as a table: one row per line, @ player, * goal, # hole, _ safe."
-#: The prompts by name (``prompt:`` of ``build-data`` and ``eval``).
-PROMPTS = {"train": TRAIN_PROMPT, "test": TEST_PROMPT, "short": SHORT_PROMPT}
-#: The tasks on a map (``task:`` of ``build-data`` and ``eval``): ``plan`` (the VSP task) or ``describe``
-#: (perception: the map as a table, ``DESCRIBE_PROMPT`` / :func:`map_to_text`).
-TASKS = ("plan", "describe")
-#: Where the latent block goes in an answer (Mirage's own marker for the helper image).
-LATENT_MARKER = "<output_image>"
-
-
-def to_messages(prompt_text: str) -> list[dict]:
-    """Turn a prompt with one ``<image>`` marker into a conversational user message.
-
-    Every content part carries both ``type`` and ``text`` (None for the image), the schema a
-    ``datasets`` column of messages needs.
-
-    Raises:
-        ValueError: if ``prompt_text`` does not contain exactly one ``<image>``.
-    """
-    parts = prompt_text.split("<image>")
-    if len(parts) != 2:
-        raise ValueError(f"expected exactly one '<image>' in the prompt, found {len(parts) - 1}: {prompt_text[:80]!r}")
-    content = []
-    if parts[0]:
-        content.append({"type": "text", "text": parts[0]})
-    content.append({"type": "image", "text": None})
-    if parts[1]:
-        content.append({"type": "text", "text": parts[1]})
-    return [{"role": "user", "content": content}]
-
 
 # ----------------------------------------------------------------------------------------------- maps
 def validate_map(map_desc, where: str = "map_desc") -> list[list[int]]:
@@ -317,49 +257,3 @@ def load_benchmark(root: str | Path, levels: list[int] | None = None) -> list[Be
     if not maps:
         raise ValueError(f"{root}: no maps for levels {levels}")
     return maps
-
-
-def jsonl_rows(path: str | Path, on_error=None) -> list[tuple[int, dict]]:
-    """``(1-based line, row)`` for every non-empty line of a JSONL file.
-
-    A line that is not valid UTF-8 or not a JSON object raises ``ValueError`` naming the file and line, or is handed to
-    ``on_error(error, line)`` (which may raise it or record it, see ``mirage_rl.data.build.BadRows``).
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-    """
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such JSONL file")
-    rows = []
-    with open(path, "rb") as f:
-        for i, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                err = ValueError(f"{path}:{i}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the "
-                                 "line); re-encode the file as UTF-8 or remove that line")
-                if on_error is None:
-                    raise err from None
-                on_error(err, i)
-                continue
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{i}: expected a JSON object per line, got {type(row).__name__}")
-            except json.JSONDecodeError as e:
-                err = ValueError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno}); fix or remove that line")
-            except ValueError as e:
-                err = e
-            else:
-                rows.append((i, row))
-                continue
-            if on_error is None:
-                raise err
-            on_error(err, i)
-    return rows
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Read a JSONL file of JSON objects; errors name the file and the 1-based line."""
-    return [row for _, row in jsonl_rows(path)]

@@ -23,7 +23,7 @@ Deliberate differences from VSP's script (each one needed for Mirage-trained mod
 3. Where VSP's script swallows every exception into "not correct", the verdict says why: ``invalid`` (no
    box, unbalanced braces, or an item that is not a move before the episode ended) or ``fail``. Accuracy is
    the same.
-4. At most ``MAX_PLAN_CHARS`` characters of a box are read.
+4. At most ``mirage_rl.tasks.answers.MAX_BOX_CHARS`` characters of a box are read.
 
 Model output is only ever parsed as text.
 """
@@ -32,39 +32,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from ..answers import last_box
+
 SAFE, PLAYER, GOAL, HOLE = 0, 1, 2, -1
 MOVES = {"L": (0, -1), "R": (0, 1), "U": (-1, 0), "D": (1, 0)}
 _WORDS = {"LEFT": "L", "RIGHT": "R", "UP": "U", "DOWN": "D", "L": "L", "R": "R", "U": "U", "D": "D"}
-_BOXED = "\\boxed{"
-# A plan longer than this is not an answer to a maze of at most 8x8 cells; parsing stops there so that
-# hostile or runaway outputs cost O(limit), not O(len(text)).
-MAX_PLAN_CHARS = 4096
-
-
-def extract_boxed(text: str) -> list[str | None]:
-    """Return the contents of every ``\\boxed{...}`` in ``text``, in order.
-
-    Braces nest; a box whose braces never close yields ``None`` at its position.
-    """
-    out: list[str | None] = []
-    start = text.find(_BOXED)
-    while start != -1:
-        i = start + len(_BOXED)
-        depth = 1
-        j = i
-        limit = min(len(text), i + MAX_PLAN_CHARS)
-        while j < limit and depth:
-            if text[j] == "{":
-                depth += 1
-            elif text[j] == "}":
-                depth -= 1
-            j += 1
-        if depth:
-            out.append(None)
-            break
-        out.append(text[i : j - 1])
-        start = text.find(_BOXED, j)
-    return out
 
 
 #: VSP's per-item clean-up: these characters are removed from every comma-separated item, then whitespace is stripped
@@ -78,15 +50,10 @@ def plan_items(box: str) -> list[str | None]:
     return [_WORDS.get(item.translate(_VSP_REMOVED).strip()) for item in box.split(",")]
 
 
-def _last_box(text: str) -> str | None:
-    boxes = extract_boxed(text)
-    return boxes[-1] if boxes else None
-
-
 def parse_plan(text: str) -> list[str] | None:
     """The moves of the last ``\\boxed{...}`` when every item is a move (:func:`plan_items`), else ``None``
     (no box, unbalanced braces, an empty box or item, or an item that is not a move)."""
-    box = _last_box(text)
+    box = last_box(text)
     if box is None:
         return None
     items = plan_items(box)
@@ -151,7 +118,7 @@ def play_official(map_desc: list[list[int]], items: list[str | None]) -> str:
 def score_plan(map_desc: list[list[int]], completion: str) -> PlanScore:
     """Score one completion against its map with both rules (see module docstring). ``plan`` holds the moves before
     the first item that is not a move; ``valid`` is True when every item is a move."""
-    box = _last_box(completion)
+    box = last_box(completion)
     if box is None:
         return PlanScore(None, False, False, False, "invalid")
     items = plan_items(box)

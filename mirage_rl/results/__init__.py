@@ -1,0 +1,49 @@
+"""``mirage-rl results``: the controlled comparison of docs/RESULTS.md, run, aggregated and published in one command.
+
+Do latent visual tokens help? Arms on the same data with the same budget (recipes ``{recipe_dir}/*_{variant}.yaml``):
+
+=================  ==============================================================  =====================
+arm                runs (each starts from the previous one)                        evaluated with
+=================  ==============================================================  =====================
+direct_sft         direct_sft (no latent block)                                    ``latent_mode: none``
+mirage             stage1 (helper image -> latents) -> stage2 (hidden-state latents)  ``hidden``
+dummy_latent       stage1 -> dummy_latent (latent slots fed the fixed pad embedding)   ``dummy``
+mirage_grpo        stage1 -> stage2 -> grpo (latent-interleaved rollouts)           ``hidden``
+direct_sft_grpo    direct_sft -> direct_sft_grpo (text-only RL baseline)           ``none``
+=================  ==============================================================  =====================
+
+What runs, in order (each step a ``python -m mirage_rl ...`` subprocess, its output in ``output_root``):
+
+1. the data: ``build-data`` of ``data_config`` (the plan task) and ``pretrain_data_config`` (the perception task);
+2. one base model shared by every arm and seed, like a released VLM: ``create-model`` (``model_{variant}.yaml``) then
+   perception pretraining (``pretrain_{variant}.yaml``: image -> map table, the vision tower trained; every later
+   stage keeps it frozen, as Mirage does), then ``eval --task describe`` of it (how well the base model reads a
+   test map: exact tables, right cells, player and goal found, per level);
+3. per seed, the runs of the selected arms (shared runs once) with ``--seed S``, then ``eval`` of each arm's last run
+   (``eval_{variant}.yaml``).
+
+Independent steps run ``jobs`` at a time (each with ``OMP_NUM_THREADS = cpu_count // jobs``). A finished step is
+recorded in ``output_root/steps.json`` (command, wall time) and never rerun, so a killed ``make results`` resumes
+where it stopped (a killed training run also resumes from its last checkpoint). After every evaluation the report is
+rewritten from what exists: ``results.json`` (every number), ``{figure}`` and the block between the markers of
+``{report}`` (tables, per-seed rows, chance levels, commands, wall times, machine); the text outside the markers is
+kept as written.
+
+Chance levels are computed from the training set only: *random plan* = expected accuracy of a plan drawn from the
+training answers of the map's level (a model that knows the map size and nothing else); *best blind plan* = the one
+training plan of the level that succeeds on most training maps of that level, scored on the test maps (the best a
+model that ignores the image could learn from this data).
+"""
+
+from __future__ import annotations
+
+from .arguments import ARMS, RUNS, ResultsArguments
+from .machine import git_commit, machine
+from .plan import Step, plan
+from .report import BEGIN, END, collect, format_report, write_report, run_results
+from .runner import StepLog, execute, run_step
+from .stats import binomial_tail, focus_rate, mean_std
+
+__all__ = ["ARMS", "BEGIN", "END", "RUNS", "ResultsArguments", "Step", "StepLog", "binomial_tail", "collect",
+           "execute", "focus_rate", "format_report", "git_commit", "machine", "mean_std", "plan", "run_results",
+           "run_step", "write_report"]
