@@ -14,8 +14,8 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from .data.images import TINY_MAX_PIXELS, TINY_MIN_PIXELS
 from .errors import is_no_space, is_user_error, no_space_message
 from .recipe import RecipeError, parse
 
@@ -23,7 +23,8 @@ USAGE = """usage: mirage-rl <command> [--config FILE.yaml] [--key value ...]
 
 commands:
   build-data    render the VSP training set (Mirage train maps + generated maps) to a datasets folder
-  create-model  build the tiny offline Qwen2.5-VL (tokenizer, image processor, latent tokens)
+  create-model  build the tiny offline Qwen2.5-VL (tokenizer, image processor, latent tokens), from scratch
+  base-model    build (once, then cached) the seeing tiny base: create-model + perception pretraining
   sft           train Mirage stage 1 or stage 2 (or Direct SFT / dummy latents) from a recipe
   grpo          GRPO with latent-interleaved rollouts and reward plugins, from a recipe
   eval          evaluate a checkpoint on a VSP folder (report.json, samples.jsonl, plot)
@@ -48,28 +49,6 @@ COMMAND_USAGE = {
     "export": "usage: mirage-rl export --adapter_dir ADAPTER_DIR --output_dir DIR [--dtype bfloat16]\n"
               "  merge a LoRA adapter into a full checkpoint",
 }
-
-
-@dataclass
-class CreateModelArguments:
-    """Arguments of ``mirage-rl create-model``."""
-
-    output_dir: str = field(default="outputs/models/tiny-qwen2.5-vl", metadata={"help": "Where to save."})
-    latent_size: int = field(default=4, metadata={"help": "Latent size k recorded in the config."})
-    hidden_size: int = field(default=128, metadata={"help": "Text hidden size."})
-    num_layers: int = field(default=4, metadata={"help": "Decoder layers."})
-    vocab_size: int = field(default=2048, metadata={"help": "Upper bound of the BPE vocabulary."})
-    seed: int = field(default=0, metadata={"help": "Seed of the random weights."})
-    rope_theta: float = field(default=10000.0, metadata={
-        "help": "Base of the rotary embedding (10 lets a small model tell the map's columns apart)."})
-    min_pixels: int = field(default=TINY_MIN_PIXELS, metadata={
-        "help": "Image processor's smallest image area (pixels)."})
-    max_pixels: int = field(default=TINY_MAX_PIXELS, metadata={
-        "help": "Image processor's largest image area (pixels): images are resized to a multiple of 28 px per side "
-                "within it. Give a square a little above the side you want (113*113 = 12769 for 112 px: "
-                "the processor rounds the side down)."})
-    overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "Write into an output_dir holding entries no mirage-rl run wrote (they are kept, never deleted)."})
 
 
 @dataclass
@@ -113,7 +92,7 @@ def user_message(e: BaseException) -> str:
     return str(e).strip().replace("\n", " ")
 
 
-COMMANDS = ("build-data", "create-model", "sft", "grpo", "eval", "pipeline", "results", "export")
+COMMANDS = ("build-data", "create-model", "base-model", "sft", "grpo", "eval", "pipeline", "results", "export")
 
 
 def _run(cmd: str, rest: list[str]) -> int:
@@ -124,18 +103,19 @@ def _run(cmd: str, rest: list[str]) -> int:
         _, counts = build_dataset(args)
         print(json.dumps({"output_dir": args.output_dir, **counts}))
     elif cmd == "create-model":
-        from .outputs import output_dir_guard
-        from .tiny import create_tiny_model
+        from .commands.create_model import CreateModelArguments, run_create_model
 
         (args,) = parse((CreateModelArguments,), rest)
-        with output_dir_guard(args.output_dir, "model", args.overwrite_output_dir):
-            model, processor = create_tiny_model(args.output_dir, latent_size=args.latent_size,
-                                                 hidden_size=args.hidden_size, num_layers=args.num_layers,
-                                                 vocab_size=args.vocab_size, seed=args.seed, rope_theta=args.rope_theta,
-                                                 min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-        n = sum(p.numel() for p in model.parameters())
-        print(json.dumps({"output_dir": args.output_dir, "parameters": n, "vocab": len(processor.tokenizer),
-                          "latent_token_ids": model.config.latent_token_ids}))
+        print(json.dumps(run_create_model(args)))
+    elif cmd == "base-model":
+        from .base_model import BaseModelArguments, base_dir, build_base
+
+        (args,) = parse((BaseModelArguments,), rest)
+        record = build_base(args)
+        print(json.dumps({"base": str(base_dir(args)), "alias": str(Path(args.cache_dir) / args.name),
+                          "built_min": round(record["wall_s"]["total"] / 60, 1),
+                          "perception_table_exact": {lv: s["table_exact"]
+                                                     for lv, s in record["perception"]["by_level"].items()}}))
     elif cmd == "sft":
         from trl import ModelConfig
 

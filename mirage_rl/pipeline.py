@@ -136,6 +136,7 @@ def _run_stages(args: PipelineArguments, paths: dict, eval_path: Path | None, ro
 
     state = PartialState()
     rows: list[dict] = []
+    bars: dict | None = None
     prev: str | None = None
     for stage in args.stages:
         argv = ["--config", str(paths[stage])]
@@ -150,10 +151,21 @@ def _run_stages(args: PipelineArguments, paths: dict, eval_path: Path | None, ro
         state.wait_for_everyone()
         if eval_path is not None:
             if state.is_main_process:
+                if bars is None and not rows:
+                    bars = chance_bars(parse_stage(stage, argv)[0].dataset_path, _benchmark_dir(eval_path))
                 rows.append(evaluate_stage(stage, prev, eval_path))
-                write_summary(rows, summary_root)
+                if stage == "grpo":
+                    rows[-1]["reward_trend"] = reward_trend(prev)
+                write_summary(rows, summary_root, bars)
             state.wait_for_everyone()
     return rows
+
+
+def _benchmark_dir(eval_recipe: Path) -> str:
+    from .evaluation import EvalArguments
+
+    (eval_args,) = parse((EvalArguments,), ["--config", str(eval_recipe), "--model", "-"])
+    return eval_args.benchmark_dir
 
 
 def evaluate_stage(stage: str, model_dir: str, eval_recipe: Path) -> dict:
@@ -168,21 +180,82 @@ def evaluate_stage(stage: str, model_dir: str, eval_recipe: Path) -> dict:
             "accuracy": report["accuracy"], "accuracy_strict": report["accuracy_strict"],
             "invalid_rate": report["invalid_rate"],
             "by_level": {lv: s["accuracy"] for lv, s in report["by_level"].items()},
+            "n_by_level": {lv: s["n"] for lv, s in report["by_level"].items()},
             "report": str(out / "report.json")}
 
 
-def format_summary(rows: list[dict]) -> str:
-    """Markdown table: one row per stage, official accuracy per level, overall official / strict / invalid."""
+def reward_trend(model_dir: str) -> dict | None:
+    """The GRPO stage's mean ``reward`` over the first and the last quarter of its logged steps (``train_log.json``);
+    ``None`` when it logged fewer than 4 rewards."""
+    path = Path(model_dir) / "train_log.json"
+    rewards = [e["reward"] for e in json.loads(path.read_text()) if "reward" in e] if path.is_file() else []
+    if len(rewards) < 4:
+        return None
+    q = len(rewards) // 4
+    return {"logs": len(rewards), "first_quarter": sum(rewards[:q]) / q, "last_quarter": sum(rewards[-q:]) / q}
+
+
+def chance_bars(dataset_path: str, benchmark_dir: str) -> dict | None:
+    """The bars a stage's accuracy must clear (``Task.chance_baselines`` of ``plan``, from the training split):
+    ``{"by_level": {level: {"random_plan": acc, "best_blind_plan": acc}}, "trained_levels": [...]}``, or ``None``
+    (logged) when the training set is not a VSP plan set (no ``map_desc`` / ``level`` / ``solution`` columns)."""
+    from datasets import load_from_disk
+
+    from .tasks import get_task
+
+    ds = load_from_disk(dataset_path)
+    ds = ds["train"] if hasattr(ds, "keys") else ds
+    missing = {"map_desc", "level", "solution"} - set(ds.column_names)
+    if missing:
+        logger.warning("pipeline: no chance bars in the summary: %s has no %s columns (not a VSP plan set)",
+                       dataset_path, sorted(missing))
+        return None
+    chance = get_task("plan").chance_baselines(dataset_path, benchmark_dir)
+    return {"by_level": {lv: {k: c[k]["accuracy"] for k in ("random_plan", "best_blind_plan")}
+                         for lv, c in chance.items()},
+            "trained_levels": sorted({str(x) for x in ds.unique("level")}, key=int)}
+
+
+def _weighted(values: dict, n: dict, levels) -> float:
+    levels = [lv for lv in levels if lv in values and lv in n]
+    total = sum(n[lv] for lv in levels)
+    return sum(values[lv] * n[lv] for lv in levels) / total if total else float("nan")
+
+
+def format_summary(rows: list[dict], bars: dict | None = None) -> str:
+    """Markdown table: one row per stage, official accuracy per level, on the trained levels (when ``bars`` are
+    given), overall official / strict / invalid; then the two chance rows of ``bars`` (:func:`chance_bars`)."""
     levels = sorted({lv for r in rows for lv in r["by_level"]}, key=int)
-    table = [[r["stage"], r["latent_mode"], *(r["by_level"].get(lv, float("nan")) for lv in levels), r["accuracy"],
-              r["accuracy_strict"], r["invalid_rate"]] for r in rows]
-    return markdown_table(["stage", "latent mode", *(f"level {lv}" for lv in levels), "all", "all (strict)", "invalid"],
-                          table) + "\n"
+    trained = [lv for lv in (bars or {}).get("trained_levels", []) if lv in levels]
+    span = f"levels {trained[0]}-{trained[-1]}" if len(trained) > 1 else None  # one level: its column says it
+    table = []
+    for r in rows:
+        n = r.get("n_by_level", {})
+        table.append([r["stage"], r["latent_mode"], *(r["by_level"].get(lv, float("nan")) for lv in levels),
+                      *([_weighted(r["by_level"], n, trained)] if span else []), r["accuracy"], r["accuracy_strict"],
+                      r["invalid_rate"]])
+    if bars and rows:
+        n = rows[-1].get("n_by_level", {})
+        for key, label in (("random_plan", "*chance: random plan*"), ("best_blind_plan", "*chance: best blind plan*")):
+            per = {lv: bars["by_level"][lv][key] for lv in levels if lv in bars["by_level"]}
+            table.append([label, "-", *(per.get(lv, float("nan")) for lv in levels),
+                          *([_weighted(per, n, trained)] if span else []), _weighted(per, n, levels), None, None])
+    header = ["stage", "latent mode", *(f"level {lv}" for lv in levels), *([span] if span else []), "all",
+              "all (strict)", "invalid"]
+    return markdown_table(header, table) + "\n"
 
 
-def write_summary(rows: list[dict], root: str | os.PathLike) -> None:
+def write_summary(rows: list[dict], root: str | os.PathLike, bars: dict | None = None) -> None:
     root = Path(root)
-    atomic_write_text(root / "pipeline_summary.json", json.dumps(rows, indent=2) + "\n")
-    atomic_write_text(root / "pipeline_summary.md", "# Evaluation after each stage (VSP spatial planning)\n\n"
-                      "Accuracy = official VSP rule; strict = Mirage rule.\n\n" + format_summary(rows))
-    print("\n" + format_summary(rows))
+    atomic_write_text(root / "pipeline_summary.json", json.dumps({"stages": rows, "chance": bars}, indent=2) + "\n")
+    note = ("Accuracy = official VSP rule; strict = Mirage rule. The chance rows are the bars to clear, computed from "
+            "the training set only: *random plan* = a plan drawn from the training answers of the map's level; *best "
+            "blind plan* = the one training plan that succeeds on most training maps of the level (the best a model "
+            "that ignores the image could learn).\n\n" if bars else
+            "Accuracy = official VSP rule; strict = Mirage rule.\n\n")
+    trends = [f"{r['stage']} mean reward, first quarter of its {t['logs']} logged steps -> last quarter: "
+              f"{t['first_quarter']:.3f} -> {t['last_quarter']:.3f}\n" for r in rows if (t := r.get("reward_trend"))]
+    text = format_summary(rows, bars) + ("\n" + "".join(trends) if trends else "")
+    atomic_write_text(root / "pipeline_summary.md", "# Evaluation after each stage (VSP spatial planning)\n\n" + note
+                      + text)
+    print("\n" + text)

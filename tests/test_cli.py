@@ -58,7 +58,8 @@ def test_eval_describe_task_scores_the_map_table(tiny_dir, vsp_dir, tmp_path, ca
 def test_recipes_parse(tmp_path):
     from trl import ModelConfig, TrlParser
 
-    from mirage_rl.cli import CreateModelArguments
+    from mirage_rl.base_model import BaseModelArguments
+    from mirage_rl.commands.create_model import CreateModelArguments
     from mirage_rl.evaluation import EvalArguments
     from mirage_rl.commands.grpo import GRPOScriptArguments
     from mirage_rl.recipe import RECIPE_STAGES
@@ -77,10 +78,10 @@ def test_recipes_parse(tmp_path):
             (e,) = TrlParser((EvalArguments,)).parse_args_and_config(["--config", str(r), "--model", "m"])
             assert e.max_new_tokens > 0
             continue
-        if stem in ("model", "results"):
-            (a,) = TrlParser((CreateModelArguments if stem == "model" else ResultsArguments,)).parse_args_and_config(
-                ["--config", str(r)])
-            assert a.output_dir if stem == "model" else a.seeds
+        if stem in ("model", "results", "base"):
+            kind = {"model": CreateModelArguments, "results": ResultsArguments, "base": BaseModelArguments}[stem]
+            (a,) = TrlParser((kind,)).parse_args_and_config(["--config", str(r)])
+            assert {"model": lambda: a.output_dir, "results": lambda: a.seeds, "base": lambda: a.pretrain_config}[stem]()
             continue
         grpo = stem.startswith("grpo") or stem.endswith("_grpo")
         types = ((GRPOScriptArguments, MirageGRPOConfig, ModelConfig) if grpo

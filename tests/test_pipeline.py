@@ -37,11 +37,18 @@ def test_pipeline_runs_every_stage_evaluates_and_resumes(short_recipes, tmp_path
     root = tmp_path / "run"
     argv = ["pipeline", "--recipe_dir", str(short_recipes), "--variant", "tiny", "--output_root", str(root)]
     assert main(argv) == 0
-    rows = json.loads((root / "pipeline_summary.json").read_text())
+    summary = json.loads((root / "pipeline_summary.json").read_text())
+    rows = summary["stages"]
     assert [r["stage"] for r in rows] == ["stage1", "stage2", "grpo"]
     assert all(r["n"] == 6 for r in rows)
     md = (root / "pipeline_summary.md").read_text()
     assert md.count("\n| stage | latent mode") == 1 and "| grpo | hidden |" in md
+    # the bars to clear, from the training set: the chance rows sit under the stages, per level
+    bars = summary["chance"]
+    assert bars["trained_levels"] == ["3", "4", "5", "6"] and 0 < bars["by_level"]["3"]["random_plan"] < 1
+    assert "| *chance: random plan* | - |" in md and "| *chance: best blind plan* | - |" in md
+    # the 6 evaluated maps are all of level 3: no separate trained-levels column
+    assert "| level 3 | all | all (strict) |" in md
     for stage in ("stage1", "stage2", "grpo"):
         assert (root / stage / "model.safetensors").exists()
         assert (root / stage / "eval" / "report.json").exists()
@@ -77,3 +84,14 @@ def test_grpo_rejects_a_reward_weight_count_mismatch(short_recipes, tmp_path):
     with pytest.raises(ValueError, match="reward_weights has 1 values for 2 reward_funcs"):
         main(["grpo", "--debug", "--config", str(short_recipes / "grpo_tiny.yaml"), "--reward_weights", "1.0",
               "--output_dir", str(tmp_path / "g")])
+
+
+def test_reward_trend_reads_the_first_and_last_quarter_of_the_grpo_log(tmp_path):
+    from mirage_rl.pipeline import reward_trend
+
+    log = [{"loss": 0.1}] + [{"reward": r, "step": i} for i, r in enumerate([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.9])]
+    (tmp_path / "train_log.json").write_text(json.dumps(log))
+    assert reward_trend(str(tmp_path)) == {"logs": 8, "first_quarter": pytest.approx(0.15),
+                                           "last_quarter": pytest.approx(0.8)}
+    (tmp_path / "train_log.json").write_text(json.dumps(log[:4]))
+    assert reward_trend(str(tmp_path)) is None  # too few logged steps to compare quarters

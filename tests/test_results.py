@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mirage_rl import results
 from mirage_rl.tasks.vsp_planning import maps as vsp_maps
@@ -23,7 +24,10 @@ def args_for(tmp_path, **kw):
     (a,) = parse((results.ResultsArguments,), ["--config", str(CONFIG)])
     a.recipe_dir = str(REPO / "recipes/vsp_spatial_planning")
     a.data_config = str(REPO / a.data_config)
-    a.pretrain_data_config = str(REPO / a.pretrain_data_config)
+    a.base_config = str(tmp_path / "base.yaml")  # the shipped base config, its cache in tmp_path
+    base = yaml.safe_load((REPO / "recipes/vsp_spatial_planning/base_small.yaml").read_text())
+    base = {k: str(REPO / v) if k.endswith("_config") else v for k, v in base.items()}
+    Path(a.base_config).write_text(yaml.safe_dump({**base, "cache_dir": str(tmp_path / "base")}))
     a.output_root, a.report, a.figure = str(tmp_path / "runs"), str(tmp_path / "RESULTS.md"), str(tmp_path / "fig.png")
     for k, v in kw.items():
         setattr(a, k, v)
@@ -38,10 +42,13 @@ def test_plan_shares_runs_and_chains_each_arm(tmp_path):
     assert steps["seed1/stage2"].needs == ["data/plan", "seed1/stage1"]
     assert steps["seed0/dummy_latent"].needs[-1] == "seed0/stage1"
     assert steps["seed0/grpo"].argv[0] == "grpo" and steps["seed0/grpo"].needs[-1] == "seed0/stage2"
-    assert steps["seed0/direct_sft"].needs[-1] == "base/pretrained"
-    # the base model's perception is measured once, on the test maps, with the describe task
-    desc = steps["base/eval_describe"]
-    assert desc.needs == ["base/pretrained"] and desc.argv[desc.argv.index("--task") + 1] == "describe"
+    assert steps["seed0/direct_sft"].needs[-1] == "base"
+    # one base for every arm and seed: the cached seeing base of base-model (its perception measured when built)
+    base = steps["base"]
+    assert base.argv == ["base-model", "--config", a.base_config] and base.needs == []
+    assert Path(base.done_file).parent.name.startswith("seeing-tiny-") and base.done_file.endswith("base.json")
+    start = steps["seed0/stage1"].argv[steps["seed0/stage1"].argv.index("--model_name_or_path") + 1]
+    assert start == str(Path(base.done_file).parent)
     # every run gets its seed, every arm one evaluation per seed
     assert all(s.argv[s.argv.index("--seed") + 1] == k[4] for k, s in steps.items() if k.startswith("seed") and "eval_" not in k)
     assert sum(k.startswith("seed") and "/eval_" in k for k in steps) == 2 * len(results.ARMS)
@@ -55,7 +62,7 @@ def test_plan_of_a_subset_and_missing_recipe(tmp_path):
     keys = [s.key for s in results.plan(a)]
     assert [k for k in keys if k.startswith("seed")] == ["seed3/stage1", "seed3/dummy_latent", "seed3/eval_dummy_latent"]
     a = args_for(tmp_path, variant="nosuch")
-    with pytest.raises(FileNotFoundError, match="model_nosuch.yaml"):
+    with pytest.raises(FileNotFoundError, match="direct_sft_nosuch.yaml"):
         results.plan(a)
     with pytest.raises(ValueError, match="unknown"):
         results.ResultsArguments(arms=["mirage", "magic"])
@@ -131,7 +138,7 @@ def test_report_tables_figure_and_kept_text(tmp_path, small_dataset_dir, vsp_dir
             for key in (f"seed{seed}/{run}", f"seed{seed}/stage1"):
                 log.record(results.Step(key, ["sft", "--seed", str(seed)], [], ""), 60.0, 1)
     Path(a.report).write_text(f"# Results\n\nintro kept\n\n{results.BEGIN}\nold\n{results.END}\n\nreading kept\n")
-    per = Path(a.output_root) / "base/pretrained/eval_describe"
+    per = results.base_path(a) / "eval_describe"
     per.mkdir(parents=True)
     per_rows = [{"level": m.level, "table_exact": i % 2 == 0, "cells_right": 3, "n_cells": 4, "player_found": True,
                  "goal_found": i % 4 == 0} for i, m in enumerate(maps)]

@@ -14,11 +14,11 @@ direct_sft_grpo    direct_sft -> direct_sft_grpo (text-only RL baseline)        
 
 What runs, in order (each step a ``python -m mirage_rl ...`` subprocess, its output in ``output_root``):
 
-1. the data: ``build-data`` of ``data_config`` (the plan task) and ``pretrain_data_config`` (the perception task);
-2. one base model shared by every arm and seed, like a released VLM: ``create-model`` (``model_{variant}.yaml``) then
-   perception pretraining (``pretrain_{variant}.yaml``: image -> map table, the vision tower trained; every later
-   stage keeps it frozen, as Mirage does), then ``eval --task describe`` of it (how well the base model reads a
-   test map: exact tables, right cells, player and goal found, per level);
+1. the data: ``build-data`` of ``data_config`` (the plan task);
+2. the seeing tiny base every arm and seed starts from, like a released VLM: ``base-model`` of ``base_config``
+   (:mod:`mirage_rl.base_model`: create-model, perception pretraining on the describe task with the vision tower
+   trained, every later stage keeping it frozen as Mirage does, and ``eval --task describe`` of it). It is cached
+   under ``outputs/base`` and shared with ``make demo``;
 3. per seed, the runs of the selected arms (shared runs once) with ``--seed S``, then ``eval`` of each arm's last run
    (``eval_{variant}.yaml``).
 
@@ -39,11 +39,12 @@ from __future__ import annotations
 
 from .arguments import ARMS, RUNS, ResultsArguments
 from .machine import git_commit, machine
-from .plan import Step, plan
+from .plan import Step, base_path, plan
 from .report import BEGIN, END, collect, format_report, write_report, run_results
 from .runner import StepLog, execute, run_step
 from .stats import binomial_tail, focus_rate, mean_std
 
 __all__ = ["ARMS", "BEGIN", "END", "RUNS", "ResultsArguments", "Step", "StepLog", "binomial_tail", "collect",
-           "execute", "focus_rate", "format_report", "git_commit", "machine", "mean_std", "plan", "run_results",
+           "base_path", "execute", "focus_rate", "format_report", "git_commit", "machine", "mean_std", "plan",
+           "run_results",
            "run_step", "write_report"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-#: run name -> (command, the run it starts from: "base" = the pretrained base model)
+#: run name -> (command, the run it starts from: "base" = the seeing tiny base of ``base_config``)
 RUNS = {
     "direct_sft": ("sft", "base"),
     "stage1": ("sft", "base"),
@@ -30,8 +30,8 @@ class ResultsArguments:
     recipe_dir: str = field(default="recipes/vsp_spatial_planning", metadata={"help": "Folder of the recipes."})
     variant: str = field(default="small", metadata={"help": "Recipe variant: {run}_{variant}.yaml (mirage_rl.recipe.recipe_path)."})
     data_config: str = field(default="data/vsp_spatial_planning_small.yaml", metadata={"help": "build-data config (plan task)."})
-    pretrain_data_config: str = field(default="data/vsp_spatial_planning_small_describe.yaml",
-                                      metadata={"help": "build-data config of the perception pretraining."})
+    base_config: str = field(default="recipes/vsp_spatial_planning/base_small.yaml", metadata={
+        "help": "base-model config of the seeing tiny base every arm starts from (shared with `make demo`)."})
     arms: list[str] = field(default_factory=lambda: list(ARMS), metadata={"help": f"A subset of {list(ARMS)}."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Training seeds of every arm."})
     output_root: str = field(default="outputs/results/small", metadata={"help": "Where every run goes."})

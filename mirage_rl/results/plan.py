@@ -51,23 +51,22 @@ def runs_of(arms: list[str]) -> list[str]:
     return [r for r in RUNS if r in need]
 
 
+def base_path(args: ResultsArguments) -> Path:
+    """The cached base of ``args.base_config`` (``mirage_rl.base_model.base_dir``: ``cache_dir/NAME-KEY``)."""
+    from ..base_model import BaseModelArguments, base_dir
+    from ..recipe import parse
+
+    (base_args,) = parse((BaseModelArguments,), ["--config", args.base_config])
+    return base_dir(base_args)
+
+
 def plan(args: ResultsArguments) -> list[Step]:
     """The steps of the comparison (module docstring), in an order that respects their dependencies."""
     root = Path(args.output_root)
-    data, pre_data = dataset_dir(args.data_config), dataset_dir(args.pretrain_data_config)
-    base_model, base = root / "base" / "model", root / "base" / "pretrained"
+    data, base = dataset_dir(args.data_config), base_path(args)
     steps = [
         Step("data/plan", ["build-data", "--config", args.data_config], [], f"{data}/dataset_dict.json"),
-        Step("data/describe", ["build-data", "--config", args.pretrain_data_config], [], f"{pre_data}/dataset_dict.json"),
-        Step("base/model", ["create-model", "--config", recipe(args, "model"), "--output_dir", str(base_model)], [],
-             f"{base_model}/model.safetensors"),
-        Step("base/pretrained", ["sft", "--config", recipe(args, "pretrain"), "--model_name_or_path", str(base_model),
-                                 "--dataset_path", pre_data, "--output_dir", str(base)],
-             ["base/model", "data/describe"], f"{base}/model.safetensors"),
-        Step("base/eval_describe", ["eval", "--config", recipe(args, "eval"), "--task", "describe", "--model", str(base),
-                                    "--benchmark_dir", args.benchmark_dir, "--max_new_tokens", "64",
-                                    "--output_dir", str(base / "eval_describe")],
-             ["base/pretrained"], f"{base}/eval_describe/report.json"),
+        Step("base", ["base-model", "--config", args.base_config], [], f"{base}/base.json"),
     ]
     for seed in args.seeds:
         for run in runs_of(args.arms):
@@ -76,7 +75,7 @@ def plan(args: ResultsArguments) -> list[Step]:
             out = root / f"seed{seed}" / run
             steps.append(Step(f"seed{seed}/{run}", [cmd, "--config", recipe(args, run), "--model_name_or_path", str(start),
                                                     "--dataset_path", data, "--output_dir", str(out), "--seed", str(seed)],
-                              ["data/plan", "base/pretrained" if parent == "base" else f"seed{seed}/{parent}"],
+                              ["data/plan", "base" if parent == "base" else f"seed{seed}/{parent}"],
                               f"{out}/model.safetensors"))
         for arm in args.arms:
             run = ARMS[arm][1]

@@ -17,7 +17,7 @@ from ..tasks import get_task
 from .arguments import ARMS, ResultsArguments
 from .figure import plot
 from .machine import machine
-from .plan import chain, dataset_dir, plan
+from .plan import base_path, chain, dataset_dir, plan
 from .runner import StepLog, execute
 from .stats import binomial_tail, focus_rate, mean_std
 
@@ -52,7 +52,7 @@ def collect(args: ResultsArguments, log: StepLog, chance: dict, focus=("3", "4")
                                 "focus_p_value": binomial_tail(k, n, p0) if n else None,
                                 "wall_s": sum(walls) if None not in walls else None}
         arms[arm] = {"label": ARMS[arm][0], "runs": runs, "seeds": seeds}
-    perception = root / "base" / "pretrained" / "eval_describe" / "report.json"
+    perception = base_path(args) / "eval_describe" / "report.json"
     return {"arms": arms, "chance": chance, "focus_levels": list(focus),
             "perception": json.loads(perception.read_text()) if perception.exists() else None}
 
@@ -126,7 +126,7 @@ def format_report(res: dict, args: ResultsArguments, log: StepLog) -> str:
     out += ["", "### Commands (what `make results` ran; seed 0 shown, every seed the same with its `--seed`)", "",
             "```bash"]
     for key, st in log.steps.items():
-        if key.startswith(("data/", "base/", f"seed{args.seeds[0]}/")):
+        if key == "base" or key.startswith(("data/", f"seed{args.seeds[0]}/")):
             out.append("mirage-rl " + shlex.join(st["argv"]))
     out += ["```", "", f"![accuracy by level per arm]({os.path.relpath(args.figure, Path(args.report).parent)})"]
     return "\n".join(out)
