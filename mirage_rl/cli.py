@@ -92,7 +92,7 @@ def user_message(e: BaseException) -> str:
     return str(e).strip().replace("\n", " ")
 
 
-COMMANDS = ("build-data", "create-model", "base-model", "sft", "grpo", "eval", "pipeline", "results", "export")
+COMMANDS = ("build-data", "create-model", "sft", "grpo", "eval", "pipeline", "results", "export", "base-model")
 
 
 def _run(cmd: str, rest: list[str]) -> int:
