@@ -356,14 +356,19 @@ def decode_speed(body: dict, mem: dict, args, model, processor, lt, rows) -> Non
         args.report.log(f"speed: decode batch {batch_size}: " + ", ".join(f"{k} {v:.0f} tok/s" for k, v in tps.items()))
 
 
-def grpo_trainer(args, model, model_dir: Path, rows, work: Path):
+def grpo_trainer(args, model, model_dir: Path, rows, work: Path, start_bias: float = 50.0, fp32: bool = False):
+    """A bench GRPO trainer on ``model`` (``bench/grpo_step.make_trainer``). ``fp32``: no mixed precision, and the
+    importance-sampling correction forced on so that the recomputed log-probs exist to compare."""
     import grpo_step
 
     ns = argparse.Namespace(batch=args.grpo_prompts * args.grpo_generations, num_generations=args.grpo_generations,
-                            max_completion_length=16 if args.quick else 48, beta=0.0, num_iterations=1, start_bias=50.0,
+                            max_completion_length=16 if args.quick else 48, beta=0.0, num_iterations=1,
+                            start_bias=start_bias, bf16=False if fp32 else None,
+                            config_overrides={"vllm_importance_sampling_correction": True} if fp32 else {},
                             # 3B shapes on one H100: 4 x 8 ran out of 80 GB with and without it; 2 x 4 with it peaks at 49 GiB
                             gradient_checkpointing=args.device.startswith("cuda"))
-    return grpo_step.make_trainer(model_dir, args.size, rows, ns, args.device, True, work / "grpo", model=model)
+    return grpo_step.make_trainer(model_dir, args.size, rows, ns, args.device, True,
+                                  work / ("grpo_fp32" if fp32 else "grpo"), model=model)
 
 
 def grpo_speed(body: dict, mem: dict, args, setup, rows) -> None:
@@ -474,6 +479,19 @@ def main() -> dict:
         report.data["parity"]["grpo_logprobs"] = {}
         grpo_parity(report.data["parity"]["grpo_logprobs"], setup[0], grpo_rows, 1, args.grpo_generations)
         grpo_parity_weaker_bias(report.data["parity"]["grpo_logprobs"], setup[0], grpo_rows, args.grpo_generations)
+        # the bias-15 parity in fp32 (no mixed precision): what gap is left there is not bf16 rounding
+        fp32_body = report.data["parity"]["grpo_logprobs"]["fp32_start_bias_15"] = {}
+        try:
+            fp32_policy = copy.deepcopy(policy).float()
+            grpo_parity(fp32_body, grpo_trainer(args, fp32_policy, model_dir, grpo_rows, work, 15.0, fp32=True)[0],
+                        grpo_rows, 1, args.grpo_generations)
+        except Exception as e:  # a finding, not the end of the check
+            traceback.print_exc()
+            fp32_body["error"] = f"{type(e).__name__}: {e}"[:500]
+        fp32_policy = None
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
         if policy is not model:  # the phase split is timed on the working model
             del setup
             setup = grpo_trainer(args, model, model_dir, grpo_rows, work)

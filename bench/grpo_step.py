@@ -92,13 +92,14 @@ def make_trainer(model_dir: Path, size: str, rows, args, device: str, cache: boo
         std = model.config.get_text_config().initializer_range * args.start_bias
         row = torch.randn(head.shape[1], generator=torch.Generator().manual_seed(0)) * std
         head[lt.start] = row.to(head.device, head.dtype)
+    bf16 = getattr(args, "bf16", None)
     config = MirageGRPOConfig(
-        output_dir=str(out), use_cpu=device == "cpu", bf16=device.startswith("cuda"),
+        output_dir=str(out), use_cpu=device == "cpu", bf16=device.startswith("cuda") if bf16 is None else bf16,
         gradient_checkpointing=getattr(args, "gradient_checkpointing", False),
         per_device_train_batch_size=args.batch, num_generations=args.num_generations,
         max_completion_length=args.max_completion_length, beta=args.beta, num_iterations=args.num_iterations,
         loss_type="dapo", learning_rate=1e-5, report_to="none", save_strategy="no", seed=0,
-        latent_mode="hidden", cache_prompt_images=cache)
+        latent_mode="hidden", cache_prompt_images=cache, **getattr(args, "config_overrides", {}))
     funcs = rewards.load_reward_funcs(["plan_success_reward", "format_reward"],
                                       {"format_reward": {"latent_blocks_expected": 1}})
     trainer = MirageGRPOTrainer(model, funcs, config, train_dataset=rows, processing_class=processor)
