@@ -13,7 +13,7 @@ What it runs (``recipes/vsp_spatial_planning/base_small.yaml`` names the four co
    cells right, player and goal found, per level,
 
 in ``cache_dir/.NAME-KEY.tmp-build``, then moves the pretrained model to ``cache_dir/NAME-KEY`` (with ``base.json``:
-the key, its inputs, the perception figures, the wall time of each step, the parameter count) and points the alias
+the key, its inputs, the perception figures, the wall time of each step, the text hidden size) and points the alias
 ``cache_dir/NAME`` (a symbolic link) at it. ``KEY`` hashes everything that changes the base: the four configs' settings
 (output paths aside), the bytes of the training and test data they read, and the code that builds data and model
 (``mirage_rl.__version__`` and the sources of the data, task and tiny-model modules). A later run with the same key

@@ -108,11 +108,12 @@ def _run(cmd: str, rest: list[str]) -> int:
         (args,) = parse((CreateModelArguments,), rest)
         print(json.dumps(run_create_model(args)))
     elif cmd == "base-model":
-        from .base_model import BaseModelArguments, base_dir, build_base
+        from .base_model import BaseModelArguments, build_base
 
         (args,) = parse((BaseModelArguments,), rest)
         record = build_base(args)
-        print(json.dumps({"base": str(base_dir(args)), "alias": str(Path(args.cache_dir) / args.name),
+        cache = Path(args.cache_dir)
+        print(json.dumps({"base": str(cache / f"{args.name}-{record['key']}"), "alias": str(cache / args.name),
                           "built_min": round(record["wall_s"]["total"] / 60, 1),
                           "perception_table_exact": {lv: s["table_exact"]
                                                      for lv, s in record["perception"]["by_level"].items()}}))

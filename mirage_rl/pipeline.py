@@ -217,9 +217,11 @@ def chance_bars(dataset_path: str, benchmark_dir: str) -> dict | None:
 
 
 def _weighted(values: dict, n: dict, levels) -> float:
-    levels = [lv for lv in levels if lv in values and lv in n]
-    total = sum(n[lv] for lv in levels)
-    return sum(values[lv] * n[lv] for lv in levels) / total if total else float("nan")
+    """``values`` (one rate per level) over ``levels``, weighted by the maps per level ``n``
+    (:func:`mirage_rl.results.stats.focus_rate`)."""
+    from .results.stats import focus_rate
+
+    return focus_rate({lv: {"rate": v, "n": n[lv]} for lv, v in values.items() if lv in n}, "rate", levels)
 
 
 def format_summary(rows: list[dict], bars: dict | None = None) -> str:
@@ -248,11 +250,10 @@ def format_summary(rows: list[dict], bars: dict | None = None) -> str:
 def write_summary(rows: list[dict], root: str | os.PathLike, bars: dict | None = None) -> None:
     root = Path(root)
     atomic_write_text(root / "pipeline_summary.json", json.dumps({"stages": rows, "chance": bars}, indent=2) + "\n")
-    note = ("Accuracy = official VSP rule; strict = Mirage rule. The chance rows are the bars to clear, computed from "
-            "the training set only: *random plan* = a plan drawn from the training answers of the map's level; *best "
-            "blind plan* = the one training plan that succeeds on most training maps of the level (the best a model "
-            "that ignores the image could learn).\n\n" if bars else
-            "Accuracy = official VSP rule; strict = Mirage rule.\n\n")
+    note = "Accuracy = official VSP rule; strict = Mirage rule." + (
+        " The chance rows are the bars to clear, computed from the training set only: *random plan* = a plan drawn from "
+        "the training answers of the map's level; *best blind plan* = the one training plan that succeeds on most "
+        "training maps of the level (the best a model that ignores the image could learn)." if bars else "") + "\n\n"
     trends = [f"{r['stage']} mean reward, first quarter of its {t['logs']} logged steps -> last quarter: "
               f"{t['first_quarter']:.3f} -> {t['last_quarter']:.3f}\n" for r in rows if (t := r.get("reward_trend"))]
     text = format_summary(rows, bars) + ("\n" + "".join(trends) if trends else "")

@@ -60,10 +60,11 @@ def base_path(args: ResultsArguments) -> Path:
     return base_dir(base_args)
 
 
-def plan(args: ResultsArguments) -> list[Step]:
-    """The steps of the comparison (module docstring), in an order that respects their dependencies."""
+def plan(args: ResultsArguments, base: Path | None = None) -> list[Step]:
+    """The steps of the comparison (module docstring), in an order that respects their dependencies. ``base``: the
+    :func:`base_path` of ``args`` when the caller has it already."""
     root = Path(args.output_root)
-    data, base = dataset_dir(args.data_config), base_path(args)
+    data, base = dataset_dir(args.data_config), base or base_path(args)
     steps = [
         Step("data/plan", ["build-data", "--config", args.data_config], [], f"{data}/dataset_dict.json"),
         Step("base", ["base-model", "--config", args.base_config], [], f"{base}/base.json"),

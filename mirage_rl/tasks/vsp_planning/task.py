@@ -60,7 +60,7 @@ class VspDescribe(VspPlanning):
     has_latent_block = False
 
     def parse_answer(self, completion):
-        return [line.split() for line in completion.strip().split("\n")]
+        return describe.parse_table(completion)
 
     def score(self, item, completion):
         return describe.score_table(item.map_desc, completion)
