@@ -34,7 +34,7 @@ def args_for(tmp_path, **kw):
     return a
 
 
-def test_plan_shares_runs_and_chains_each_arm(tmp_path):
+def test_plan_shares_runs_and_chains_each_arm(tmp_path, vsp_dir):  # the base step's key hashes the VSP data
     a = args_for(tmp_path, seeds=[0, 1])
     steps = {s.key: s for s in results.plan(a)}
     # stage 1 is shared by Mirage, dummy latents and Mirage + GRPO: once per seed
@@ -57,7 +57,7 @@ def test_plan_shares_runs_and_chains_each_arm(tmp_path):
     assert all(order.index(n) < order.index(k) for k, s in steps.items() for n in s.needs)
 
 
-def test_plan_of_a_subset_and_missing_recipe(tmp_path):
+def test_plan_of_a_subset_and_missing_recipe(tmp_path, vsp_dir):
     a = args_for(tmp_path, arms=["dummy_latent"], seeds=[3])
     keys = [s.key for s in results.plan(a)]
     assert [k for k in keys if k.startswith("seed")] == ["seed3/stage1", "seed3/dummy_latent", "seed3/eval_dummy_latent"]

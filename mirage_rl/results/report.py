@@ -11,7 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..atomic import atomic_write_text
-from ..outputs import output_dir_guard
+from ..outputs import check_output_dir, output_dir_guard
 from ..tables import markdown_table
 from ..tasks import get_task
 from .arguments import ARMS, ResultsArguments
@@ -157,6 +157,7 @@ def write_report(args: ResultsArguments, log: StepLog, chance: dict | None = Non
 
 def run_results(args: ResultsArguments) -> dict:
     """``mirage-rl results``: plan, run what is unfinished, write the report; returns the aggregated numbers."""
+    check_output_dir(args.output_root, what="output_root")  # an unusable output_root is refused before the data is read
     base = base_path(args)  # hashes the data: once per run, not at every report
     steps = plan(args, base)
     chance = {}  # computed once, at the first report (the training set exists by then)
