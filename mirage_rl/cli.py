@@ -63,6 +63,22 @@ class ExportArguments:
         "help": "Write into an output_dir holding entries no mirage-rl run wrote (they are kept, never deleted)."})
 
 
+def end_process_group() -> None:
+    """Destroy the default process group at the end of a successful command (``accelerate launch`` ranks).
+
+    Without it, gloo's worker threads outlive interpreter finalization and a rank can abort at exit
+    (``terminate called without an active exception``, SIGABRT) after the work and its save finished; see
+    pytorch/pytorch#190489 and torch's *Shutdown* docs (pytorch/pytorch#122358). Called on success only: a rank
+    that raised leaves the group to the launcher, as torchtitan does (pytorch/torchtitan#1342). Uses
+    ``accelerate.PartialState.destroy_process_group`` (what ``Accelerator.end_training`` calls); a no-op when no
+    group was started (one process)."""
+    torch = sys.modules.get("torch")  # a command that never imported torch started no group
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        from accelerate.state import PartialState
+
+        PartialState().destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("MIRAGE_RL_DEBUG", "").lower() in ("1", "true", "yes")
@@ -77,12 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     try:
-        return _run(cmd, rest)
+        code = _run(cmd, rest)
     except Exception as e:
         if debug or not is_user_error(e):
             raise  # an internal error (or --debug): the traceback is the report
         print(f"mirage-rl {cmd}: error: {user_message(e)}", file=sys.stderr)
         return 2 if isinstance(e, RecipeError) else 1
+    end_process_group()
+    return code
 
 
 def user_message(e: BaseException) -> str:

@@ -217,3 +217,22 @@ def test_zero3_run_resumes_exactly_from_its_checkpoint(tiny_dir, small_dataset_d
     assert len(steps(resumed)) == len(steps(full)) == 4
     for got, ref in zip(steps(resumed), steps(full)):
         assert got == pytest.approx(ref, rel=1e-6)
+
+
+
+def test_a_command_ends_its_process_group():
+    """`mirage-rl` destroys the default process group when a command succeeds (a gloo group left to interpreter
+    finalization made a ZeRO-3 rank abort at exit after its save, SIGABRT, in CI); with no group it does nothing.
+    In a subprocess: accelerate's PartialState is a per-process singleton."""
+    code = """
+import torch, torch.distributed as dist
+from mirage_rl.cli import end_process_group
+end_process_group()
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+assert dist.is_initialized()
+end_process_group()
+print("initialized after:", dist.is_initialized())
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "initialized after: False" in proc.stdout

@@ -47,6 +47,9 @@ def main():
         run_grpo(*parse((GRPOScriptArguments, MirageGRPOConfig, ModelConfig), rest), callbacks=[RankLog()])
     else:
         raise SystemExit(f"unknown command {cmd!r}: sft or grpo")
+    from mirage_rl.cli import end_process_group
+
+    end_process_group()  # as `mirage-rl` does at the end of a command
 
 
 if __name__ == "__main__":
