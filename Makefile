@@ -1,9 +1,12 @@
-# mirage-rl: `make demo` (the seeing tiny base, CPU, <= 25 min) and `make test`.
+# mirage-rl: `make demo [TASK=vsp_spatial_reasoning|jigsaw]` (the seeing tiny base, CPU, <= 25 min) and `make test`.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 CLI    := $(BIN)/mirage-rl
-RECIPES := recipes/vsp_spatial_planning
+# the task of `make demo` / `make baselines`: vsp_spatial_planning (default), vsp_spatial_reasoning or jigsaw
+TASK    ?= vsp_spatial_planning
+RECIPES := recipes/$(TASK)
+DEMO_OUT := $(if $(filter vsp_spatial_planning,$(TASK)),outputs/demo,outputs/$(TASK)/demo)
 # one OpenMP thread pool per process, and a malloc that does not thrash on dynamic shapes
 export OMP_NUM_THREADS ?= 2
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
@@ -23,18 +26,19 @@ install: $(VENV)/.installed
 
 demo: install
 	# the seeing tiny base: built once (<= 8 min on 2 cores) and cached under outputs/base, keyed by its configs
-	$(CLI) base-model --config $(RECIPES)/base_small.yaml
-	$(CLI) build-data --config data/vsp_spatial_planning_small.yaml
-	# stage 1 -> stage 2 -> GRPO on levels 3-4, evaluated after each; summary in outputs/demo/pipeline_summary.md
+	$(CLI) base-model --config recipes/vsp_spatial_planning/base_small.yaml
+	$(CLI) build-data --config data/$(TASK)_small.yaml
+	# stage 1 -> stage 2 -> GRPO, evaluated after each; summary in outputs/demo/pipeline_summary.md (VSP planning)
+	# or outputs/$(TASK)/demo/pipeline_summary.md
 	$(CLI) pipeline --recipe_dir $(RECIPES) --variant demo
 
 # The two controls of the demo, same base, data and budget: Direct SFT (no latent block) and dummy latents (after
 # `make demo`, which trains the stage 1 they start from).
 baselines: install
 	$(CLI) sft --config $(RECIPES)/direct_sft_demo.yaml
-	$(CLI) eval --config $(RECIPES)/eval_demo.yaml --model outputs/demo/direct_sft --output_dir outputs/demo/eval_direct_sft
+	$(CLI) eval --config $(RECIPES)/eval_demo.yaml --model $(DEMO_OUT)/direct_sft --output_dir $(DEMO_OUT)/eval_direct_sft
 	$(CLI) sft --config $(RECIPES)/dummy_latent_demo.yaml
-	$(CLI) eval --config $(RECIPES)/eval_demo.yaml --model outputs/demo/dummy_latent --output_dir outputs/demo/eval_dummy_latent
+	$(CLI) eval --config $(RECIPES)/eval_demo.yaml --model $(DEMO_OUT)/dummy_latent --output_dir $(DEMO_OUT)/eval_dummy_latent
 
 # The small from-scratch comparison of docs/RESULTS.md (CPU, 2 cores): data, base model, 5 arms x 3 seeds, the 400
 # test maps; rewrites the tables of docs/RESULTS.md and docs/figures/results_small.png. Resumes where it stopped.

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .data.images import check_pixel_budget, pixel_budget
-from .data.messages import LATENT_MARKER
+from .data.messages import LATENT_MARKER, row_images
 from .latent import LatentMode, parse_latent_mode
 from .modeling import LatentTokens
 
@@ -45,7 +45,8 @@ def answer_text(answer: str, tokens: LatentTokens | None, latent_mode: str) -> s
 
 @dataclass
 class LatentCollator:
-    """Collate rows with ``prompt`` (conversational), ``image`` and ``answer`` (+ ``helper_image`` for stage 1).
+    """Collate rows with ``prompt`` (conversational), ``image`` (or ``images``: a list, one per ``<image>`` of the
+    prompt; a batch may mix rows of one and of several images) and ``answer`` (+ ``helper_image`` for stage 1).
 
     Args:
         processor: a Qwen2.5-VL processor (tokenizer + image processor).
@@ -85,10 +86,14 @@ class LatentCollator:
                 a helper-image count different from the number of latent blocks.
         """
         row = _row_name(example, index)
-        for key in ("prompt", "image") + (("answer",) if self.with_answer else ()):
+        for key in ("prompt",) + (("answer",) if self.with_answer else ()):
             if key not in example or example[key] is None:
-                raise ValueError(f"{row}: missing {key!r} (expected keys prompt, image, answer"
+                raise ValueError(f"{row}: missing {key!r} (expected keys prompt, image or images, answer"
                                  f"{', helper_image' if self.stage == 1 else ''})")
+        try:
+            images = row_images(example)
+        except KeyError:
+            raise ValueError(f"{row}: missing 'image' (or 'images', a list): the row's input image(s)") from None
         prompt = self.processor.apply_chat_template(example["prompt"], add_generation_prompt=True, tokenize=False)
         text = prompt
         if self.with_answer:
@@ -99,9 +104,8 @@ class LatentCollator:
             raise ValueError(f"{row}: {len(text)} characters cannot fit in max_length={self.max_length} tokens (refused "
                              "before tokenizing); image tokens and the latent block are never cut: shorten the row or "
                              "raise max_length")
-        images = example["image"] if isinstance(example["image"], list) else [example["image"]]
-        for im in images:
-            check_pixel_budget(im, self.max_pixels, f"{row} image")
+        for j, im in enumerate(images):
+            check_pixel_budget(im, self.max_pixels, f"{row} image" + (f" {j + 1} of {len(images)}" if len(images) > 1 else ""))
         enc = self.processor(text=[text], images=[im.convert("RGB") for im in images], return_tensors="pt")
         ids = enc["input_ids"][0]
         out = {"input_ids": ids, "mm_token_type_ids": enc["mm_token_type_ids"][0],

@@ -7,6 +7,8 @@ atomically (temp file + rename), into ``output_dir``: ``report.json`` (``benchma
 metrics, ``by_level``), ``samples.jsonl`` (one line per item: ``prompt_id``, ``level``, ``completion`` and the task's
 per-sample fields) and ``accuracy_by_level.png``.
 
+Choice tasks (``vsp_spatial_reasoning``, ``jigsaw``, ``sat``, ``comt``): samples hold ``pred``, ``gold``,
+``correct``; the report ``accuracy``, ``invalid_rate`` and ``confusion`` (``{gold: {predicted or "invalid": n}}``).
 ``plan`` (VSP spatial planning): samples hold ``plan``, ``verdict``, ``success``, ``success_strict``; the report
 ``accuracy``, ``accuracy_strict``, ``invalid_rate``. ``describe`` (perception: image -> the map as a table, no
 latent block): samples hold ``table_exact``, ``cells_right``, ``n_cells``, ``player_found``, ``goal_found``; the
@@ -26,7 +28,6 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_save_figure, atomic_write_text
 from .collator import LatentCollator
-from .data.images import open_image
 from .data.messages import to_messages
 from .generation import generate
 from .latent import parse_latent_mode, resolve_latent_mode
@@ -54,8 +55,13 @@ class EvalArguments:
     batch_size: int = field(default=32, metadata={"help": "Maps decoded together."})
     max_new_tokens: int = field(default=48, metadata={"help": "Generated tokens per map, latent slots included."})
     task: str = field(default="plan", metadata={
-        "help": "'plan' (the VSP task: score the boxed plan) or 'describe' (perception: score the map table written "
-                "for the describe prompt; what a base model pretrained with build-data task: describe sees)."})
+        "help": "'plan' (the VSP task: score the boxed plan), 'describe' (perception: score the map table written "
+                "for the describe prompt; what a base model pretrained with build-data task: describe sees), "
+                "'vsp_spatial_reasoning', 'jigsaw', 'sat' or 'comt' (docs/TASKS.md)."})
+    items_file: str | None = field(default=None, metadata={
+        "help": "The test items of a task whose items are not the benchmark folder's own files (default: the task's "
+                "committed file, data/vsp_spatial_reasoning_test.jsonl or data/jigsaw_test.jsonl; required for sat "
+                "and comt)."})
     prompt: str = field(default="test", metadata={
         "help": "'test' (VSP/Mirage test prompt), 'train' (Mirage train prompt) or 'short' (the map and the answer "
                 "instruction only); use the prompt the model was trained on."})
@@ -136,10 +142,9 @@ def _evaluate(args: EvalArguments, model=None, processor=None) -> dict:
     mode = resolve_latent_mode(args.latent_mode, model.config, where=str(args.model)).value if task.has_latent_block \
         else "none"
     tokens = LatentTokens.for_model(model, processor, where=str(args.model)) if mode != "none" else None
-    maps = task.load_benchmark(args.benchmark_dir, args.levels)
+    maps = task.load_benchmark(args.benchmark_dir, args.levels, args.items_file)
     if args.limit is not None:
         maps = maps[: args.limit]
-    messages = to_messages(task.prompt(args.prompt))
     collator = LatentCollator(processor, tokens, latent_mode=mode, with_answer=False)
     out_dir = Path(args.output_dir)
     journal = Journal(out_dir / JOURNAL, run_identity(args, mode), resume=args.resume)
@@ -147,9 +152,12 @@ def _evaluate(args: EvalArguments, model=None, processor=None) -> dict:
     bar = tqdm(total=len(maps), initial=len(samples), desc=f"eval {Path(args.model).name} ({mode})", unit="map")
     for i in range(len(samples), len(maps), args.batch_size):
         chunk = maps[i : i + args.batch_size]
-        batch = collator([{"prompt": messages, "map_id": m.prompt_id,
-                           "image": open_image(m.image_path, where=f"{args.benchmark_dir} map {m.prompt_id}")}
-                          for m in chunk])
+        rows = []
+        for m in chunk:
+            images = task.item_images(m, where=f"{args.benchmark_dir} item {m.prompt_id}")
+            rows.append({"prompt": to_messages(task.item_prompt(m, args.prompt), len(images)), "map_id": m.prompt_id,
+                         "images": images})
+        batch = collator(rows)
         out = generate(model, processor, batch, max_new_tokens=args.max_new_tokens, latent_mode=mode)
         rows = []
         for m, text in zip(chunk, out.texts):
@@ -179,7 +187,8 @@ def run_identity(args: EvalArguments, mode: str) -> dict:
     weights = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in Path(args.model).glob("*.safetensors"))
     return {"model": str(args.model), "weights": [list(w) for w in weights], "benchmark_dir": str(args.benchmark_dir),
             "latent_mode": mode, "levels": args.levels, "batch_size": args.batch_size,
-            "max_new_tokens": args.max_new_tokens, "prompt": args.prompt, "task": args.task}
+            "max_new_tokens": args.max_new_tokens, "prompt": args.prompt, "task": args.task,
+            **({"items_file": args.items_file} if args.items_file else {})}
 
 
 class Journal:

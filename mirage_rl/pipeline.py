@@ -152,7 +152,7 @@ def _run_stages(args: PipelineArguments, paths: dict, eval_path: Path | None, ro
         if eval_path is not None:
             if state.is_main_process:
                 if bars is None and not rows:
-                    bars = chance_bars(parse_stage(stage, argv)[0].dataset_path, _benchmark_dir(eval_path))
+                    bars = chance_bars(parse_stage(stage, argv)[0].dataset_path, eval_settings(eval_path))
                 rows.append(evaluate_stage(stage, prev, eval_path))
                 if stage == "grpo":
                     rows[-1]["reward_trend"] = reward_trend(prev)
@@ -161,25 +161,29 @@ def _run_stages(args: PipelineArguments, paths: dict, eval_path: Path | None, ro
     return rows
 
 
-def _benchmark_dir(eval_recipe: Path) -> str:
+def eval_settings(eval_recipe: Path):
+    """The ``EvalArguments`` of an evaluation recipe (its task, benchmark and items; the model is set per stage)."""
     from .evaluation import EvalArguments
 
     (eval_args,) = parse((EvalArguments,), ["--config", str(eval_recipe), "--model", "-"])
-    return eval_args.benchmark_dir
+    return eval_args
 
 
 def evaluate_stage(stage: str, model_dir: str, eval_recipe: Path) -> dict:
+    """Evaluate one stage's model with the recipe's settings; the summary row: the task's metrics (``Task.metrics``),
+    the first of them per level."""
     from .evaluation import EvalArguments, evaluate, format_table
+    from .tasks import get_task
 
     out = Path(model_dir) / "eval"
     (eval_args,) = parse((EvalArguments,), ["--config", str(eval_recipe), "--model", model_dir,
                                              "--output_dir", str(out)])
     report = evaluate(eval_args)
     print(f"\n== {stage}: {model_dir}\n{format_table(report)}")
-    return {"stage": stage, "model": model_dir, "latent_mode": report["latent_mode"], "n": report["n"],
-            "accuracy": report["accuracy"], "accuracy_strict": report["accuracy_strict"],
-            "invalid_rate": report["invalid_rate"],
-            "by_level": {lv: s["accuracy"] for lv, s in report["by_level"].items()},
+    keys = [k for k, _ in get_task(report["task"]).metrics]
+    return {"stage": stage, "model": model_dir, "task": report["task"], "latent_mode": report["latent_mode"],
+            "n": report["n"], **{k: report[k] for k in keys},
+            "by_level": {lv: s[keys[0]] for lv, s in report["by_level"].items()},
             "n_by_level": {lv: s["n"] for lv, s in report["by_level"].items()},
             "report": str(out / "report.json")}
 
@@ -195,38 +199,51 @@ def reward_trend(model_dir: str) -> dict | None:
     return {"logs": len(rewards), "first_quarter": sum(rewards[:q]) / q, "last_quarter": sum(rewards[-q:]) / q}
 
 
-def chance_bars(dataset_path: str, benchmark_dir: str) -> dict | None:
-    """The bars a stage's accuracy must clear (``Task.chance_baselines`` of ``plan``, from the training split):
-    ``{"by_level": {level: {"random_plan": acc, "best_blind_plan": acc}}, "trained_levels": [...]}``, or ``None``
-    (logged) when the training set is not a VSP plan set (no ``map_desc`` / ``level`` / ``solution`` columns)."""
+def chance_bars(dataset_path: str, eval_args) -> dict | None:
+    """The bars a stage's headline metric (the task's first, e.g. ``accuracy``) must clear: every baseline of the
+    task's ``chance_baselines`` (from the training split: *random plan* and *best blind plan* for ``plan``,
+    *uniform* and *majority class* for the choice tasks): ``{"task", "metric", "baselines": [...], "by_level":
+    {level: {baseline: rate}}, "trained_levels": [...]}``, or ``None`` (logged) when the task has no chance levels
+    or the training set lacks the columns they are computed from."""
     from datasets import load_from_disk
 
     from .tasks import get_task
 
+    task = get_task(eval_args.task)
+    metric = task.metrics[0][0]
+    try:
+        chance = task.chance_baselines(dataset_path, eval_args.benchmark_dir, eval_args.levels, eval_args.items_file)
+    except (NotImplementedError, KeyError, ValueError) as e:
+        logger.warning("pipeline: no chance bars in the summary: %s (%s: %s)", dataset_path, type(e).__name__, e)
+        return None
     ds = load_from_disk(dataset_path)
     ds = ds["train"] if hasattr(ds, "keys") else ds
-    missing = {"map_desc", "level", "solution"} - set(ds.column_names)
-    if missing:
-        logger.warning("pipeline: no chance bars in the summary: %s has no %s columns (not a VSP plan set)",
-                       dataset_path, sorted(missing))
-        return None
-    chance = get_task("plan").chance_baselines(dataset_path, benchmark_dir)
-    return {"by_level": {lv: {k: c[k]["accuracy"] for k in ("random_plan", "best_blind_plan")}
-                         for lv, c in chance.items()},
-            "trained_levels": sorted({str(x) for x in ds.unique("level")}, key=int)}
+    baselines = [b for b, v in next(iter(chance.values())).items() if isinstance(v, dict) and metric in v]
+    trained = sorted({str(x) for x in ds.unique("level")}, key=int) if "level" in ds.column_names else []
+    return {"task": task.name, "metric": metric, "baselines": baselines,
+            "by_level": {lv: {b: c[b][metric] for b in baselines} for lv, c in chance.items()},
+            "trained_levels": trained}
 
 
 def _weighted(values: dict, n: dict, levels) -> float:
-    """``values`` (one rate per level) over ``levels``, weighted by the maps per level ``n``
+    """``values`` (one rate per level) over ``levels``, weighted by the items per level ``n``
     (:func:`mirage_rl.results.stats.focus_rate`)."""
     from .results.stats import focus_rate
 
     return focus_rate({lv: {"rate": v, "n": n[lv]} for lv, v in values.items() if lv in n}, "rate", levels)
 
 
+def _metrics(rows: list[dict]) -> list[tuple[str, str]]:
+    from .tasks import get_task
+
+    return list(get_task(rows[0].get("task", "plan")).metrics) if rows else []
+
+
 def format_summary(rows: list[dict], bars: dict | None = None) -> str:
-    """Markdown table: one row per stage, official accuracy per level, on the trained levels (when ``bars`` are
-    given), overall official / strict / invalid; then the two chance rows of ``bars`` (:func:`chance_bars`)."""
+    """Markdown table: one row per stage, the task's first metric per level, on the trained levels (when ``bars`` are
+    given and span several levels), then every metric of the task overall; then one row per chance baseline of
+    ``bars`` (:func:`chance_bars`)."""
+    metrics = _metrics(rows)
     levels = sorted({lv for r in rows for lv in r["by_level"]}, key=int)
     trained = [lv for lv in (bars or {}).get("trained_levels", []) if lv in levels]
     span = f"levels {trained[0]}-{trained[-1]}" if len(trained) > 1 else None  # one level: its column says it
@@ -234,29 +251,42 @@ def format_summary(rows: list[dict], bars: dict | None = None) -> str:
     for r in rows:
         n = r.get("n_by_level", {})
         table.append([r["stage"], r["latent_mode"], *(r["by_level"].get(lv, float("nan")) for lv in levels),
-                      *([_weighted(r["by_level"], n, trained)] if span else []), r["accuracy"], r["accuracy_strict"],
-                      r["invalid_rate"]])
+                      *([_weighted(r["by_level"], n, trained)] if span else []), *(r[k] for k, _ in metrics)])
     if bars and rows:
         n = rows[-1].get("n_by_level", {})
-        for key, label in (("random_plan", "*chance: random plan*"), ("best_blind_plan", "*chance: best blind plan*")):
+        for key in bars.get("baselines", ()):
             per = {lv: bars["by_level"][lv][key] for lv in levels if lv in bars["by_level"]}
-            table.append([label, "-", *(per.get(lv, float("nan")) for lv in levels),
-                          *([_weighted(per, n, trained)] if span else []), _weighted(per, n, levels), None, None])
+            table.append([f"*chance: {key.replace('_', ' ')}*", "-", *(per.get(lv, float("nan")) for lv in levels),
+                          *([_weighted(per, n, trained)] if span else []), _weighted(per, n, levels),
+                          *([None] * (len(metrics) - 1))])
     header = ["stage", "latent mode", *(f"level {lv}" for lv in levels), *([span] if span else []), "all",
-              "all (strict)", "invalid"]
+              *(f"all: {label}" for _, label in metrics[1:])]
     return markdown_table(header, table) + "\n"
 
 
+_CHANCE_NOTES = {
+    "random_plan": "*random plan* = a plan drawn from the training answers of the map's level",
+    "best_blind_plan": "*best blind plan* = the one training plan that succeeds on most training maps of the level "
+                       "(the best a model that ignores the image could learn)",
+    "uniform": "*uniform* = a letter drawn uniformly from the choices",
+    "majority_class": "*majority class* = the most frequent answer of the level's training rows",
+}
+
+
 def write_summary(rows: list[dict], root: str | os.PathLike, bars: dict | None = None) -> None:
+    from .tasks import get_task
+
     root = Path(root)
     atomic_write_text(root / "pipeline_summary.json", json.dumps({"stages": rows, "chance": bars}, indent=2) + "\n")
-    note = "Accuracy = official VSP rule; strict = Mirage rule." + (
-        " The chance rows are the bars to clear, computed from the training set only: *random plan* = a plan drawn from "
-        "the training answers of the map's level; *best blind plan* = the one training plan that succeeds on most "
-        "training maps of the level (the best a model that ignores the image could learn)." if bars else "") + "\n\n"
+    task = rows[0].get("task", "plan") if rows else "plan"
+    note = ("Accuracy = official VSP rule; strict = Mirage rule." if task == "plan" else
+            f"Metrics of task {task}: {', '.join(label for _, label in get_task(task).metrics)}.")
+    if bars:
+        note += (" The chance rows are the bars to clear, computed from the training set only: "
+                 + "; ".join(_CHANCE_NOTES.get(b, b) for b in bars.get("baselines", ())) + ".")
     trends = [f"{r['stage']} mean reward, first quarter of its {t['logs']} logged steps -> last quarter: "
               f"{t['first_quarter']:.3f} -> {t['last_quarter']:.3f}\n" for r in rows if (t := r.get("reward_trend"))]
     text = format_summary(rows, bars) + ("\n" + "".join(trends) if trends else "")
-    atomic_write_text(root / "pipeline_summary.md", "# Evaluation after each stage (VSP spatial planning)\n\n" + note
+    atomic_write_text(root / "pipeline_summary.md", f"# Evaluation after each stage ({task})\n\n" + note + "\n\n"
                       + text)
     print("\n" + text)

@@ -7,8 +7,7 @@ another task in a mixed dataset), which TRL leaves out of that reward's mean.
 
 from __future__ import annotations
 
-import re
-
+from mirage_rl.tasks.answers import normalize_choice
 from mirage_rl.tasks.vsp_planning.scoring import score_plan
 
 from ._text import MAX_COMPLETION_CHARS, boxed_answers, completion_text, per_row
@@ -39,20 +38,6 @@ def plan_success_reward(completions, map_desc=None, rule: str = "official", **kw
         score = score_plan(m, completion_text(completion)[:MAX_COMPLETION_CHARS])
         out.append(float(score.success_strict if rule == "strict" else score.success))
     return out
-
-
-_CHOICE = re.compile(r"\(?\s*([A-Za-z])\s*\)?\s*(?:[.:](?:\s.*)?)?", re.S)
-
-
-def normalize_choice(answer: str | None) -> str | None:
-    """``"B"``, ``"(b)"``, ``"B."``, ``"B: text"`` -> ``"B"``; anything else -> None.
-
-    Only a single letter, optionally in parentheses and followed by ``.``/``:`` and an option text, counts.
-    """
-    if answer is None:
-        return None
-    m = _CHOICE.fullmatch(answer.strip())
-    return m.group(1).upper() if m else None
 
 
 def choice_accuracy_reward(completions, solution=None, **kwargs) -> list[float | None]:

@@ -48,7 +48,7 @@ def test_pipeline_runs_every_stage_evaluates_and_resumes(short_recipes, tmp_path
     assert bars["trained_levels"] == ["3", "4", "5", "6"] and 0 < bars["by_level"]["3"]["random_plan"] < 1
     assert "| *chance: random plan* | - |" in md and "| *chance: best blind plan* | - |" in md
     # the 6 evaluated maps are all of level 3: no separate trained-levels column
-    assert "| level 3 | all | all (strict) |" in md
+    assert "| level 3 | all | all: strict (Mirage) | all: invalid |" in md
     for stage in ("stage1", "stage2", "grpo"):
         assert (root / stage / "model.safetensors").exists()
         assert (root / stage / "eval" / "report.json").exists()
@@ -95,3 +95,48 @@ def test_reward_trend_reads_the_first_and_last_quarter_of_the_grpo_log(tmp_path)
                                            "last_quarter": pytest.approx(0.8)}
     (tmp_path / "train_log.json").write_text(json.dumps(log[:4]))
     assert reward_trend(str(tmp_path)) is None  # too few logged steps to compare quarters
+
+
+@pytest.mark.parametrize("task", ["vsp_spatial_reasoning", "jigsaw"])
+def test_the_tiny_pipeline_of_each_benchmark_task_runs_end_to_end(task, tmp_path, tiny_dir, vsp_dir):
+    """`mirage-rl pipeline --recipe_dir recipes/<task> --variant tiny` with a few steps: every stage trains on the task's
+    rows (jigsaw: three images per prompt), is evaluated on the committed test items, and the summary holds the
+    task's metrics and its chance rows (uniform, majority class)."""
+    from mirage_rl.data.build import BuildDataArguments, build_dataset
+    from mirage_rl.tasks.jigsaw.pieces import read_manifest
+
+    photos = vsp_dir.parent / "photos"
+    if task == "jigsaw" and not (photos / "manifest.jsonl").is_file():
+        pytest.skip(f"photos not found at {photos}")
+    data = tmp_path / "data"
+    build_dataset(BuildDataArguments(source="task", task=task, num_generated=12, prompt="short", max_side=160,
+                                     test_dir=str(vsp_dir / "maze_planning"), photos_dir=str(photos),
+                                     generated_sizes=[3, 4], output_dir=str(data)))
+    src = RECIPES.parent / task
+    out = tmp_path / "recipes"
+    out.mkdir()
+    for stage, n in {"stage1": 2, "stage2": 2, "grpo": 1}.items():
+        cfg = yaml.safe_load((src / f"{stage}_tiny.yaml").read_text())
+        cfg.update(max_steps=n, save_strategy="no", dataset_path=str(data), logging_steps=1)
+        if stage == "stage1":
+            cfg["model_name_or_path"] = str(tiny_dir)
+        if stage == "grpo":
+            cfg.update(per_device_train_batch_size=4, num_generations=2, max_completion_length=10)
+        (out / f"{stage}_tiny.yaml").write_text(yaml.safe_dump(cfg))
+    ev = yaml.safe_load((src / "eval_tiny.yaml").read_text())
+    assert ev["task"] == task and ev["items_file"].startswith("data/")
+    ev.update(benchmark_dir=str(photos if task == "jigsaw" else vsp_dir / "maze_planning"), limit=4, max_new_tokens=8)
+    (out / "eval_tiny.yaml").write_text(yaml.safe_dump(ev))
+    root = tmp_path / "run"
+    assert main(["pipeline", "--recipe_dir", str(out), "--variant", "tiny", "--output_root", str(root)]) == 0
+    summary = json.loads((root / "pipeline_summary.json").read_text())
+    assert [r["stage"] for r in summary["stages"]] == ["stage1", "stage2", "grpo"]
+    assert all(r["task"] == task and r["n"] == 4 and 0 <= r["accuracy"] <= 1 for r in summary["stages"])
+    assert summary["chance"]["baselines"] == ["uniform", "majority_class"]
+    md = (root / "pipeline_summary.md").read_text()
+    assert f"({task})" in md and "| *chance: uniform* | - |" in md and "| all | all: invalid |" in md
+    report = json.loads((root / "grpo" / "eval" / "report.json").read_text())
+    assert report["task"] == task and "confusion" in report
+    if task == "jigsaw":
+        assert {p.file for p in read_manifest(photos) if p.split == "train"} >= set(
+            __import__("datasets").load_from_disk(str(data))["train"]["photo"])

@@ -16,10 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_registry_names_the_tasks_and_refuses_an_unknown_one():
-    assert task_names() == ("plan", "describe")
-    assert get_task("plan").name == "plan" and get_task("describe").name == "describe"
-    with pytest.raises(ValueError, match=r"unknown task 'jigsaw'; known: \['plan', 'describe'\]"):
-        get_task("jigsaw")
+    assert task_names() == ("plan", "describe", "vsp_spatial_reasoning", "jigsaw", "sat", "comt")
+    assert all(get_task(name).name == name for name in task_names())
+    with pytest.raises(ValueError, match=r"unknown task 'maze'; known: \['plan', 'describe', 'vsp_spatial_reasoning', "):
+        get_task("maze")
 
 
 def test_a_task_without_an_implementation_says_which_part_is_missing():
@@ -89,5 +89,5 @@ def test_recipes_follow_one_naming_rule_and_a_missing_one_lists_the_variants():
     assert recipe_path(folder, "direct_sft_grpo", "small").is_file()
     assert not list(folder.glob("small_*.yaml"))  # the old prefix rule is gone
     # direct_sft's variants are not confused with direct_sft_grpo's
-    with pytest.raises(FileNotFoundError, match=r"direct_sft_huge\.yaml.*variants in .*: \['demo', 'small', 'tiny'\]"):
+    with pytest.raises(FileNotFoundError, match=r"direct_sft_huge\.yaml.*variants in .*: \['demo', 'qwen2.5_vl_7b', 'small', 'tiny'\]"):
         recipe_path(folder, "direct_sft", "huge")

@@ -38,8 +38,9 @@ def split_name(script_args: SFTScriptArguments) -> str:
 
 
 def require_columns(ds, need: list[str], where: str, who: str) -> None:
-    """Raise ``ValueError`` naming ``where`` and the missing columns when ``ds`` lacks one of ``need``."""
-    missing = [c for c in need if c not in ds.column_names]
+    """Raise ``ValueError`` naming ``where`` and the missing columns when ``ds`` lacks one of ``need`` (an entry
+    ``"image|images"`` is satisfied by either column)."""
+    missing = [c for c in need if not any(alt in ds.column_names for alt in c.split("|"))]
     if missing:
         raise ValueError(f"{where}: no column(s) {missing} (has {ds.column_names}); {who} needs {need}: "
                          "build the dataset with `mirage-rl build-data`")

@@ -64,7 +64,7 @@ def run_grpo(script_args: GRPOScriptArguments, training_args: MirageGRPOConfig, 
             raise ValueError(f"reward_weights has {len(training_args.reward_weights)} values for "
                              f"{len(reward_funcs)} reward_funcs {script_args.reward_funcs}")
         train = load_train_split(script_args)
-        require_columns(train, ["prompt", "image"], split_name(script_args), "GRPO")
+        require_columns(train, ["prompt", "image|images"], split_name(script_args), "GRPO")
         train = train.remove_columns([c for c in SFT_ONLY_COLUMNS if c in train.column_names])
         resume = resolve_resume(training_args)
         model, processor = load_model_and_processor(model_args, training_args.trust_remote_code)

@@ -42,7 +42,7 @@ def check_sft_dataset(ds, args: MirageSFTConfig, where: str, processor=None) -> 
     """
     from datasets import Image
 
-    need = ["prompt", "image", "answer"] + (["helper_image"] if args.stage == 1 else [])
+    need = ["prompt", "image|images", "answer"] + (["helper_image"] if args.stage == 1 else [])
     require_columns(ds, need, where, f"stage {args.stage}")
     ids = ds["map_id"] if "map_id" in ds.column_names else [None] * len(ds)
 

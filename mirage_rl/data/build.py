@@ -1,10 +1,13 @@
-"""Build training sets: ``source: vsp`` (the rows of a task, ``task: plan`` or ``describe``: the VSP spatial-planning
-set of Mirage's 1000 train maps + generated maps, built by :mod:`mirage_rl.tasks.vsp_planning.rows`, whose docstring
-lists the columns) or ``source: mirage_jsonl`` (any JSONL in Mirage's own data format, with image files).
+"""Build training sets: ``source: task`` (or its older name ``vsp``: the rows of ``task``, built by the task's
+``build_rows``: for ``plan`` / ``describe`` the VSP spatial-planning set of Mirage's 1000 train maps + generated maps,
+:mod:`mirage_rl.tasks.vsp_planning.rows`, whose docstring lists the columns; for ``vsp_spatial_reasoning`` and
+``jigsaw`` their generators, :mod:`mirage_rl.tasks.vsp_reasoning.items`, :mod:`mirage_rl.tasks.jigsaw.items`) or ``source: mirage_jsonl`` (any JSONL in Mirage's own data format, with image files).
 
-Mirage-format rows (``text_input`` with one ``<image>``, ``image_input``, ``image_output`` = the helper image,
-``text_output`` with the ``<output_image>`` marker): ``prompt``, ``image``, ``helper_image``, ``answer``,
-``solution`` (the last ``\\boxed{}`` content), ``source`` and ``map_id``. Every image is opened and decoded.
+Mirage-format rows (``text_input`` with one ``<image>`` per input image, ``image_input`` = a path or a list of paths
+in the order of those markers (jigsaw, SAT, COMT), ``image_output`` = the helper image, ``text_output`` with the
+``<output_image>`` marker): ``prompt``, ``image`` (or ``images``, a list, when some row's ``image_input`` is a list),
+``helper_image``, ``answer``, ``solution`` (the last ``\\boxed{}`` content), ``source`` and ``map_id``. Every image is
+opened and decoded.
 
 A bad row raises an error naming the file and line. With ``skip_bad_rows: true`` it is skipped instead, and
 the count and the first reasons are logged, returned and written to ``build_report.json`` in the dataset.
@@ -35,7 +38,9 @@ logger = logging.getLogger(__name__)
 class BuildDataArguments:
     """Arguments of ``mirage-rl build-data`` (read from ``data/*.yaml`` by ``TrlParser``)."""
 
-    source: str = field(default="vsp", metadata={"help": "vsp (VSP spatial planning) or mirage_jsonl (Mirage's data format)."})
+    source: str = field(default="vsp", metadata={
+        "help": "task (the rows of `task`, from its own generator; `vsp` is the older name of the same) or "
+                "mirage_jsonl (Mirage's data format)."})
     output_dir: str = field(default="outputs/data/vsp_spatial_planning",
                             metadata={"help": "Where the `datasets.DatasetDict` is saved (atomically)."})
     train_jsonl: str = field(default="../shared/data/vsp/mirage_train_maps.jsonl",
@@ -46,8 +51,18 @@ class BuildDataArguments:
     generated_sizes: list[int] = field(default_factory=lambda: [3, 4, 5, 6],
                                        metadata={"help": "Map sizes (3..8) the generator draws from."})
     task: str = field(default="plan", metadata={
-        "help": "plan (answer: the shortest plan, after the latent marker) or describe (answer: the map as a table; "
-                "a perception task that pretrains a from-scratch model's vision tower)."})
+        "help": "plan (answer: the shortest plan, after the latent marker), describe (answer: the map as a table; "
+                "a perception task that pretrains a from-scratch model's vision tower), vsp_spatial_reasoning or "
+                "jigsaw (docs/TASKS.md)."})
+    helper: str | None = field(default=None, metadata={
+        "help": "The helper image of a task that offers several: vsp_spatial_reasoning partial (the paper's, default) "
+                "or outcome; jigsaw random_candidate (the paper's, default) or true_piece."})
+    photos_dir: str = field(default="../shared/data/photos", metadata={
+        "help": "jigsaw: the photos folder (manifest.jsonl with file, split, crop_margin_px); train photos only."})
+    distractor: str = field(default="other_photo", metadata={
+        "help": "jigsaw: where the distractor piece comes from: other_photo (another train photo) or same_photo."})
+    max_side: int = field(default=512, metadata={
+        "help": "jigsaw: longest side of the puzzle image in pixels (the pieces are scaled by the same factor)."})
     prompt: str = field(default="train", metadata={
         "help": "Prompt of every row: 'train' (Mirage's), 'test' (VSP's) or 'short' (the map and the answer instruction "
                 "only: for models trained from scratch)."})
@@ -86,9 +101,11 @@ class BuildDataArguments:
             raise ValueError(f"max_text_chars must be >= 1, got {self.max_text_chars}")
         if self.num_generated < 0:
             raise ValueError(f"num_generated must be >= 0, got {self.num_generated}")
+        if self.max_side < 32:
+            raise ValueError(f"max_side must be >= 32 pixels, got {self.max_side}")
 
 
-SOURCES = ("vsp", "mirage_jsonl")
+SOURCES = ("task", "vsp", "mirage_jsonl")
 MAX_REPORTED_REASONS = 5
 
 
@@ -125,7 +142,7 @@ def build_dataset(args: BuildDataArguments):
 
 
 def build_task_dataset(args: BuildDataArguments):
-    """``source: vsp``: the rows of the task ``args.task`` (``Task.build_rows``, e.g.
+    """``source: task`` (``vsp``): the rows of the task ``args.task`` (``Task.build_rows``, e.g.
     :func:`mirage_rl.tasks.vsp_planning.rows.build_rows`), saved to ``args.output_dir``; returns ``(DatasetDict,
     counts)``.
 
@@ -140,11 +157,17 @@ def build_task_dataset(args: BuildDataArguments):
 def _save_rows(rows: list[dict], args: BuildDataArguments, bad: BadRows, extra_features: dict, **counts):
     """Turn rows into split ``train`` (the columns every builder writes plus ``extra_features``), save it with its
     ``build_report.json`` atomically, log the counts; returns ``(DatasetDict, counts)``."""
-    from datasets import Dataset, DatasetDict, Features, Image, Value
+    from datasets import Dataset, DatasetDict, Features, Image, Sequence, Value
 
+    # one image per row: column `image`; any row of several: every row's images in the list column `images`
+    image_key = "images" if any("images" in r for r in rows) else "image"
+    if image_key == "images":
+        rows = [r if "images" in r else {**{k: v for k, v in r.items() if k != "image"}, "images": [r["image"]]}
+                for r in rows]
     features = Features({
         "prompt": [{"role": Value("string"), "content": [{"type": Value("string"), "text": Value("string")}]}],
-        "image": Image(), "helper_image": Image(), "answer": Value("string"), "solution": Value("string"),
+        image_key: Sequence(Image()) if image_key == "images" else Image(),
+        "helper_image": Image(), "answer": Value("string"), "solution": Value("string"),
         "source": Value("string"), "map_id": Value("string"), **extra_features,
     })
     ds = DatasetDict({"train": Dataset.from_list(rows, features=features)})
@@ -187,26 +210,30 @@ def _mirage_row(r: dict, line: int, where: str, root: Path, args: BuildDataArgum
     if missing:
         raise ValueError(f"{where}: missing field(s) {missing}; a Mirage-format row needs {list(MIRAGE_FIELDS)} "
                          "(image_output is the helper image)")
-    for key in MIRAGE_FIELDS:
+    for key in ("text_input", "text_output", "image_output"):
         text_field(r, key, where, args.max_text_chars)
+    inputs = r["image_input"] if isinstance(r["image_input"], list) else [r["image_input"]]
+    if not inputs or not all(isinstance(v, str) and v for v in inputs):
+        raise ValueError(f"{where}: image_input must be a path or a non-empty list of paths, got {r['image_input']!r}")
     n_markers = r["text_output"].count(LATENT_MARKER)
     if n_markers != args.latent_blocks:
         raise ValueError(f"{where}: text_output has {n_markers} {LATENT_MARKER} marker(s), expected "
                          f"{args.latent_blocks} (latent_blocks): put one marker where the latent block goes")
-    images = {}
-    for key in ("image_input", "image_output"):
-        value = str(r[key])
+    def load(value: str, key: str):
         if args.strip_image_prefix and value.startswith(args.strip_image_prefix):
             value = value[len(args.strip_image_prefix):]
-        images[key] = open_image(root / value, where=f"{where} {key}")
+        return encode_png(open_image(root / value, where=f"{where} {key}"))
+
     try:
-        prompt = to_messages(r["text_input"])
+        prompt = to_messages(r["text_input"], len(inputs))
     except ValueError as e:
         raise ValueError(f"{where}: text_input: {e}") from None
+    images = [load(v, "image_input" if len(inputs) == 1 else f"image_input[{j}]") for j, v in enumerate(inputs)]
     boxes = extract_boxed(r["text_output"])
-    return {"prompt": prompt, "image": encode_png(images["image_input"]), "helper_image": encode_png(images["image_output"]),
-            "answer": r["text_output"], "solution": (boxes[-1] or "") if boxes else "", "source": "mirage_jsonl",
-            "map_id": str(r.get("map_id", line))}
+    out = {"prompt": prompt, "helper_image": load(str(r["image_output"]), "image_output"), "answer": r["text_output"],
+           "solution": (boxes[-1] or "") if boxes else "", "source": "mirage_jsonl", "map_id": str(r.get("map_id", line))}
+    # a list image_input is kept a list (column `images`) even with one path: the row says it is multi-image
+    return {**out, "images": images} if isinstance(r["image_input"], list) else {**out, "image": images[0]}
 
 
 def save_dataset_atomic(ds, output_dir: str | os.PathLike, report: dict | None = None) -> None:

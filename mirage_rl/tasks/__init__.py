@@ -5,6 +5,10 @@ name           package                                 what
 =============  ======================================  ==============================================================
 ``plan``       :mod:`mirage_rl.tasks.vsp_planning`     VSP spatial planning: a maze image -> a boxed action plan
 ``describe``   :mod:`mirage_rl.tasks.vsp_planning`     perception on the same maps: the map written as a table
+``vsp_spatial_reasoning``  :mod:`mirage_rl.tasks.vsp_reasoning`  a maze and a full plan -> A goal, B hole, C safe
+``jigsaw``     :mod:`mirage_rl.tasks.jigsaw`           a photo missing its lower-right corner + 2 candidates -> A or B
+``sat``        :mod:`mirage_rl.tasks.jsonl_choice`     SAT items in Mirage's JSONL format (two choices, boxed)
+``comt``       :mod:`mirage_rl.tasks.jsonl_choice`     COMT items in Mirage's JSONL format (A-D, last ``(X)``)
 =============  ======================================  ==============================================================
 
 A task module is imported when its name is first asked for, so that ``import rewards`` stays free of torch.
@@ -20,6 +24,10 @@ from .base import BenchmarkItem, Task
 _REGISTRY = {
     "plan": "mirage_rl.tasks.vsp_planning.task:PLAN",
     "describe": "mirage_rl.tasks.vsp_planning.task:DESCRIBE",
+    "vsp_spatial_reasoning": "mirage_rl.tasks.vsp_reasoning.task:REASONING",
+    "jigsaw": "mirage_rl.tasks.jigsaw.task:JIGSAW",
+    "sat": "mirage_rl.tasks.jsonl_choice:SAT",
+    "comt": "mirage_rl.tasks.jsonl_choice:COMT",
 }
 
 

@@ -13,13 +13,12 @@ from typing import Any, Protocol
 
 
 class BenchmarkItem(Protocol):
-    """One evaluation item: ``prompt_id`` (its identity in samples and errors, e.g. ``level3/7``), ``level`` (the
-    group a report breaks results down by) and ``image_path`` (the image the prompt shows); plus what the task needs
-    to score an answer (e.g. ``map_desc``)."""
+    """One evaluation item: ``prompt_id`` (its identity in samples and errors, e.g. ``level3/7``) and ``level`` (the
+    group a report breaks results down by); plus what :meth:`Task.item_images` needs to give its input images (VSP:
+    ``image_path``) and what the task needs to score an answer (e.g. ``map_desc``)."""
 
     prompt_id: str
     level: int
-    image_path: str
 
 
 class Task:
@@ -27,7 +26,8 @@ class Task:
 
     Attributes:
         name: the registry name (``task:`` of ``build-data`` and ``eval``).
-        prompts: the prompt variants by name (``prompt:`` of ``build-data`` and ``eval``); each holds one ``<image>``.
+        prompts: the prompt variants by name (``prompt:`` of ``build-data`` and ``eval``); each holds one ``<image>``
+            per input image (a task whose prompt differs per item fills in the rest in :meth:`item_prompt`).
         metrics: ``(report key, label)`` pairs of the per-group rates a report shows, in order; the first two are
             plotted per level.
         has_latent_block: whether answers hold a latent block (``False``: evaluated with ``latent_mode: none``).
@@ -46,8 +46,27 @@ class Task:
             raise ValueError(f"prompt must be one of {sorted(self.prompts)} for task {self.name!r}, got {variant!r}")
         return self.prompts[variant]
 
-    def load_benchmark(self, root: str, levels: list[int] | None = None) -> list[BenchmarkItem]:
-        """Every evaluation item under ``root`` (only ``levels`` when given), in a fixed order."""
+    def item_prompt(self, item: BenchmarkItem, variant: str) -> str:
+        """The prompt of one evaluation item (default: the variant's prompt, the same for every item; a task whose
+        question differs per item, e.g. the action plan of VSP spatial reasoning, overrides it). It holds one
+        ``<image>`` per image of :meth:`item_images`."""
+        return self.prompt(variant)
+
+    def item_images(self, item: BenchmarkItem, where: str) -> list:
+        """The input images (``PIL.Image``, RGB) of one evaluation item, in the order of its prompt's ``<image>``
+        markers (default: the file ``item.image_path``). Raises ``FileNotFoundError``/``ValueError`` naming ``where``."""
+        from ..data.images import open_image
+
+        return [open_image(item.image_path, where=where)]
+
+    #: the committed test items of a task whose items are not files of the benchmark folder (``data/*.jsonl``,
+    #: relative to the repository root); ``None``: the items are the folder's own
+    items_file: str | None = None
+
+    def load_benchmark(self, root: str, levels: list[int] | None = None,
+                       items_file: str | None = None) -> list[BenchmarkItem]:
+        """Every evaluation item under ``root`` (only ``levels`` when given), in a fixed order; ``items_file``
+        overrides :attr:`items_file`."""
         raise NotImplementedError(f"task {self.name!r} has no benchmark loader")
 
     def parse_answer(self, completion: str) -> Any:
@@ -66,7 +85,8 @@ class Task:
         """The helper image of a training answer (a ``PIL.Image``): what stage 1 encodes into the latent targets."""
         raise NotImplementedError(f"task {self.name!r} draws no helper image")
 
-    def chance_baselines(self, dataset_path: str, benchmark_dir: str, levels: list[int] | None = None) -> dict:
+    def chance_baselines(self, dataset_path: str, benchmark_dir: str, levels: list[int] | None = None,
+                         items_file: str | None = None) -> dict:
         """``{level: {baseline: {metric: rate, ...}, ...}}``: what a model that ignores the image scores."""
         raise NotImplementedError(f"task {self.name!r} has no chance baselines")
 

@@ -5,7 +5,8 @@ Spatial Planning Tasks for MLLMs") and the train/test splits of Mirage (arXiv 25
 
 A map is ``map_desc``: a square list of rows of ints, ``0`` safe, ``1`` player, ``2`` goal, ``-1`` hole
 (see :mod:`mirage_rl.tasks.vsp_planning.scoring`). Maps are drawn exactly as VSP drew them: the FrozenLake sprites of
-``gym==0.26.2`` (MIT licence, copied under ``assets/frozenlake/``), 32 px sprites scaled to 64 px
+``gym==0.26.2`` (MIT licence, copied under ``assets/frozenlake/``, with the elf's four directions, the stool and the
+cracked hole that VSP spatial reasoning's moved player needs), 32 px sprites scaled to 64 px
 cells with nearest neighbour, a 1 px grid line of colour (180, 200, 230), the elf facing down, alpha
 blending with pygame's integer formula. The test images re-render pixel-identically (tested).
 """
@@ -134,6 +135,15 @@ def _blit(canvas: np.ndarray, sprite: np.ndarray, row: int, col: int) -> None:
 
 def render_map(map_desc: list[list[int]]) -> Image.Image:
     """Draw a map in the VSP style: an RGB image of ``64 * n`` pixels square."""
+    canvas = render_cells(map_desc)
+    _blit(canvas, _sprite("elf_down"), *find_cell(map_desc, PLAYER))
+    return Image.fromarray(canvas.astype(np.uint8), "RGB")
+
+
+def render_cells(map_desc: list[list[int]], stool_at: tuple[int, int] | None = None) -> np.ndarray:
+    """The map's cells without the player (ice, holes, goal, grid lines): an ``(64 n, 64 n, 3)`` int32 canvas that
+    :func:`render_map` (and VSP spatial reasoning's moved player) draws the sprites on. ``stool_at``: the start cell
+    of a player that moved, drawn with FrozenLake's stool under the grid lines, as gym draws it."""
     n = len(map_desc)
     canvas = np.zeros((n * CELL_PX, n * CELL_PX, 3), np.int32)
     for r in range(n):
@@ -143,11 +153,12 @@ def render_map(map_desc: list[list[int]]) -> Image.Image:
                 _blit(canvas, _sprite("hole"), r, c)
             elif map_desc[r][c] == GOAL:
                 _blit(canvas, _sprite("goal"), r, c)
+            elif (r, c) == stool_at:
+                _blit(canvas, _sprite("stool"), r, c)
             y, x = r * CELL_PX, c * CELL_PX
             canvas[y, x : x + CELL_PX] = canvas[y + CELL_PX - 1, x : x + CELL_PX] = GRID_RGB
             canvas[y : y + CELL_PX, x] = canvas[y : y + CELL_PX, x + CELL_PX - 1] = GRID_RGB
-    _blit(canvas, _sprite("elf_down"), *find_cell(map_desc, PLAYER))
-    return Image.fromarray(canvas.astype(np.uint8), "RGB")
+    return canvas
 
 
 def render_helper(map_desc: list[list[int]], plan: list[str]) -> Image.Image:

@@ -22,7 +22,7 @@ class VspPlanning(Task):
     has_latent_block = True
     benchmark_dir = BENCHMARK_DIR
 
-    def load_benchmark(self, root, levels=None):
+    def load_benchmark(self, root, levels=None, items_file=None):
         return maps.load_benchmark(root, levels)
 
     def parse_answer(self, completion):
@@ -42,7 +42,7 @@ class VspPlanning(Task):
         """The map (``item``: ``map_desc``) with the plan ``answer`` (moves) drawn as red arrows (Mirage, sec. 3.1)."""
         return maps.render_helper(item, answer)
 
-    def chance_baselines(self, dataset_path, benchmark_dir, levels=None):
+    def chance_baselines(self, dataset_path, benchmark_dir, levels=None, items_file=None):
         return chance.blind_baselines(dataset_path, benchmark_dir, levels)
 
     def build_rows(self, args, bad):
@@ -75,7 +75,7 @@ class VspDescribe(VspPlanning):
     def helper_image(self, item, answer):
         return maps.render_map(item)
 
-    def chance_baselines(self, dataset_path, benchmark_dir, levels=None):
+    def chance_baselines(self, dataset_path, benchmark_dir, levels=None, items_file=None):
         raise NotImplementedError("task 'describe' has no chance baselines")
 
 
