@@ -157,10 +157,47 @@ def test_report_tables_figure_and_kept_text(tmp_path, small_dataset_dir, vsp_dir
     assert "Mirage (stage 1 -> 2) minus Direct SFT" in text
     assert "| 4 | 100 | 0.50 | 0.75 | 1.00 | 0.25 |" in text  # the base model's perception table
     seed0 = res["arms"]["direct_sft"]["seeds"]["0"]
-    assert seed0["focus_n"] == 200 and 0 <= seed0["focus_p_value"] < 1e-6  # skill 0.5 is far above chance
+    # the headline levels default to the training set's (levels 3-6 in this small set); skill 0.5 is far above chance
+    assert res["focus_levels"] == ["3", "4", "5", "6"] and "| arm | seeds | level 3 | level 4 | level 5 | level 6 | levels 3-6 |" in text
+    assert seed0["focus_n"] == 400 and 0 <= seed0["focus_p_value"] < 1e-6
+    a.focus_levels = [3, 4]
+    assert results.write_report(a, log)["arms"]["direct_sft"]["seeds"]["0"]["focus_n"] == 200
+    assert "levels 3-4" in Path(a.report).read_text()
     assert res["arms"]["mirage"]["seeds"]["0"]["wall_s"] == 120.0
     assert json.loads((Path(a.output_root) / "results.json").read_text())["arms"]["mirage"]["label"].startswith("Mirage")
     # a report without the markers is refused, naming the file
     Path(a.report).write_text("# Results\n")
     with pytest.raises(ValueError, match="RESULTS.md: no generated block"):
         results.write_report(a, log)
+
+
+def test_the_report_of_a_choice_task_uses_its_metric_and_chance_levels(tmp_path, vsp_dir):
+    """`mirage-rl results` on VSP spatial reasoning (the eval recipe's task): one accuracy table with the uniform and
+    majority-class chance rows, the headline over the training set's levels, the p-value against uniform choice."""
+    from mirage_rl.data.build import BuildDataArguments, build_dataset
+
+    data = tmp_path / "data"
+    build_dataset(BuildDataArguments(source="task", task="vsp_spatial_reasoning", num_generated=9, prompt="short",
+                                     generated_sizes=[3, 4], test_dir=str(vsp_dir / "maze_planning"), output_dir=str(data)))
+    a = args_for(tmp_path, seeds=[0], arms=["direct_sft", "mirage"], benchmark_dir=str(vsp_dir / "maze_planning"),
+                 recipe_dir=str(REPO / "recipes/vsp_spatial_reasoning"), variant="demo")
+    a.data_config = str(tmp_path / "data.yaml")
+    Path(a.data_config).write_text(f"output_dir: {data}\n")
+    task = get_task("vsp_spatial_reasoning")
+    items = task.load_benchmark(str(vsp_dir / "maze_planning"))
+    rng = random.Random(0)
+    log = results.StepLog(Path(a.output_root) / "steps.json")
+    for run, skill in (("direct_sft", 0.9), ("stage2", 0.3)):
+        samples = [{"level": it.level, **task.score(it, "\\boxed{" + (it.answer if rng.random() < skill else "A") + "}")}
+                   for it in items]
+        out = Path(a.output_root) / "seed0" / run / "eval"
+        out.mkdir(parents=True)
+        (out / "report.json").write_text(json.dumps(summarize(samples, "vsp", "vsp_spatial_reasoning")))
+    Path(a.report).write_text(f"# Results\n\n{results.BEGIN}\n{results.END}\n")
+    res = results.write_report(a, log)
+    text = Path(a.report).read_text()
+    assert res["task"] == "vsp_spatial_reasoning" and res["rates"] == ["accuracy"] and res["focus_levels"] == ["3", "4"]
+    assert "### Accuracy, accuracy: mean ± std over seeds" in text and "strict" not in text
+    assert "| *chance: uniform choice* | - | 0.333 |" in text and "*chance: majority class of the level's training rows*" in text
+    assert "400 test items of task vsp_spatial_reasoning" in text and "levels 3-4" in text
+    assert res["arms"]["direct_sft"]["seeds"]["0"]["focus_p_value"] < 1e-6  # 0.9 skill against 1/3

@@ -14,7 +14,9 @@ direct_sft_grpo    direct_sft -> direct_sft_grpo (text-only RL baseline)        
 
 What runs, in order (each step a ``python -m mirage_rl ...`` subprocess, its output in ``output_root``):
 
-1. the data: ``build-data`` of ``data_config`` (the plan task);
+1. the data: ``build-data`` of ``data_config`` (the task is the eval recipe's: ``plan`` for docs/RESULTS.md; any task
+   of :mod:`mirage_rl.tasks`, e.g. ``--recipe_dir recipes/jigsaw --variant demo --data_config data/jigsaw_small.yaml
+   --benchmark_dir ../shared/data/photos --arms direct_sft mirage dummy_latent mirage_grpo``);
 2. the seeing tiny base every arm and seed starts from, like a released VLM: ``base-model`` of ``base_config``
    (:mod:`mirage_rl.base_model`: create-model, perception pretraining on the describe task with the vision tower
    trained, every later stage keeping it frozen as Mirage does, and ``eval --task describe`` of it). It is cached
@@ -26,8 +28,9 @@ Independent steps run ``jobs`` at a time (each with ``OMP_NUM_THREADS = cpu_coun
 recorded in ``output_root/steps.json`` (command, wall time) and never rerun, so a killed ``make results`` resumes
 where it stopped (a killed training run also resumes from its last checkpoint). After every evaluation the report is
 rewritten from what exists: ``results.json`` (every number), ``{figure}`` and the block between the markers of
-``{report}`` (tables, per-seed rows, chance levels, commands, wall times, machine); the text outside the markers is
-kept as written.
+``{report}`` (per rate metric of the task a table of arms x levels, the headline levels being the training set's
+(``focus_levels``), the task's chance rows, per-seed p-values against its first chance baseline, commands, wall
+times, machine); the text outside the markers is kept as written.
 
 Chance levels are computed from the training set only: *random plan* = expected accuracy of a plan drawn from the
 training answers of the map's level (a model that knows the map size and nothing else); *best blind plan* = the one

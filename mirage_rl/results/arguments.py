@@ -29,7 +29,8 @@ class ResultsArguments:
 
     recipe_dir: str = field(default="recipes/vsp_spatial_planning", metadata={"help": "Folder of the recipes."})
     variant: str = field(default="small", metadata={"help": "Recipe variant: {run}_{variant}.yaml (mirage_rl.recipe.recipe_path)."})
-    data_config: str = field(default="data/vsp_spatial_planning_small.yaml", metadata={"help": "build-data config (plan task)."})
+    data_config: str = field(default="data/vsp_spatial_planning_small.yaml", metadata={
+        "help": "build-data config of the training set (the task of the eval recipe, e.g. plan)."})
     base_config: str = field(default="recipes/vsp_spatial_planning/base_small.yaml", metadata={
         "help": "base-model config of the seeing tiny base every arm starts from (shared with `make demo`)."})
     arms: list[str] = field(default_factory=lambda: list(ARMS), metadata={"help": f"A subset of {list(ARMS)}."})
@@ -38,7 +39,10 @@ class ResultsArguments:
     jobs: int = field(default=2, metadata={"help": "Steps run at once (each with cpu_count // jobs threads)."})
     report: str = field(default="docs/RESULTS.md", metadata={"help": "Markdown file whose generated block is rewritten."})
     figure: str = field(default="docs/figures/results_small.png", metadata={"help": "Accuracy-by-level figure (PNG)."})
-    benchmark_dir: str = field(default="../shared/data/vsp/maze_planning", metadata={"help": "VSP test maps."})
+    benchmark_dir: str = field(default="../shared/data/vsp/maze_planning", metadata={
+        "help": "The benchmark of the comparison's task (VSP test maps; the photos folder for jigsaw)."})
+    focus_levels: list[int] | None = field(default=None, metadata={
+        "help": "Levels of the headline column and the per-seed test (default: the levels of the training set)."})
     run: bool = field(default=True, metadata={"help": "false: only rebuild the report from the finished steps."})
 
     def __post_init__(self):

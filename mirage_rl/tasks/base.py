@@ -30,12 +30,15 @@ class Task:
             per input image (a task whose prompt differs per item fills in the rest in :meth:`item_prompt`).
         metrics: ``(report key, label)`` pairs of the per-group rates a report shows, in order; the first two are
             plotted per level.
+        chance_labels: the names reports give the chance baselines.
         has_latent_block: whether answers hold a latent block (``False``: evaluated with ``latent_mode: none``).
         benchmark_dir: the default benchmark folder.
     """
 
     name: str = ""
     prompts: Mapping[str, str] = {}
+    #: chance baseline (a key of :meth:`chance_baselines`' per-level dicts) -> how reports name it
+    chance_labels: Mapping[str, str] = {}
     metrics: tuple[tuple[str, str], ...] = ()
     has_latent_block: bool = True
     benchmark_dir: str = ""

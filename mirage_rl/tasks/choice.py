@@ -20,6 +20,7 @@ class ChoiceTask(Task):
     letters: str = "AB"
     paren_fallback: bool = False
     metrics = (("accuracy", "accuracy"), ("invalid_rate", "invalid"))
+    chance_labels = {"uniform": "uniform choice", "majority_class": "majority class of the level's training rows"}
 
     def parse_answer(self, completion):
         return parse_choice(completion, self.letters, self.paren_fallback)

@@ -19,6 +19,7 @@ class VspPlanning(Task):
     name = "plan"
     prompts = prompts.PROMPTS
     metrics = (("accuracy", "official (VSP)"), ("accuracy_strict", "strict (Mirage)"), ("invalid_rate", "invalid"))
+    chance_labels = {"random_plan": "random plan of the level", "best_blind_plan": "best blind plan (chosen on training maps)"}
     has_latent_block = True
     benchmark_dir = BENCHMARK_DIR
 
