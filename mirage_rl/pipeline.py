@@ -246,7 +246,8 @@ def format_summary(rows: list[dict], bars: dict | None = None) -> str:
     metrics = _metrics(rows)
     levels = sorted({lv for r in rows for lv in r["by_level"]}, key=int)
     trained = [lv for lv in (bars or {}).get("trained_levels", []) if lv in levels]
-    span = f"levels {trained[0]}-{trained[-1]}" if len(trained) > 1 else None  # one level: its column says it
+    # one trained level: its column says it; every level trained: the "all" column says it
+    span = f"levels {trained[0]}-{trained[-1]}" if 1 < len(trained) < len(levels) else None
     table = []
     for r in rows:
         n = r.get("n_by_level", {})

@@ -35,7 +35,8 @@ class BlinkItem:
 def is_blink(path: str) -> bool:
     """Whether a jigsaw ``benchmark_dir`` names BLINK (the hub id, or a saved copy of its split)."""
     p = Path(path)
-    return path.startswith(BLINK_ID) or (p.is_dir() and (p / "dataset_info.json").is_file())
+    return path.startswith(BLINK_ID) or (p.is_dir() and any((p / f).is_file() for f in ("dataset_info.json",
+                                                                                       "dataset_dict.json")))
 
 
 def load_blink(path: str, split: str = "val"):
