@@ -90,7 +90,8 @@ def test_recipes_parse(tmp_path):
             ["--config", str(r), "--output_dir", str(tmp_path / "o"), "--use_cpu", "true", "--bf16", "false"])
         assert m.model_name_or_path
         if grpo:
-            assert t.num_generations == 8 and s.reward_funcs == ["plan_success_reward", "format_reward"]
+            accuracy = "plan_success_reward" if r.parent.name == "vsp_spatial_planning" else "choice_accuracy_reward"
+            assert t.num_generations == 8 and s.reward_funcs == [accuracy, "format_reward"]
             assert t.reward_weights == [1.0, 0.1]
         else:
             assert t.latent_size >= 1
