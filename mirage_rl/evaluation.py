@@ -65,6 +65,15 @@ class EvalArguments:
     prompt: str = field(default="test", metadata={
         "help": "'test' (VSP/Mirage test prompt), 'train' (Mirage train prompt) or 'short' (the map and the answer "
                 "instruction only); use the prompt the model was trained on."})
+    latent_intervention: list[str] | None = field(default=None, metadata={
+        "help": "Also decode with the latent slots fed something else, one pass each, and report each against the "
+                "model's own latents: none zero noise mean swap oracle pad skip (mirage_rl.interventions)."})
+    oracle_helper: str | None = field(default=None, metadata={
+        "help": "The helper-image variant of the oracle intervention, for tasks with several (vsp_spatial_reasoning: "
+                "partial or outcome; jigsaw: random_candidate or true_piece): the one the checkpoint trained on."})
+    oracle_compress: str = field(default="average", metadata={
+        "help": "How the oracle pools the helper image into k vectors: the checkpoint's stage-1 compress (average or grid)."})
+    intervention_seed: int = field(default=0, metadata={"help": "Seed of noise, swap and the bootstrap."})
     resume: bool = field(default=True, metadata={
         "help": "Continue a killed run from its per-sample journal (samples.partial.jsonl) when its settings match."})
     overwrite_output_dir: bool = field(default=False, metadata={
@@ -86,6 +95,13 @@ class EvalArguments:
             raise ValueError(f"limit must be >= 1 (the first N maps) or unset (all maps), got {self.limit}")
         if self.levels is not None and (not self.levels or any(lv < 1 for lv in self.levels)):
             raise ValueError(f"levels must be map levels >= 1 (3..8 in VSP), got {self.levels}")
+        if self.latent_intervention is not None:
+            from .interventions import check_names
+
+            self.latent_intervention = check_names(self.latent_intervention)
+            if not task.has_latent_block or self.latent_mode not in (None, "hidden"):
+                raise ValueError(f"latent_intervention needs the model's own latents (latent_mode hidden) on a task "
+                                 f"with a latent block; got task {self.task!r}, latent_mode {self.latent_mode!r}")
 
 
 def summarize(samples: list[dict], benchmark: str, task: str = "plan") -> dict:
@@ -147,6 +163,13 @@ def _evaluate(args: EvalArguments, model=None, processor=None) -> dict:
         maps = maps[: args.limit]
     collator = LatentCollator(processor, tokens, latent_mode=mode, with_answer=False)
     out_dir = Path(args.output_dir)
+    if args.latent_intervention:
+        if mode != "hidden":
+            raise ValueError(f"{args.model}: latent_intervention needs latent_mode hidden (the model's own latents), "
+                             f"the checkpoint resolves to {mode!r}")
+        from .intervention_eval import evaluate_interventions
+
+        return evaluate_interventions(args, model, processor, task, tokens, maps, out_dir)
     journal = Journal(out_dir / JOURNAL, run_identity(args, mode), resume=args.resume)
     samples = journal.resume(maps, args.batch_size)
     bar = tqdm(total=len(maps), initial=len(samples), desc=f"eval {Path(args.model).name} ({mode})", unit="map")

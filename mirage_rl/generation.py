@@ -28,6 +28,10 @@ class GenerationOutput:
     texts: list[str]
     logprobs: torch.Tensor | None = None
     latents: torch.Tensor | None = None
+    #: with ``record_latents``: per row, the model's own latents (what ``"hidden"`` would feed) ``(S_i, H)`` float32
+    #: and the inputs actually fed (after ``latent_fn``), in slot order (block by block)
+    own_latents: list[torch.Tensor] | None = None
+    fed_latents: list[torch.Tensor] | None = None
 
 
 def _logprob(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -72,7 +76,7 @@ def generate(model, processor, batch: dict, max_new_tokens: int = 64, latent_mod
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              generator: torch.Generator | list[torch.Generator] | None = None, return_logprobs: bool = False,
              latent_sigma: float | None = None, suppress_token_ids: list[int] | None = None,
-             eos_token_ids: list[int] | None = None) -> GenerationOutput:
+             eos_token_ids: list[int] | None = None, latent_fn=None, record_latents: bool = False) -> GenerationOutput:
     """Decode a left-padded prompt batch (``LatentCollator(with_answer=False)`` or TRL's tokenized prompts).
 
     Args:
@@ -93,6 +97,11 @@ def generate(model, processor, batch: dict, max_new_tokens: int = 64, latent_mod
             ``<|latent_end|>`` are never sampled in text steps either: they are only ever forced.
         eos_token_ids: ids that end a row besides ``<|im_end|>`` and the pad token (GRPO's ``generation_kwargs``
             ``eos_token_id``).
+        latent_fn: a latent intervention (:mod:`mirage_rl.interventions`), ``"hidden"`` only: called at every step
+            where some row fills a latent slot as ``latent_fn(z, slot, block)`` with ``z`` ``(B, H)`` float32 the
+            rows' own latents, ``slot`` ``(B,)`` long the slot index in its block (0..k-1) and ``block`` ``(B,)`` long
+            the block index in its row; returns ``(B, H)``: what enters the slots (rows not in a slot ignore it).
+        record_latents: return ``own_latents`` and ``fed_latents`` (per row ``(S_i, H)`` float32).
     Raises:
         ValueError: an unknown ``latent_mode`` (:class:`mirage_rl.latent.LatentMode`); ``latent_mode`` is not
             ``"none"`` and the checkpoint has no latent tokens; or ``latent_sigma`` without ``latent_mode="hidden"``.
@@ -100,6 +109,9 @@ def generate(model, processor, batch: dict, max_new_tokens: int = 64, latent_mod
     latent_mode = latent.parse_latent_mode(latent_mode).value
     if latent_sigma is not None and latent_mode != "hidden":
         raise ValueError(f"latent_sigma (Gaussian latents) needs latent_mode='hidden', got {latent_mode!r}")
+    if latent_fn is not None and (latent_mode != "hidden" or latent_sigma is not None):
+        raise ValueError(f"latent_fn (a latent intervention) needs latent_mode='hidden' without latent_sigma, got "
+                         f"{latent_mode!r}")
     device = model.get_input_embeddings().weight.device
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     tok = processor.tokenizer
@@ -122,6 +134,11 @@ def generate(model, processor, batch: dict, max_new_tokens: int = 64, latent_mod
     suppress = list(suppress_token_ids or []) + ([lt.pad, lt.end] if lt is not None else [])
     suppress = torch.tensor(sorted(set(suppress)), dtype=torch.long, device=device)
     out, logps, lat = [], [], []
+    blocks = torch.zeros(B, dtype=torch.long, device=device)  # latent blocks each row has opened
+    if lt is not None:
+        blocks[ids[:, -1] == lt.start] = 1
+    own: list[list[torch.Tensor]] = [[] for _ in range(B)]
+    fed: list[list[torch.Tensor]] = [[] for _ in range(B)]
     for _ in range(max_new_tokens):
         logits = head(h)
         new = _pick(logits.index_fill(-1, suppress, float("-inf")) if len(suppress) else logits,
@@ -138,7 +155,14 @@ def generate(model, processor, batch: dict, max_new_tokens: int = 64, latent_mod
             if latent_sigma is not None:
                 z = z + latent_sigma * _randn(tuple(z.shape), generator, z.device)
                 lat.append(torch.where(in_latent[:, None], z, 0.0))
-            nxt_emb = torch.where(in_latent[:, None], z.to(nxt_emb.dtype), nxt_emb)
+            fill = z
+            if latent_fn is not None and bool(in_latent.any()):
+                fill = latent_fn(z, (k + 1 - slots_left).clamp(0, k - 1), (blocks - 1).clamp(min=0)).float()
+            if record_latents:
+                for i in in_latent.nonzero().flatten().tolist():
+                    own[i].append(z[i].cpu())
+                    fed[i].append(fill[i].cpu())
+            nxt_emb = torch.where(in_latent[:, None], fill.to(nxt_emb.dtype), nxt_emb)
         if return_logprobs:
             lp = torch.where(forced, 0.0, _logprob(logits, new, temperature))
             if latent_sigma is not None:
@@ -146,7 +170,9 @@ def generate(model, processor, batch: dict, max_new_tokens: int = 64, latent_mod
             logps.append(lp)
         slots_left = torch.where(in_latent | force_end, slots_left - 1, slots_left)
         if lt is not None:
-            slots_left = torch.where((new == lt.start) & ~finished, k + 1, slots_left)
+            opened = (new == lt.start) & ~finished
+            slots_left = torch.where(opened, k + 1, slots_left)
+            blocks = blocks + opened.long()
         finished |= torch.isin(new, eos)
         if bool(finished.all()):
             break
@@ -162,4 +188,6 @@ def generate(model, processor, batch: dict, max_new_tokens: int = 64, latent_mod
     for row in seqs.tolist():
         cut = next((i for i, t in enumerate(row) if t in eos.tolist()), len(row))
         texts.append(tok.decode(row[:cut], skip_special_tokens=False))
-    return GenerationOutput(seqs, texts, logprobs, latents)
+    H = embed.weight.shape[1]
+    stack = (lambda rows: [torch.stack(r) if r else torch.zeros(0, H) for r in rows]) if record_latents else None
+    return GenerationOutput(seqs, texts, logprobs, latents, stack(own) if stack else None, stack(fed) if stack else None)

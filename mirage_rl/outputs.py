@@ -42,7 +42,8 @@ _OWN_HIDDEN = re.compile(r"^\..+\.(tmp-.*|old-\d+|lock|lock\.owner)$")
 #: what each group may leave in a folder while it runs (claimed at start-up, so a killed run's files are mirage-rl's)
 PATTERNS = {
     "model": ("checkpoint-*", "runs", "README.md"),  # README.md: the model card TRL writes at each checkpoint
-    "eval": ("report.json", "samples.jsonl", "samples.partial.jsonl", "accuracy_by_level.png"),
+    "eval": ("report.json", "samples.jsonl", "samples.partial.jsonl", "accuracy_by_level.png", "interventions",
+             "interventions.png"),
     "pipeline": ("pipeline_summary.json", "pipeline_summary.md"),
     "results": ("logs", "steps.json", "results.json", "base", "seed*"),  # base/, seedN/: folders of the runs
     "dataset": (),

@@ -39,6 +39,8 @@ class Task:
     prompts: Mapping[str, str] = {}
     #: chance baseline (a key of :meth:`chance_baselines`' per-level dicts) -> how reports name it
     chance_labels: Mapping[str, str] = {}
+    #: the per-sample field (of :meth:`score`) that says the answer is right: paired tests read it
+    correct_key: str = "correct"
     metrics: tuple[tuple[str, str], ...] = ()
     has_latent_block: bool = True
     benchmark_dir: str = ""
@@ -87,6 +89,12 @@ class Task:
     def helper_image(self, item: Any, answer: Any):
         """The helper image of a training answer (a ``PIL.Image``): what stage 1 encodes into the latent targets."""
         raise NotImplementedError(f"task {self.name!r} draws no helper image")
+
+    def oracle_image(self, item: BenchmarkItem, helper: str | None = None):
+        """The helper image of a test item (``PIL.Image``): what stage 1 would have encoded for it, the ``oracle``
+        latent intervention's source (``helper``: the variant, for tasks that offer several). ``None``: the task
+        cannot draw one."""
+        return None
 
     def chance_baselines(self, dataset_path: str, benchmark_dir: str, levels: list[int] | None = None,
                          items_file: str | None = None) -> dict:

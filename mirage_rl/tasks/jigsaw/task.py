@@ -37,6 +37,13 @@ class Jigsaw(ChoiceTask):
     def helper_image(self, item, answer, helper: str = "random_candidate"):
         return pieces.helper_image(item.photos_dir, item, helper)
 
+    def oracle_image(self, item, helper=None):
+        """The item's helper image (``random_candidate`` by default, the paper's; ``true_piece`` shows the answer);
+        none for BLINK's rows (their pieces are not known)."""
+        if isinstance(item, blink.BlinkItem):
+            return None
+        return pieces.helper_image(item.photos_dir, item, helper or "random_candidate")
+
     def build_rows(self, args, bad):
         return items.build_rows(args, bad)
 

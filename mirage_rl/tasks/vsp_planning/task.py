@@ -20,6 +20,7 @@ class VspPlanning(Task):
     prompts = prompts.PROMPTS
     metrics = (("accuracy", "official (VSP)"), ("accuracy_strict", "strict (Mirage)"), ("invalid_rate", "invalid"))
     chance_labels = {"random_plan": "random plan of the level", "best_blind_plan": "best blind plan (chosen on training maps)"}
+    correct_key = "success"
     has_latent_block = True
     benchmark_dir = BENCHMARK_DIR
 
@@ -43,6 +44,11 @@ class VspPlanning(Task):
         """The map (``item``: ``map_desc``) with the plan ``answer`` (moves) drawn as red arrows (Mirage, sec. 3.1)."""
         return maps.render_helper(item, answer)
 
+    def oracle_image(self, item, helper=None):
+        """The training helper image of a test map: its shortest plan drawn as red arrows. It *shows the answer*:
+        feeding it measures whether the model reads its latents, not a fair accuracy."""
+        return maps.render_helper(item.map_desc, maps.shortest_plan(item.map_desc))
+
     def chance_baselines(self, dataset_path, benchmark_dir, levels=None, items_file=None):
         return chance.blind_baselines(dataset_path, benchmark_dir, levels)
 
@@ -59,6 +65,7 @@ class VspDescribe(VspPlanning):
     metrics = (("table_exact", "exact table"), ("cell_accuracy", "cells right"), ("player_found", "player found"),
                ("goal_found", "goal found"))
     has_latent_block = False
+    correct_key = "table_exact"
 
     def parse_answer(self, completion):
         return describe.parse_table(completion)

@@ -33,6 +33,11 @@ class VspReasoning(ChoiceTask):
         (the paper's) or ``outcome`` (:func:`outcomes.helper_cell`)."""
         return outcomes.render_helper(item, answer, helper)
 
+    def oracle_image(self, item, helper=None):
+        """The item's helper image: the map with the player moved along its plan (``partial`` by default, the paper's;
+        ``outcome`` shows where the plan ends, i.e. the answer)."""
+        return outcomes.render_helper(item.map_desc, item.plan, helper or "partial")
+
     def build_rows(self, args, bad):
         return items.build_rows(args, bad)
 
