@@ -142,3 +142,13 @@ def test_missing_base_model_is_a_clear_error(stage1_adapter, tmp_path):
     (moved / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(FileNotFoundError, match="base_model_name_or_path"):
         load_model(moved)
+
+
+def test_latent_interventions_run_on_a_lora_adapter(stage1_adapter, vsp_dir, tmp_path):
+    """`eval --latent_intervention` on a LoRA adapter folder (merged at load, as plain eval)."""
+    stage1, _ = stage1_adapter
+    assert cli(["eval", "--model", str(stage1), "--benchmark_dir", str(vsp_dir / "maze_planning"), "--output_dir",
+                str(tmp_path / "iv"), "--limit", "2", "--max_new_tokens", "8", "--latent_intervention", "zero", "oracle",
+                "skip"]) == 0
+    report = json.loads((tmp_path / "iv" / "report.json").read_text())
+    assert list(report["interventions"]) == ["none", "zero", "oracle", "skip"] and report["n"] == 2
