@@ -55,6 +55,8 @@ class LatentCollator:
         stage: 1 adds ``helper_pixel_values``/``helper_image_grid_thw`` (one helper image per latent block).
         max_length: a longer row raises (no silent truncation of image tokens or the latent block).
         with_answer: False collates prompts only (for generation), with the generation prompt appended.
+        reference_images: stage 1 with ``latent_target: residual``: also ``reference_pixel_values`` /
+            ``reference_image_grid_thw``, the row's first input image once per helper image (what is subtracted).
 
     Returns (``__call__``) a dict of tensors: ``input_ids`` (B, L) long, ``attention_mask`` (B, L) long,
     ``mm_token_type_ids`` (B, L) int, ``pixel_values`` (P, D) float, ``image_grid_thw`` (N, 3) long,
@@ -68,6 +70,7 @@ class LatentCollator:
     stage: int = 2
     max_length: int | None = None
     with_answer: bool = True
+    reference_images: bool = False
 
     def __post_init__(self):
         self.latent_mode = parse_latent_mode(self.latent_mode).value
@@ -135,6 +138,15 @@ class LatentCollator:
                 if helpers:
                     h = self.processor.image_processor(images=[im.convert("RGB") for im in helpers], return_tensors="pt")
                     out["helper_pixel_values"], out["helper_image_grid_thw"] = h["pixel_values"], h["image_grid_thw"]
+                    if self.reference_images:
+                        r = self.processor.image_processor(images=[images[0].convert("RGB")] * len(helpers),
+                                                           return_tensors="pt")
+                        if not torch.equal(r["image_grid_thw"], h["image_grid_thw"]):
+                            raise ValueError(f"{row}: latent_target residual subtracts the input image from the "
+                                             f"helper image, but they differ in size after the processor "
+                                             f"({r['image_grid_thw'][0].tolist()} vs {h['image_grid_thw'][0].tolist()}); "
+                                             "draw the helper image at the input image's size")
+                        out["reference_pixel_values"], out["reference_image_grid_thw"] = r["pixel_values"], r["image_grid_thw"]
         return out
 
     def _prompt_len(self, ids: torch.Tensor) -> int:
@@ -185,9 +197,11 @@ class LatentCollator:
                 batch["labels"][i, sl] = r["labels"]
         batch["pixel_values"] = torch.cat([r["pixel_values"] for r in rows])
         batch["image_grid_thw"] = torch.cat([r["image_grid_thw"] for r in rows])
-        if any("helper_pixel_values" in r for r in rows):
-            batch["helper_pixel_values"] = torch.cat([r["helper_pixel_values"] for r in rows if "helper_pixel_values" in r])
-            batch["helper_image_grid_thw"] = torch.cat([r["helper_image_grid_thw"] for r in rows if "helper_image_grid_thw" in r])
+        for name in ("helper", "reference"):
+            if any(f"{name}_pixel_values" in r for r in rows):
+                batch[f"{name}_pixel_values"] = torch.cat([r[f"{name}_pixel_values"] for r in rows if f"{name}_pixel_values" in r])
+                batch[f"{name}_image_grid_thw"] = torch.cat([r[f"{name}_image_grid_thw"] for r in rows
+                                                             if f"{name}_image_grid_thw" in r])
         return batch
 
 

@@ -71,6 +71,8 @@ class EvalArguments:
     oracle_helper: str | None = field(default=None, metadata={
         "help": "The helper-image variant of the oracle intervention, for tasks with several (vsp_spatial_reasoning: "
                 "partial or outcome; jigsaw: random_candidate or true_piece): the one the checkpoint trained on."})
+    oracle_target: str = field(default="helper", metadata={
+        "help": "The oracle's stage-1 target kind, as the checkpoint trained (latent_target): helper or residual."})
     oracle_compress: str = field(default="average", metadata={
         "help": "How the oracle pools the helper image into k vectors: the checkpoint's stage-1 compress (average or grid)."})
     intervention_seed: int = field(default=0, metadata={"help": "Seed of noise, swap and the bootstrap."})
@@ -99,6 +101,8 @@ class EvalArguments:
             from .interventions import check_names
 
             self.latent_intervention = check_names(self.latent_intervention)
+            if self.oracle_target not in ("helper", "residual"):
+                raise ValueError(f"oracle_target must be helper or residual, got {self.oracle_target!r}")
             if not task.has_latent_block or self.latent_mode not in (None, "hidden"):
                 raise ValueError(f"latent_intervention needs the model's own latents (latent_mode hidden) on a task "
                                  f"with a latent block; got task {self.task!r}, latent_mode {self.latent_mode!r}")

@@ -35,19 +35,28 @@ from .interventions import LatentIntervention, derangement, geometry, paired
 logger = logging.getLogger(__name__)
 
 
-def oracle_targets(model, processor, task, items, helper: str | None, k: int, compress: str) -> list[torch.Tensor] | None:
+def oracle_targets(model, processor, task, items, helper: str | None, k: int, compress: str,
+                   target: str = "helper") -> list[torch.Tensor] | None:
     """Per item the stage-1 targets ``(k, H)`` float32 of its helper image (``Task.oracle_image``), made exactly as
-    stage 1 makes them (the processor's image processor, then ``latent.helper_targets``); ``None`` when the task
-    draws no helper image for an item."""
+    stage 1 makes them (the processor's image processor, then ``latent.helper_targets``; ``target: residual`` minus
+    the same of the item's first input image, as ``latent_target: residual`` trains); ``None`` when the task draws no
+    helper image for an item."""
+    dev = model.get_input_embeddings().weight.device
+
+    def pooled(img):
+        px = processor.image_processor(images=[img.convert("RGB")], return_tensors="pt")
+        return latent.helper_targets(model, px["pixel_values"].to(dev), px["image_grid_thw"].to(dev), k,
+                                     compress)[0].float().cpu()
+
     out = []
     for it in items:
         img = task.oracle_image(it, helper)
         if img is None:
             return None
-        px = processor.image_processor(images=[img.convert("RGB")], return_tensors="pt")
-        dev = model.get_input_embeddings().weight.device
-        out.append(latent.helper_targets(model, px["pixel_values"].to(dev), px["image_grid_thw"].to(dev), k,
-                                         compress)[0].float().cpu())
+        t = pooled(img)
+        if target == "residual":
+            t = t - pooled(task.item_images(it, where=str(it.prompt_id))[0])
+        out.append(t)
     return out
 
 
@@ -110,8 +119,10 @@ def evaluate_interventions(args, model, processor, task, tokens, items, out_dir:
 
     k = tokens.latent_size
     identity = {**run_identity(args, "hidden"), "limit": args.limit, "oracle_helper": args.oracle_helper,
-                "oracle_compress": args.oracle_compress, "intervention_seed": args.intervention_seed}
-    oracle = oracle_targets(model, processor, task, items, args.oracle_helper, k, args.oracle_compress)
+                "oracle_compress": args.oracle_compress, "oracle_target": args.oracle_target,
+                "intervention_seed": args.intervention_seed}
+    oracle = oracle_targets(model, processor, task, items, args.oracle_helper, k, args.oracle_compress,
+                            args.oracle_target)
     if "oracle" in args.latent_intervention and oracle is None:
         raise ValueError(f"latent_intervention oracle: task {task.name} draws no helper image for these items "
                          "(Task.oracle_image); leave oracle out")

@@ -144,3 +144,19 @@ def test_geometry_on_known_latents():
     flat = iv.geometry([o.clone() for o in oracle], const, 4)
     assert flat["oracle_collapse"] == pytest.approx(1.0) and flat["oracle_specific_share"] == pytest.approx(0.0, abs=1e-6)
     assert iv.geometry([torch.zeros(0, 16)] * 3, oracle[:3], 4) == {"items": 0}  # no latent block: nothing to measure
+
+
+def test_residual_oracle_is_the_helper_minus_the_input_map(latent_ckpt, vsp_dir):
+    from mirage_rl.intervention_eval import oracle_targets
+    from mirage_rl.tasks import get_task
+
+    model, processor = load_model(latent_ckpt), load_processor(latent_ckpt)
+    task = get_task("plan")
+    items = task.load_benchmark(str(vsp_dir / "maze_planning"), [3])[:2]
+    helper = oracle_targets(model, processor, task, items, None, 4, "average")
+    residual = oracle_targets(model, processor, task, items, None, 4, "average", target="residual")
+    inputs = [oracle_targets(model, processor, type("T", (), {"oracle_image": lambda self, it, h: task.item_images(it, "x")[0],
+                                                              "item_images": task.item_images})(), [it], None, 4,
+                             "average")[0] for it in items]
+    for h, r, i in zip(helper, residual, inputs):
+        assert torch.allclose(r, h - i, atol=1e-6) and r.norm() < h.norm()

@@ -83,3 +83,41 @@ def test_train_vision_tower_trains_it_in_stage2_and_is_refused_in_stage1(tiny, s
     _, unchanged, _ = _train(Stage2Trainer, model, processor, small_rows,
                              _config(tmp_path, stage=2, train_vision_tower=True))
     assert not unchanged and any(p.requires_grad for p in visual.parameters())
+
+
+def test_residual_targets_are_the_helper_minus_the_input_image(tiny_dir, small_rows, tmp_path):
+    """latent_target residual (ours, issue 21): the stage-1 targets are the pooled helper image minus the pooled input
+    image of the same row (average pooling is linear: the pooled feature difference); one training step runs."""
+    from mirage_rl import latent
+    from mirage_rl.collator import LatentCollator
+    from mirage_rl.modeling import LatentTokens, load_model, load_processor
+    from mirage_rl.trainers import MirageSFTConfig, Stage1Trainer
+
+    model, processor = load_model(tiny_dir), load_processor(tiny_dir)
+    lt = LatentTokens.from_config(model.config)
+    rows = [dict(small_rows[i]) for i in range(2)]
+    batch = LatentCollator(processor, lt, "hidden", stage=1, reference_images=True)(rows)
+    assert torch.equal(batch["reference_image_grid_thw"], batch["helper_image_grid_thw"])
+    helper = latent.helper_targets(model, batch["helper_pixel_values"], batch["helper_image_grid_thw"], 4)
+    ref = latent.helper_targets(model, batch["pixel_values"], batch["image_grid_thw"], 4)  # the rows' input maps
+    refs = latent.helper_targets(model, batch["reference_pixel_values"], batch["reference_image_grid_thw"], 4)
+    assert torch.equal(ref, refs)
+    seen = {}
+    args = MirageSFTConfig(output_dir=str(tmp_path / "o"), stage=1, latent_target="residual", max_steps=1,
+                           per_device_train_batch_size=2, use_cpu=True, bf16=False, report_to="none",
+                           save_strategy="no", logging_steps=1)
+    trainer = Stage1Trainer(model=model, args=args, train_dataset=small_rows.select(range(2)), processing_class=processor)
+    original = latent.latent_hidden_states
+
+    def spy(*a, **kw):
+        seen["inputs"] = kw.get("latent_inputs")
+        return original(*a, **kw)
+
+    latent.latent_hidden_states = spy
+    try:
+        trainer.train()
+    finally:
+        latent.latent_hidden_states = original
+    assert torch.allclose(seen["inputs"], (helper - ref).reshape(-1, helper.shape[-1]), atol=1e-5)
+    with pytest.raises(ValueError, match=r"latent_target must be one of \('helper', 'residual'\)"):
+        MirageSFTConfig(output_dir=str(tmp_path / "p"), stage=1, latent_target="diff", use_cpu=True, report_to="none")

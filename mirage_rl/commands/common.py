@@ -82,7 +82,7 @@ def load_model_and_processor(model_args: ModelConfig, trust_remote_code: bool = 
 
 
 #: the training settings recorded with a saved stage (``mirage_output.json`` ``run``) and compared by ``pipeline``
-RUN_KEYS = {"sft": ("stage", "latent_mode", "latent_size", "compress", "gamma", "max_steps", "num_train_epochs",
+RUN_KEYS = {"sft": ("stage", "latent_mode", "latent_size", "compress", "latent_target", "gamma", "max_steps", "num_train_epochs",
                     "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "seed"),
             "grpo": ("latent_mode", "latent_objective", "max_steps", "num_train_epochs", "learning_rate",
                      "per_device_train_batch_size", "gradient_accumulation_steps", "num_generations", "beta",
@@ -130,6 +130,8 @@ def run_settings(command: str, script_args, training_args, model_args) -> dict:
     out = {"command": command, "model": str(model_args.model_name_or_path),
            "model_weights": weights_identity(model_args.model_name_or_path), "dataset": dataset_identity(script_args),
            **{k: getattr(training_args, k, None) for k in RUN_KEYS[command]}}
+    if out.get("latent_target") == "helper":  # the default, recorded only when it differs (older saves lack the key)
+        out.pop("latent_target")
     if command == "grpo":
         out["reward_funcs"] = list(script_args.reward_funcs)
         out["reward_kwargs"] = script_args.reward_kwargs

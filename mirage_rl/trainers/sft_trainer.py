@@ -88,7 +88,8 @@ class LatentSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
                                  f"{getattr(model, 'name_or_path', '')}: set latent_size: {tokens.latent_size}")
         self.latent_tokens = tokens
         collator = kwargs.pop("data_collator", None) or LatentCollator(
-            processing_class, tokens, args.latent_mode, stage=self.stage, max_length=args.max_length)
+            processing_class, tokens, args.latent_mode, stage=self.stage, max_length=args.max_length,
+            reference_images=self.stage == 1 and args.latent_target == "residual")
         super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
                          data_collator=collator, **kwargs)
         # Trainer then counts the answer tokens of the whole global batch (every rank, every accumulation step) and
@@ -188,7 +189,8 @@ class Stage1Trainer(LatentSFTTrainer):
 
     def latent_forward(self, model, input_ids, attention_mask, labels, latent_mask, pixel_values=None,
                        image_grid_thw=None, mm_token_type_ids=None, helper_pixel_values=None,
-                       helper_image_grid_thw=None, **extra) -> LatentSFTOutput:
+                       helper_image_grid_thw=None, reference_pixel_values=None, reference_image_grid_thw=None,
+                       **extra) -> LatentSFTOutput:
         n_slots = latent_mask.sum()
         if not bool(latent_mask.any()):  # no row of this micro-batch has a latent block (latent_blocks: null): CE only
             hidden = latent.latent_hidden_states(model, input_ids, attention_mask, pixel_values, image_grid_thw,
@@ -201,6 +203,11 @@ class Stage1Trainer(LatentSFTTrainer):
                              "(does the dataset have a 'helper_image' column?)")
         k = self.latent_tokens.latent_size
         targets = latent.helper_targets(model, helper_pixel_values, helper_image_grid_thw, k, self.args.compress)
+        if self.args.latent_target == "residual":  # ours (issue 21): only what the drawing adds to the input image
+            if reference_pixel_values is None:
+                raise ValueError("latent_target residual needs reference_pixel_values (LatentCollator(reference_images=True))")
+            targets = targets - latent.helper_targets(model, reference_pixel_values, reference_image_grid_thw, k,
+                                                      self.args.compress)
         # stage 1 is the latent core with the helper targets as the slots' inputs (teacher forcing)
         hidden = latent.latent_hidden_states(model, input_ids, attention_mask, pixel_values, image_grid_thw,
                                              mm_token_type_ids, latent_mask, latent_inputs=targets.reshape(-1, targets.shape[-1]))
