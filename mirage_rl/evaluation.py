@@ -179,13 +179,8 @@ def _evaluate(args: EvalArguments, model=None, processor=None) -> dict:
     bar = tqdm(total=len(maps), initial=len(samples), desc=f"eval {Path(args.model).name} ({mode})", unit="map")
     for i in range(len(samples), len(maps), args.batch_size):
         chunk = maps[i : i + args.batch_size]
-        rows = []
-        for m in chunk:
-            images = task.item_images(m, where=f"{args.benchmark_dir} item {m.prompt_id}")
-            rows.append({"prompt": to_messages(task.item_prompt(m, args.prompt), len(images)), "map_id": m.prompt_id,
-                         "images": images})
-        batch = collator(rows)
-        out = generate(model, processor, batch, max_new_tokens=args.max_new_tokens, latent_mode=mode)
+        out = generate(model, processor, collator(prompt_rows(task, chunk, args)), max_new_tokens=args.max_new_tokens,
+                       latent_mode=mode)
         rows = []
         for m, text in zip(chunk, out.texts):
             row = {"prompt_id": m.prompt_id, "level": m.level, "completion": text, **task.score(m, text)}
@@ -202,6 +197,17 @@ def _evaluate(args: EvalArguments, model=None, processor=None) -> dict:
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
     journal.close()
     return report
+
+
+def prompt_rows(task, items, args: EvalArguments) -> list[dict]:
+    """The collator rows of evaluation items: each item's prompt (``Task.item_prompt``) with one ``<image>`` per image
+    of ``Task.item_images``, its images and its id."""
+    rows = []
+    for m in items:
+        images = task.item_images(m, where=f"{args.benchmark_dir} item {m.prompt_id}")
+        rows.append({"prompt": to_messages(task.item_prompt(m, args.prompt), len(images)), "map_id": m.prompt_id,
+                     "images": images})
+    return rows
 
 
 JOURNAL = "samples.partial.jsonl"

@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 from . import latent
 from .atomic import atomic_save_figure, atomic_write_text
 from .collator import LatentCollator
-from .data.messages import to_messages
 from .generation import generate
 from .interventions import LatentIntervention, derangement, geometry, paired
 
@@ -61,16 +60,14 @@ def oracle_targets(model, processor, task, items, helper: str | None, k: int, co
 
 
 def _run_pass(args, model, processor, task, tokens, items, name: str, fn) -> tuple[list[dict], list[torch.Tensor]]:
+    from .evaluation import prompt_rows
+
     collator = LatentCollator(processor, tokens, latent_mode="hidden", with_answer=False)
     samples, own = [], []
     for i in tqdm(range(0, len(items), args.batch_size), desc=f"eval {Path(args.model).name} [{name}]"):
         chunk = items[i : i + args.batch_size]
-        rows = []
-        for m in chunk:
-            images = task.item_images(m, where=f"{args.benchmark_dir} item {m.prompt_id}")
-            rows.append({"prompt": to_messages(task.item_prompt(m, args.prompt), len(images)), "map_id": m.prompt_id,
-                         "images": images})
-        out = generate(model, processor, collator(rows), max_new_tokens=args.max_new_tokens, latent_mode="hidden",
+        out = generate(model, processor, collator(prompt_rows(task, chunk, args)), max_new_tokens=args.max_new_tokens,
+                       latent_mode="hidden",
                        latent_fn=fn.for_items(range(i, i + len(chunk))) if fn is not None else None,
                        record_latents=name == "none", suppress_token_ids=[tokens.start] if name == "skip" else None)
         for m, text in zip(chunk, out.texts):
@@ -145,15 +142,15 @@ def evaluate_interventions(args, model, processor, task, tokens, items, out_dir:
         passes[name] = samples
     head = task.metrics[0][0]
     ref = [bool(s[task.correct_key]) for s in passes["none"]]
-    table = {}
+    table, reports = {}, {}
     for name, samples in passes.items():
-        rep = summarize(samples, benchmark=str(args.benchmark_dir), task=args.task)
+        rep = reports[name] = summarize(samples, benchmark=str(args.benchmark_dir), task=args.task)
         entry = {"n": rep["n"], head: rep[head], "by_level": {lv: st[head] for lv, st in rep["by_level"].items()}}
         if name != "none":
             entry["paired"] = paired(ref, [bool(s[task.correct_key]) for s in samples], args.intervention_seed)
         table[name] = entry
     partner = derangement(levels, args.intervention_seed)
-    report = summarize(passes["none"], benchmark=str(args.benchmark_dir), task=args.task)
+    report = reports["none"]
     report.update({"model": str(args.model), "latent_mode": "hidden", "max_new_tokens": args.max_new_tokens,
                    "resumed_at": 0, "interventions": table,
                    "swap_fixed_points": sum(p == i for i, p in enumerate(partner)),

@@ -13,23 +13,30 @@ from mirage_rl.cli import main
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "vsp_spatial_planning"
 
 
+def short_copy(src: Path, out: Path, tiny_dir, data, steps: dict, grpo: dict, evaluation: dict) -> dict:
+    """Write ``src``'s tiny recipes into ``out`` with ``steps`` max_steps per stage, the test data, stage 1 from the
+    tiny model, ``grpo`` and ``evaluation`` overrides; returns the shipped eval recipe (before the overrides)."""
+    out.mkdir()
+    for stage, n in steps.items():
+        cfg = yaml.safe_load((src / f"{stage}_tiny.yaml").read_text())
+        cfg.update(max_steps=n, save_strategy="no", dataset_path=str(data), logging_steps=1)
+        if stage == "stage1":
+            cfg["model_name_or_path"] = str(tiny_dir)
+        if stage == "grpo":
+            cfg.update(grpo)
+        (out / f"{stage}_tiny.yaml").write_text(yaml.safe_dump(cfg))
+    shipped = yaml.safe_load((src / "eval_tiny.yaml").read_text())
+    (out / "eval_tiny.yaml").write_text(yaml.safe_dump({**shipped, **evaluation}))
+    return shipped
+
+
 @pytest.fixture()
 def short_recipes(tmp_path, tiny_dir, small_dataset_dir, vsp_dir):
     """The shipped tiny recipes with a few steps each and test paths."""
     out = tmp_path / "recipes"
-    out.mkdir()
-    steps = {"stage1": 3, "stage2": 3, "grpo": 2}
-    for stage, n in steps.items():
-        cfg = yaml.safe_load((RECIPES / f"{stage}_tiny.yaml").read_text())
-        cfg.update(max_steps=n, save_strategy="no", dataset_path=str(small_dataset_dir), logging_steps=1)
-        if stage == "stage1":
-            cfg["model_name_or_path"] = str(tiny_dir)
-        if stage == "grpo":
-            cfg.update(per_device_train_batch_size=8, num_generations=4, max_completion_length=16)
-        (out / f"{stage}_tiny.yaml").write_text(yaml.safe_dump(cfg))
-    ev = yaml.safe_load((RECIPES / "eval_tiny.yaml").read_text())
-    ev.update(benchmark_dir=str(vsp_dir / "maze_planning"), limit=6, max_new_tokens=16)
-    (out / "eval_tiny.yaml").write_text(yaml.safe_dump(ev))
+    short_copy(RECIPES, out, tiny_dir, small_dataset_dir, {"stage1": 3, "stage2": 3, "grpo": 2},
+               dict(per_device_train_batch_size=8, num_generations=4, max_completion_length=16),
+               dict(benchmark_dir=str(vsp_dir / "maze_planning"), limit=6, max_new_tokens=16))
     return out
 
 
@@ -112,21 +119,12 @@ def test_the_tiny_pipeline_of_each_benchmark_task_runs_end_to_end(task, tmp_path
     build_dataset(BuildDataArguments(source="task", task=task, num_generated=12, prompt="short", max_side=160,
                                      test_dir=str(vsp_dir / "maze_planning"), photos_dir=str(photos),
                                      generated_sizes=[3, 4], output_dir=str(data)))
-    src = RECIPES.parent / task
     out = tmp_path / "recipes"
-    out.mkdir()
-    for stage, n in {"stage1": 2, "stage2": 2, "grpo": 1}.items():
-        cfg = yaml.safe_load((src / f"{stage}_tiny.yaml").read_text())
-        cfg.update(max_steps=n, save_strategy="no", dataset_path=str(data), logging_steps=1)
-        if stage == "stage1":
-            cfg["model_name_or_path"] = str(tiny_dir)
-        if stage == "grpo":
-            cfg.update(per_device_train_batch_size=4, num_generations=2, max_completion_length=10)
-        (out / f"{stage}_tiny.yaml").write_text(yaml.safe_dump(cfg))
-    ev = yaml.safe_load((src / "eval_tiny.yaml").read_text())
+    ev = short_copy(RECIPES.parent / task, out, tiny_dir, data, {"stage1": 2, "stage2": 2, "grpo": 1},
+                    dict(per_device_train_batch_size=4, num_generations=2, max_completion_length=10),
+                    dict(benchmark_dir=str(photos if task == "jigsaw" else vsp_dir / "maze_planning"), limit=4,
+                         max_new_tokens=8))
     assert ev["task"] == task and ev["items_file"].startswith("data/")
-    ev.update(benchmark_dir=str(photos if task == "jigsaw" else vsp_dir / "maze_planning"), limit=4, max_new_tokens=8)
-    (out / "eval_tiny.yaml").write_text(yaml.safe_dump(ev))
     root = tmp_path / "run"
     assert main(["pipeline", "--recipe_dir", str(out), "--variant", "tiny", "--output_root", str(root)]) == 0
     summary = json.loads((root / "pipeline_summary.json").read_text())

@@ -42,7 +42,7 @@ class Jigsaw(ChoiceTask):
         none for BLINK's rows (their pieces are not known)."""
         if isinstance(item, blink.BlinkItem):
             return None
-        return pieces.helper_image(item.photos_dir, item, helper or "random_candidate")
+        return self.helper_image(item, item.answer, helper or "random_candidate")
 
     def build_rows(self, args, bad):
         return items.build_rows(args, bad)

@@ -55,14 +55,15 @@ def validate_map(map_desc, where: str = "map_desc") -> list[list[int]]:
     return map_desc
 
 
-def shortest_plan(map_desc: list[list[int]]) -> list[str] | None:
-    """Shortest plan (list of ``L/R/U/D``) from the player to the goal that never enters a hole.
+def shortest_plan(map_desc: list[list[int]], start: tuple[int, int] | None = None) -> list[str] | None:
+    """Shortest plan (list of ``L/R/U/D``) from ``start`` (default: the player's cell) to the goal that never enters
+    a hole.
 
     Breadth-first search; ties are broken in the order L, R, U, D. Returns ``None`` if the goal is
     unreachable.
     """
     n = len(map_desc)
-    start, goal = find_cell(map_desc, PLAYER), find_cell(map_desc, GOAL)
+    start, goal = start or find_cell(map_desc, PLAYER), find_cell(map_desc, GOAL)
     prev: dict[tuple[int, int], tuple[tuple[int, int], str] | None] = {start: None}
     queue = deque([start])
     while queue:

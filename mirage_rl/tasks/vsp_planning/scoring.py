@@ -69,16 +69,19 @@ def find_cell(map_desc: list[list[int]], value: int) -> tuple[int, int]:
     raise ValueError(f"map_desc has no cell with value {value}: {map_desc}")
 
 
+def step(map_desc: list[list[int]], cell: tuple[int, int], move: str) -> tuple[int, int]:
+    """FrozenLake physics of one move: the adjacent cell, or ``cell`` itself when the move leaves the map."""
+    dr, dc = MOVES[move]
+    r, c = cell[0] + dr, cell[1] + dc
+    return (r, c) if 0 <= r < len(map_desc) and 0 <= c < len(map_desc[0]) else cell
+
+
 def _cells(map_desc: list[list[int]], moves: list[str]):
-    """The value of the cell the player stands on after each move (FrozenLake physics: a move off the edge leaves
-    the player in place): the one walk both rules replay."""
-    n_rows, n_cols = len(map_desc), len(map_desc[0])
-    r, c = find_cell(map_desc, PLAYER)
+    """The value of the cell the player stands on after each move (:func:`step`): the one walk both rules replay."""
+    cell = find_cell(map_desc, PLAYER)
     for move in moves:
-        dr, dc = MOVES[move]
-        if 0 <= r + dr < n_rows and 0 <= c + dc < n_cols:
-            r, c = r + dr, c + dc
-        yield map_desc[r][c]
+        cell = step(map_desc, cell, move)
+        yield map_desc[cell[0]][cell[1]]
 
 
 def replay(map_desc: list[list[int]], plan: list[str]) -> tuple[bool, bool]:

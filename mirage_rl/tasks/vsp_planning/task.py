@@ -47,7 +47,7 @@ class VspPlanning(Task):
     def oracle_image(self, item, helper=None):
         """The training helper image of a test map: its shortest plan drawn as red arrows. It *shows the answer*:
         feeding it measures whether the model reads its latents, not a fair accuracy."""
-        return maps.render_helper(item.map_desc, maps.shortest_plan(item.map_desc))
+        return self.helper_image(item.map_desc, maps.shortest_plan(item.map_desc))
 
     def chance_baselines(self, dataset_path, benchmark_dir, levels=None, items_file=None):
         return chance.blind_baselines(dataset_path, benchmark_dir, levels)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import math
 import random
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-from ..vsp_planning.maps import _blit, _sprite, render_cells, render_map
-from ..vsp_planning.scoring import GOAL, HOLE, MOVES, PLAYER, find_cell
+from ..vsp_planning.maps import _blit, _sprite, render_cells, render_map, shortest_plan
+from ..vsp_planning.scoring import GOAL, HOLE, PLAYER, find_cell, step
 
 #: the three outcomes, in Mirage's wording (the prompt lists them the same way)
 OUTCOMES = {"A": "Action Success.", "B": "Action Failed. Falling into a hole.",
@@ -41,14 +40,11 @@ class Walk:
 
 
 def walk(map_desc: list[list[int]], plan: list[str]) -> Walk:
-    """Play ``plan`` (``L``/``R``/``U``/``D`` letters) on ``map_desc`` by the rule of the module docstring."""
-    n = len(map_desc)
-    r, c = find_cell(map_desc, PLAYER)
-    cells = [(r, c)]
+    """Play ``plan`` (``L``/``R``/``U``/``D`` letters) on ``map_desc`` by the rule of the module docstring (one move:
+    :func:`mirage_rl.tasks.vsp_planning.scoring.step`)."""
+    cells = [find_cell(map_desc, PLAYER)]
     for move in plan:
-        dr, dc = MOVES[move]
-        if 0 <= r + dr < n and 0 <= c + dc < n:
-            r, c = r + dr, c + dc
+        r, c = step(map_desc, cells[-1], move)
         cells.append((r, c))
         if map_desc[r][c] == HOLE:
             return Walk("B", cells)
@@ -57,44 +53,22 @@ def walk(map_desc: list[list[int]], plan: list[str]) -> Walk:
     return Walk("C", cells)
 
 
-def _step(n: int, cell: tuple[int, int], move: str) -> tuple[int, int]:
-    dr, dc = MOVES[move]
-    r, c = cell[0] + dr, cell[1] + dc
-    return (r, c) if 0 <= r < n and 0 <= c < n else cell
+def _cell_value(map_desc, cell: tuple[int, int], move: str) -> int:
+    r, c = step(map_desc, cell, move)
+    return map_desc[r][c]
 
 
 def _safe_walk(map_desc, start, length: int, rng: random.Random) -> tuple[list[str], tuple[int, int]] | None:
     """``length`` random moves that never enter a hole or the goal (edge moves allowed), or None when stuck."""
-    n, cell, moves = len(map_desc), start, []
+    cell, moves = start, []
     for _ in range(length):
-        options = [m for m in "LRUD" if map_desc[_step(n, cell, m)[0]][_step(n, cell, m)[1]] not in (HOLE, GOAL)]
+        options = [m for m in "LRUD" if _cell_value(map_desc, cell, m) not in (HOLE, GOAL)]
         if not options:
             return None
         m = rng.choice(options)
         moves.append(m)
-        cell = _step(n, cell, m)
+        cell = step(map_desc, cell, m)
     return moves, cell
-
-
-def _path(map_desc, start, goal) -> list[str] | None:
-    """Shortest hole-free moves from ``start`` to ``goal`` (BFS, ties in L, R, U, D order)."""
-    n = len(map_desc)
-    prev = {start: None}
-    queue = deque([start])
-    while queue:
-        cell = queue.popleft()
-        if cell == goal:
-            out = []
-            while prev[cell] is not None:
-                cell, m = prev[cell]
-                out.append(m)
-            return out[::-1]
-        for m in "LRUD":
-            nxt = _step(n, cell, m)
-            if nxt not in prev and map_desc[nxt[0]][nxt[1]] != HOLE:
-                prev[nxt] = (cell, m)
-                queue.append(nxt)
-    return None
 
 
 def draw_plan(map_desc: list[list[int]], outcome: str, rng: random.Random, tries: int = 200) -> list[str] | None:
@@ -106,7 +80,7 @@ def draw_plan(map_desc: list[list[int]], outcome: str, rng: random.Random, tries
     C: a random safe walk that ends off the goal. Every plan is checked with :func:`walk`.
     """
     n = len(map_desc)
-    start, goal = find_cell(map_desc, PLAYER), find_cell(map_desc, GOAL)
+    start = find_cell(map_desc, PLAYER)
     for _ in range(tries):
         length = rng.randint(1, 2 * n)
         if outcome == "C":
@@ -118,9 +92,9 @@ def draw_plan(map_desc: list[list[int]], outcome: str, rng: random.Random, tries
                 continue
             prefix, cell = got
             if outcome == "A":
-                tail = _path(map_desc, cell, goal)
+                tail = shortest_plan(map_desc, cell)
             else:
-                holes = [m for m in "LRUD" if map_desc[_step(n, cell, m)[0]][_step(n, cell, m)[1]] == HOLE]
+                holes = [m for m in "LRUD" if _cell_value(map_desc, cell, m) == HOLE]
                 tail = [rng.choice(holes)] if holes else None
             if tail is None or len(prefix) + len(tail) > 2 * n:
                 continue

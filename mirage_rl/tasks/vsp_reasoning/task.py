@@ -36,7 +36,7 @@ class VspReasoning(ChoiceTask):
     def oracle_image(self, item, helper=None):
         """The item's helper image: the map with the player moved along its plan (``partial`` by default, the paper's;
         ``outcome`` shows where the plan ends, i.e. the answer)."""
-        return outcomes.render_helper(item.map_desc, item.plan, helper or "partial")
+        return self.helper_image(item.map_desc, item.plan, helper or "partial")
 
     def build_rows(self, args, bad):
         return items.build_rows(args, bad)
