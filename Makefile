@@ -40,10 +40,12 @@ baselines: install
 	$(CLI) sft --config $(RECIPES)/dummy_latent_demo.yaml
 	$(CLI) eval --config $(RECIPES)/eval_demo.yaml --model $(DEMO_OUT)/dummy_latent --output_dir $(DEMO_OUT)/eval_dummy_latent
 
-# The small from-scratch comparison of docs/RESULTS.md (CPU, 2 cores): data, base model, 5 arms x 3 seeds, the 400
-# test maps; rewrites the tables of docs/RESULTS.md and docs/figures/results_small.png. Resumes where it stopped.
+# The small from-scratch comparison of docs/RESULTS.md (CPU, 2 cores): VSP spatial planning (11 arms) and VSP spatial
+# reasoning (8 arms), 3 seeds each, one shared base; the latent arms evaluated with every latent intervention; rewrites
+# both generated blocks of docs/RESULTS.md and docs/figures/results_*.png. Resumes where it stopped.
 results: install
-	$(CLI) results --config $(RECIPES)/results_small.yaml
+	$(CLI) results --config recipes/vsp_spatial_planning/results_small.yaml
+	$(CLI) results --config recipes/vsp_spatial_reasoning/results_small.yaml
 
 test: install
 	$(BIN)/python -m pytest -q

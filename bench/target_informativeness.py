@@ -10,7 +10,8 @@ For every VSP test map of ``--levels`` the helper image is pooled into the stage
   arrows) pooled by ``compress: average`` / ``grid`` into k vectors;
 * ``residual_average_k4``, ``residual_grid_k16``: the same minus the input map's pooled features (only what the
   drawing adds remains; average pooling is linear, so this is the pooled feature difference);
-* ``filled_grid_k16``: the path's cells filled red instead of arrows (a drawing that survives the resize).
+* ``filled_average_k4``, ``filled_grid_k16``: the path's cells filled red instead of arrows (``render_helper(...,
+  "filled")``, the ``helper: filled`` of build-data: a drawing that survives the resize).
 
 Per variant (JSON, one object): ``pairwise_cos`` (mean cosine between different maps' targets, flattened over the k
 slots: 1.0 = every map the same target), ``specific_share`` (sum ||t_i - mean t||^2 / sum ||t_i||^2: the share of
@@ -24,26 +25,9 @@ import argparse
 import json
 
 import torch
-from PIL import ImageDraw
-
 from mirage_rl import latent
 from mirage_rl.modeling import load_model, load_processor
-from mirage_rl.tasks.vsp_planning.maps import CELL_PX, load_benchmark, render_helper, render_map, shortest_plan
-from mirage_rl.tasks.vsp_planning.scoring import MOVES, PLAYER, find_cell
-
-
-def filled(map_desc, plan):
-    """The map with every cell of the plan's path (the start excluded) filled red (alpha 0.6)."""
-    img = render_map(map_desc).convert("RGBA")
-    over = ImageDraw.Draw(layer := img.copy())
-    n, (r, c) = len(map_desc), find_cell(map_desc, PLAYER)
-    for move in plan:
-        dr, dc = MOVES[move]
-        r, c = min(max(r + dr, 0), n - 1), min(max(c + dc, 0), n - 1)
-        over.rectangle([c * CELL_PX + 4, r * CELL_PX + 4, (c + 1) * CELL_PX - 5, (r + 1) * CELL_PX - 5], fill=(255, 0, 0, 255))
-    from PIL import Image
-
-    return Image.blend(img, layer, 0.6).convert("RGB")
+from mirage_rl.tasks.vsp_planning.maps import load_benchmark, render_helper, render_map, shortest_plan
 
 
 def targets(model, processor, images, k, compress):
@@ -75,13 +59,13 @@ def main(argv=None) -> dict:
     plans = [tuple(shortest_plan(m.map_desc)) for m in maps]
     helpers = [render_helper(m.map_desc, list(p)) for m, p in zip(maps, plans)]
     inputs = [render_map(m.map_desc) for m in maps]
-    fills = [filled(m.map_desc, list(p)) for m, p in zip(maps, plans)]
+    fills = [render_helper(m.map_desc, list(p), "filled") for m, p in zip(maps, plans)]
     out = {"model": a.model, "levels": a.levels, "maps": len(maps), "variants": {}}
     with torch.no_grad():
         for name, imgs, k, compress, residual in [
             ("average_k4", helpers, 4, "average", False), ("grid_k4", helpers, 4, "grid", False),
             ("grid_k16", helpers, 16, "grid", False), ("residual_average_k4", helpers, 4, "average", True),
-            ("residual_grid_k16", helpers, 16, "grid", True), ("filled_grid_k16", fills, 16, "grid", False)]:
+            ("residual_grid_k16", helpers, 16, "grid", True), ("filled_average_k4", fills, 4, "average", False), ("filled_grid_k16", fills, 16, "grid", False)]:
             t = torch.cat([targets(model, processor, imgs[i:i + 50], k, compress) for i in range(0, len(imgs), 50)])
             if residual:
                 t = t - torch.cat([targets(model, processor, inputs[i:i + 50], k, compress)

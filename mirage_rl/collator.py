@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .data.images import check_pixel_budget, pixel_budget
-from .data.messages import LATENT_MARKER, row_images
+from .data.messages import LATENT_MARKER, row_images, with_helper_input
 from .latent import LatentMode, parse_latent_mode
 from .modeling import LatentTokens
 
@@ -57,6 +57,9 @@ class LatentCollator:
         with_answer: False collates prompts only (for generation), with the generation prompt appended.
         reference_images: stage 1 with ``latent_target: residual``: also ``reference_pixel_values`` /
             ``reference_image_grid_thw``, the row's first input image once per helper image (what is subtracted).
+        helper_as_input: the row's ``helper_image`` becomes a second input image, right after the first (its
+            ``<image>`` part is added to the prompt: ``data.messages.with_helper_input``): the input upper bound,
+            Direct SFT and its evaluation with the helper image seen, not imagined (``latent_mode="none"`` only).
 
     Returns (``__call__``) a dict of tensors: ``input_ids`` (B, L) long, ``attention_mask`` (B, L) long,
     ``mm_token_type_ids`` (B, L) int, ``pixel_values`` (P, D) float, ``image_grid_thw`` (N, 3) long,
@@ -71,9 +74,13 @@ class LatentCollator:
     max_length: int | None = None
     with_answer: bool = True
     reference_images: bool = False
+    helper_as_input: bool = False
 
     def __post_init__(self):
         self.latent_mode = parse_latent_mode(self.latent_mode).value
+        if self.helper_as_input and (self.latent_mode != "none" or self.stage == 1):
+            raise ValueError("helper_as_input gives the helper image as an input (the input upper bound): it needs "
+                             "latent_mode 'none' and stage 2")
         if self.stage == 1 and self.latent_mode == "none":
             raise ValueError("stage 1 needs latent tokens: use latent_mode 'hidden'")
         tok = self.processor.tokenizer
@@ -97,7 +104,13 @@ class LatentCollator:
             images = row_images(example)
         except KeyError:
             raise ValueError(f"{row}: missing 'image' (or 'images', a list): the row's input image(s)") from None
-        prompt = self.processor.apply_chat_template(example["prompt"], add_generation_prompt=True, tokenize=False)
+        messages = example["prompt"]
+        if self.helper_as_input:
+            if example.get("helper_image") is None:
+                raise ValueError(f"{row}: helper_as_input needs the row's 'helper_image' (a PIL image)")
+            images = images[:1] + [example["helper_image"]] + images[1:]
+            messages = with_helper_input(messages)
+        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         text = prompt
         if self.with_answer:
             answer = answer_text(example["answer"], self.latent_tokens, self.latent_mode)

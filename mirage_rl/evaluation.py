@@ -75,6 +75,9 @@ class EvalArguments:
         "help": "The oracle's stage-1 target kind, as the checkpoint trained (latent_target): helper or residual."})
     oracle_compress: str = field(default="average", metadata={
         "help": "How the oracle pools the helper image into k vectors: the checkpoint's stage-1 compress (average or grid)."})
+    helper_as_input: bool = field(default=False, metadata={
+        "help": "Give each item's helper image (Task.oracle_image, variant oracle_helper) as a second input image: "
+                "the evaluation of a model trained with helper_as_input (the input upper bound; latent_mode none)."})
     intervention_seed: int = field(default=0, metadata={"help": "Seed of noise, swap and the bootstrap."})
     resume: bool = field(default=True, metadata={
         "help": "Continue a killed run from its per-sample journal (samples.partial.jsonl) when its settings match."})
@@ -97,6 +100,9 @@ class EvalArguments:
             raise ValueError(f"limit must be >= 1 (the first N maps) or unset (all maps), got {self.limit}")
         if self.levels is not None and (not self.levels or any(lv < 1 for lv in self.levels)):
             raise ValueError(f"levels must be map levels >= 1 (3..8 in VSP), got {self.levels}")
+        if self.helper_as_input and (self.latent_intervention or self.latent_mode not in (None, "none")):
+            raise ValueError("helper_as_input evaluates the input upper bound (no latent block): leave latent_mode "
+                             "unset or none and latent_intervention unset")
         if self.latent_intervention is not None:
             from .interventions import check_names
 
@@ -165,7 +171,10 @@ def _evaluate(args: EvalArguments, model=None, processor=None) -> dict:
     maps = task.load_benchmark(args.benchmark_dir, args.levels, args.items_file)
     if args.limit is not None:
         maps = maps[: args.limit]
-    collator = LatentCollator(processor, tokens, latent_mode=mode, with_answer=False)
+    if args.helper_as_input and mode != "none":
+        raise ValueError(f"{args.model}: helper_as_input needs a model without latent decoding; the checkpoint "
+                         f"resolves to latent_mode {mode!r}: pass --latent_mode none")
+    collator = LatentCollator(processor, tokens, latent_mode=mode, with_answer=False, helper_as_input=args.helper_as_input)
     out_dir = Path(args.output_dir)
     if args.latent_intervention:
         if mode != "hidden":
@@ -190,6 +199,8 @@ def _evaluate(args: EvalArguments, model=None, processor=None) -> dict:
         bar.update(len(chunk))
     bar.close()
     report = summarize(samples, benchmark=str(args.benchmark_dir), task=args.task)
+    if args.helper_as_input:
+        report["helper_as_input"] = args.oracle_helper or "default"
     report.update({"model": str(args.model), "latent_mode": mode, "max_new_tokens": args.max_new_tokens,
                    "resumed_at": journal.resumed_at})
     atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
@@ -205,8 +216,13 @@ def prompt_rows(task, items, args: EvalArguments) -> list[dict]:
     rows = []
     for m in items:
         images = task.item_images(m, where=f"{args.benchmark_dir} item {m.prompt_id}")
-        rows.append({"prompt": to_messages(task.item_prompt(m, args.prompt), len(images)), "map_id": m.prompt_id,
-                     "images": images})
+        row = {"prompt": to_messages(task.item_prompt(m, args.prompt), len(images)), "map_id": m.prompt_id,
+               "images": images}
+        if getattr(args, "helper_as_input", False):
+            row["helper_image"] = task.oracle_image(m, args.oracle_helper)
+            if row["helper_image"] is None:
+                raise ValueError(f"helper_as_input: task {task.name} draws no helper image for item {m.prompt_id}")
+        rows.append(row)
     return rows
 
 
@@ -221,7 +237,8 @@ def run_identity(args: EvalArguments, mode: str) -> dict:
     return {"model": str(args.model), "weights": [list(w) for w in weights], "benchmark_dir": str(args.benchmark_dir),
             "latent_mode": mode, "levels": args.levels, "batch_size": args.batch_size,
             "max_new_tokens": args.max_new_tokens, "prompt": args.prompt, "task": args.task,
-            **({"items_file": args.items_file} if args.items_file else {})}
+            **({"items_file": args.items_file} if args.items_file else {}),
+            **({"helper_as_input": True, "oracle_helper": args.oracle_helper} if args.helper_as_input else {})}
 
 
 class Journal:

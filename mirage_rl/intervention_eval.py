@@ -11,7 +11,9 @@ reuses every finished pass (a killed run resumes at the pass it was in). ``repor
   (discordant counts); ``swap_fixed_points`` (items alone in their level, swapped with themselves);
 * ``latent_geometry`` (when the task can draw the items' helper images): ``cos_to_oracle`` per slot,
   ``retrieval_top1`` beside ``retrieval_chance``, ``collapse`` (mean pairwise cosine of different items' latents)
-  beside ``oracle_collapse`` (the same for their stage-1 targets: how map-specific the targets are), ``items``.
+  beside ``oracle_collapse`` (the same for their stage-1 targets: how map-specific the targets are),
+  ``oracle_specific_share``, ``nn_same_answer`` / ``oracle_nn_same_answer`` beside ``same_answer_chance`` (does an
+  item's nearest neighbour by latents / by targets share its answer, ``Task.item_answer``), ``items``.
 
 ``interventions.png``: the headline metric per intervention with its bootstrap interval.
 """
@@ -154,7 +156,8 @@ def evaluate_interventions(args, model, processor, task, tokens, items, out_dir:
     report.update({"model": str(args.model), "latent_mode": "hidden", "max_new_tokens": args.max_new_tokens,
                    "resumed_at": 0, "interventions": table,
                    "swap_fixed_points": sum(p == i for i, p in enumerate(partner)),
-                   "latent_geometry": geometry(own, oracle, k) if oracle is not None else None})
+                   "latent_geometry": geometry(own, oracle, k, [task.item_answer(it) for it in items])
+                   if oracle is not None else None})
     atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in passes["none"]))
     plot_by_level(report, out_dir / "accuracy_by_level.png", f"{Path(args.model).name} (hidden) on "
                                                                 f"{Path(args.benchmark_dir).name}")

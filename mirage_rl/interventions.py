@@ -143,12 +143,18 @@ def paired(reference: list[bool], other: list[bool], seed: int = 0) -> dict:
             "b": b, "c": c}
 
 
-def geometry(own: list[torch.Tensor], oracle: list[torch.Tensor], k: int) -> dict:
+def geometry(own: list[torch.Tensor], oracle: list[torch.Tensor], k: int, answers: list | None = None) -> dict:
     """How the ``none`` latents relate to the oracles (items with at least one block; the first block):
     ``cos_to_oracle`` per slot (mean cosine of a latent to its own item's target), ``retrieval_top1`` (share of items
     whose latents, flattened over the k slots, are nearer by cosine to their own oracle than to every other item's)
     with ``retrieval_chance`` = 1 / items, ``collapse`` (mean pairwise cosine between different items' latents) beside
-    ``oracle_collapse`` (the same among their oracles: the targets' own informativeness), ``items``."""
+    ``oracle_collapse`` (the same among their oracles: the targets' own informativeness), ``oracle_specific_share``
+    (sum ||t_i - mean t||^2 / sum ||t_i||^2: the share of the targets' energy that is item-specific), ``items``.
+
+    With ``answers`` (one hashable per item, e.g. the shortest plan): ``nn_same_answer`` / ``oracle_nn_same_answer``,
+    the share of items whose nearest other item (by cosine of the latents / of the targets) has the same answer, beside
+    ``same_answer_chance`` (the mean share of other items with the same answer): whether the latents, and the targets
+    themselves, encode the answer (retrieval among targets, issue 21 section 3)."""
     idx = [i for i, o in enumerate(own) if len(o) >= k]
     if len(idx) < 2:
         return {"items": len(idx)}
@@ -161,7 +167,18 @@ def geometry(own: list[torch.Tensor], oracle: list[torch.Tensor], k: int) -> dic
     top1 = (sim.argmax(1) == torch.arange(len(idx))).float().mean()
     off = ~torch.eye(len(idx), dtype=torch.bool)
     centred = tgt - tgt.mean(0, keepdim=True)
-    return {"items": len(idx), "cos_to_oracle": [round(float(x), 4) for x in cos_slot],
-            "retrieval_top1": float(top1), "retrieval_chance": 1 / len(idx),
-            "collapse": float((a @ a.T)[off].mean()), "oracle_collapse": float((o @ o.T)[off].mean()),
-            "oracle_specific_share": float(centred.pow(2).sum() / tgt.pow(2).sum())}
+    out = {"items": len(idx), "cos_to_oracle": [round(float(x), 4) for x in cos_slot],
+           "retrieval_top1": float(top1), "retrieval_chance": 1 / len(idx),
+           "collapse": float((a @ a.T)[off].mean()), "oracle_collapse": float((o @ o.T)[off].mean()),
+           "oracle_specific_share": float(centred.pow(2).sum() / tgt.pow(2).sum())}
+    if answers is not None:
+        ans = [answers[i] for i in idx]
+        same = torch.tensor([[x == y for y in ans] for x in ans]) & off
+
+        def nn_same(flat):
+            nn = (flat @ flat.T).masked_fill(~off, -2.0).argmax(1)
+            return float(same[torch.arange(len(idx)), nn].float().mean())
+
+        out.update({"nn_same_answer": nn_same(a), "oracle_nn_same_answer": nn_same(o),
+                    "same_answer_chance": float(same.float().sum(1).mean() / (len(idx) - 1))})
+    return out

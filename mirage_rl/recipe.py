@@ -44,7 +44,8 @@ def _unique_key_loader():
 #: The runs a recipe folder may hold a recipe for; a recipe is named ``<stage>_<variant>.yaml`` (``stage1_tiny.yaml``,
 #: ``grpo_qwen2.5_vl_7b.yaml``, ``results_small.yaml``): the run first, then the model or experiment variant.
 RECIPE_STAGES = ("stage1", "stage2", "grpo", "eval", "direct_sft", "direct_sft_grpo", "dummy_latent", "model",
-                 "pretrain", "base", "results")
+                 "pretrain", "base", "results", "direct_sft_matched", "grpo_strict", "direct_sft_grpo_strict",
+                 "input_upper_bound", "stage1_residual", "stage2_residual", "stage1_alt_helper", "stage2_alt_helper")
 
 
 def recipe_path(recipe_dir: str | Path, stage: str, variant: str) -> Path:

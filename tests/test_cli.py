@@ -83,7 +83,7 @@ def test_recipes_parse(tmp_path):
             (a,) = TrlParser((kind,)).parse_args_and_config(["--config", str(r)])
             assert {"model": lambda: a.output_dir, "results": lambda: a.seeds, "base": lambda: a.pretrain_config}[stem]()
             continue
-        grpo = stem.startswith("grpo") or stem.endswith("_grpo")
+        grpo = "grpo" in stem.split("_")
         types = ((GRPOScriptArguments, MirageGRPOConfig, ModelConfig) if grpo
                  else (SFTScriptArguments, MirageSFTConfig, ModelConfig))
         s, t, m = TrlParser(types).parse_args_and_config(

@@ -144,6 +144,11 @@ def test_geometry_on_known_latents():
     flat = iv.geometry([o.clone() for o in oracle], const, 4)
     assert flat["oracle_collapse"] == pytest.approx(1.0) and flat["oracle_specific_share"] == pytest.approx(0.0, abs=1e-6)
     assert iv.geometry([torch.zeros(0, 16)] * 3, oracle[:3], 4) == {"items": 0}  # no latent block: nothing to measure
+    # answers: items 0-1 and 2-3 share an answer and a target (up to noise), item 4 stands alone
+    pairs = [oracle[0], oracle[0] + 0.01, oracle[2], oracle[2] + 0.01, oracle[4]]
+    by_answer = iv.geometry([const[0].clone() + 0.001 * i for i in range(5)], pairs, 4, answers=["a", "a", "b", "b", "c"])
+    assert by_answer["oracle_nn_same_answer"] == pytest.approx(0.8) and by_answer["same_answer_chance"] == pytest.approx(0.2)
+    assert 0 <= by_answer["nn_same_answer"] <= 1
 
 
 def test_residual_oracle_is_the_helper_minus_the_input_map(latent_ckpt, vsp_dir):

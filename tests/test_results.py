@@ -24,6 +24,9 @@ def args_for(tmp_path, **kw):
     (a,) = parse((results.ResultsArguments,), ["--config", str(CONFIG)])
     a.recipe_dir = str(REPO / "recipes/vsp_spatial_planning")
     a.data_config = str(REPO / a.data_config)
+    a.alt_data_config = str(REPO / a.alt_data_config)
+    a.focus_levels = None  # the training set's levels (the shipped config names 3-4)
+    a.report_block = None  # the unnamed block (results.BEGIN / END); named blocks: tests/test_results_arms.py
     a.base_config = str(tmp_path / "base.yaml")  # the shipped base config, its cache in tmp_path
     base = yaml.safe_load((REPO / "recipes/vsp_spatial_planning/base_small.yaml").read_text())
     base = {k: str(REPO / v) if k.endswith("_config") else v for k, v in base.items()}
@@ -51,7 +54,8 @@ def test_plan_shares_runs_and_chains_each_arm(tmp_path, vsp_dir):  # the base st
     assert start == str(Path(base.done_file).parent)
     # every run gets its seed, every arm one evaluation per seed
     assert all(s.argv[s.argv.index("--seed") + 1] == k[4] for k, s in steps.items() if k.startswith("seed") and "eval_" not in k)
-    assert sum(k.startswith("seed") and "/eval_" in k for k in steps) == 2 * len(results.ARMS)
+    assert sum(k.startswith("seed") and "/eval_" in k for k in steps) == sum(len(results.arm_seeds(a, x)) for x in a.arms)
+    assert len(results.arm_seeds(a, "mirage_alt_helper")) == 1 and a.one_seed_arms == ["mirage_alt_helper"]
     # each step appears after what it needs
     order = list(steps)
     assert all(order.index(n) < order.index(k) for k, s in steps.items() for n in s.needs)

@@ -55,7 +55,8 @@ class BuildDataArguments:
                 "a perception task that pretrains a from-scratch model's vision tower), vsp_spatial_reasoning or "
                 "jigsaw (docs/TASKS.md)."})
     helper: str | None = field(default=None, metadata={
-        "help": "The helper image of a task that offers several: vsp_spatial_reasoning partial (the paper's, default) "
+        "help": "The helper image of a task that offers several: plan arrows (the paper's, default) or filled; "
+                "vsp_spatial_reasoning partial (the paper's, default) "
                 "or outcome; jigsaw random_candidate (the paper's, default) or true_piece."})
     photos_dir: str = field(default="../shared/data/photos", metadata={
         "help": "jigsaw: the photos folder (manifest.jsonl with file, split, crop_margin_px); train photos only."})

@@ -52,3 +52,25 @@ def row_images(example: dict) -> list:
 def image_columns(column_names) -> str | None:
     """``"images"`` or ``"image"``: the column a dataset holds its input images in (None: neither)."""
     return "images" if "images" in column_names else ("image" if "image" in column_names else None)
+
+
+def with_helper_input(prompt: list[dict]) -> list[dict]:
+    """The conversational ``prompt`` with one more image part right after its first image: where the helper image
+    goes when it is given as a second input image (the input upper bound of docs/RESULTS.md, ``helper_as_input``;
+    the paper's "helper image as input" row). The input is not modified.
+
+    Raises:
+        ValueError: the prompt has no image part.
+    """
+    out, done = [], False
+    for message in prompt:
+        content = []
+        for part in message["content"]:
+            content.append(part)
+            if not done and part.get("type") == "image":
+                content.append({"type": "image", "text": None})
+                done = True
+        out.append({**message, "content": content})
+    if not done:
+        raise ValueError("helper_as_input: the prompt has no image to put the helper image after")
+    return out

@@ -46,3 +46,36 @@ def plot(res: dict, path: str) -> None:
     axes[-1].legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     atomic_save_figure(fig, path)
+
+
+def plot_interventions(res: dict, path: str) -> bool:
+    """The latent interventions of every latent arm (``focus_interventions`` of each seed): grouped bars, one group
+    per intervention, one bar per arm, the mean headline accuracy over seeds on the headline levels, seeds as dots.
+    Saved atomically as PNG; returns False (nothing written) when no arm ran interventions."""
+    arms = [a for a in res["arms"].values() if any(s.get("interventions") for s in a["seeds"].values())]
+    if not arms:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(n for a in arms for s in a["seeds"].values() for n in (s.get("interventions") or {})))
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(names), 4))
+    width = 0.8 / len(arms)
+    for i, a in enumerate(arms):
+        runs = [s["interventions"] for s in a["seeds"].values() if s.get("interventions")]
+        xs = [j - 0.4 + width * (i + 0.5) for j in range(len(names))]
+        vals = [[r[n]["accuracy"] for r in runs if n in r] for n in names]
+        ax.bar(xs, [sum(v) / len(v) if v else 0 for v in vals], width, label=a["label"])
+        for x, v in zip(xs, vals):
+            ax.scatter([x] * len(v), v, s=6, color="black", zorder=3)
+    focus = res.get("focus_levels") or []
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"accuracy, levels {'-'.join(focus[:1] + focus[-1:]) if focus else 'all'}")
+    ax.set_title("What enters the latent slots at test time (same weights, greedy)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    atomic_save_figure(fig, path)
+    return True

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..recipe import recipe_path
-from .arguments import ARMS, RUNS, ResultsArguments
+from .arguments import ARMS, LATENT_ARMS, RUNS, ResultsArguments, arm_seeds
 
 
 @dataclass
@@ -60,29 +60,47 @@ def base_path(args: ResultsArguments) -> Path:
     return base_dir(base_args)
 
 
+def eval_extras(args: ResultsArguments, arm: str) -> list[str]:
+    """The options of ``arm``'s evaluation beyond the eval recipe: the latent interventions (with the oracle the arm's
+    stage 1 was trained towards: its helper variant, ``--oracle_target residual`` for residual targets) for
+    :data:`LATENT_ARMS`, ``--helper_as_input`` for the input upper bound."""
+    helper = args.alt_helper if arm == "mirage_alt_helper" else args.helper
+    oracle = ["--oracle_helper", helper] if helper else []
+    if arm in LATENT_ARMS and args.interventions:
+        return (["--latent_intervention", *args.interventions, *oracle]
+                + (["--oracle_target", "residual"] if arm == "mirage_residual" else []))
+    if arm == "input_upper_bound":
+        return ["--helper_as_input", "true", *oracle]
+    return []
+
+
 def plan(args: ResultsArguments, base: Path | None = None) -> list[Step]:
     """The steps of the comparison (module docstring), in an order that respects their dependencies. ``base``: the
     :func:`base_path` of ``args`` when the caller has it already."""
     root = Path(args.output_root)
-    data, base = dataset_dir(args.data_config), base or base_path(args)
-    steps = [
-        Step("data/plan", ["build-data", "--config", args.data_config], [], f"{data}/dataset_dict.json"),
-        Step("base", ["base-model", "--config", args.base_config], [], f"{base}/base.json"),
-    ]
+    base = base or base_path(args)
+    datasets = {"main": ("data/plan", dataset_dir(args.data_config), args.data_config)}
+    if args.alt_data_config and any(RUNS[r][2] == "alt_helper" for r in runs_of(args.arms)):
+        datasets["alt_helper"] = ("data/alt_helper", dataset_dir(args.alt_data_config), args.alt_data_config)
+    steps = [Step(key, ["build-data", "--config", config], [], f"{out}/dataset_dict.json")
+             for key, out, config in datasets.values()]
+    steps.append(Step("base", ["base-model", "--config", args.base_config], [], f"{base}/base.json"))
     for seed in args.seeds:
-        for run in runs_of(args.arms):
-            cmd, parent = RUNS[run]
+        arms = [a for a in args.arms if seed in arm_seeds(args, a)]
+        for run in runs_of(arms):
+            cmd, parent, data = RUNS[run]
+            data_key, data_dir, _ = datasets[data]
             start = base if parent == "base" else root / f"seed{seed}" / parent
             out = root / f"seed{seed}" / run
             steps.append(Step(f"seed{seed}/{run}", [cmd, "--config", recipe(args, run), "--model_name_or_path", str(start),
-                                                    "--dataset_path", data, "--output_dir", str(out), "--seed", str(seed)],
-                              ["data/plan", "base" if parent == "base" else f"seed{seed}/{parent}"],
+                                                    "--dataset_path", data_dir, "--output_dir", str(out), "--seed", str(seed)],
+                              [data_key, "base" if parent == "base" else f"seed{seed}/{parent}"],
                               f"{out}/model.safetensors"))
-        for arm in args.arms:
+        for arm in arms:
             run = ARMS[arm][1]
             model = root / f"seed{seed}" / run
             steps.append(Step(f"seed{seed}/eval_{run}", ["eval", "--config", recipe(args, "eval"), "--model", str(model),
                                                          "--benchmark_dir", args.benchmark_dir,
-                                                         "--output_dir", str(model / "eval")],
+                                                         "--output_dir", str(model / "eval"), *eval_extras(args, arm)],
                               [f"seed{seed}/{run}"], f"{model}/eval/report.json"))
     return steps

@@ -90,6 +90,11 @@ class Task:
         """The helper image of a training answer (a ``PIL.Image``): what stage 1 encodes into the latent targets."""
         raise NotImplementedError(f"task {self.name!r} draws no helper image")
 
+    def item_answer(self, item: BenchmarkItem):
+        """The right answer of an evaluation item as a hashable (default: its ``answer`` attribute, ``None`` when it
+        has none): the latent geometry asks whether items near each other share it."""
+        return getattr(item, "answer", None)
+
     def oracle_image(self, item: BenchmarkItem, helper: str | None = None):
         """The helper image of a test item (``PIL.Image``): what stage 1 would have encoded for it, the ``oracle``
         latent intervention's source (``helper``: the variant, for tasks that offer several). ``None``: the task

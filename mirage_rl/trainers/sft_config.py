@@ -29,6 +29,9 @@ class MirageSFTConfig(LatentFields, SFTConfig):
             helper image minus the pooled input image of the same row, so that only what the drawing adds remains;
             on VSP planning's test maps this raises the map-specific share of the targets from 0.13 to 0.89,
             ``bench/target_informativeness.py``). Needs one input image per row of the same size as the helper.
+        helper_as_input: give each row's helper image as a second input image (right after the first) and train
+            without a latent block: the input upper bound of docs/RESULTS.md (the paper's "helper image as input"
+            row; needs ``latent_mode: none``, stage 2).
         gamma: weight of the CE term in stage 1 (paper: 0.1).
         latent_blocks: latent blocks (``<output_image>`` markers) every answer must hold (``None``: any number).
         max_length: the most tokens of a row (default 8192); a longer row raises, naming it (never truncated).
@@ -46,6 +49,8 @@ class MirageSFTConfig(LatentFields, SFTConfig):
         "help": "Stage-1 targets: helper (the paper: the pooled helper image) or residual (ours: the pooled helper "
                 "image minus the pooled input image, only what the drawing adds)."})
     gamma: float = field(default=0.1, metadata={"help": "Stage-1 weight of the CE loss (paper: 0.1)."})
+    helper_as_input: bool = field(default=False, metadata={
+        "help": "Input upper bound: the helper image as a second input image, no latent block (latent_mode none)."})
     latent_blocks: int | None = field(default=1, metadata={
         "help": "<output_image> markers (latent blocks) every answer must hold; checked before training. "
                 "null: any number."})
@@ -72,6 +77,9 @@ class MirageSFTConfig(LatentFields, SFTConfig):
             raise ValueError(f"compress must be one of {COMPRESS_MODES}, got {self.compress!r}")
         if self.latent_target not in LATENT_TARGETS:
             raise ValueError(f"latent_target must be one of {LATENT_TARGETS}, got {self.latent_target!r}")
+        if self.helper_as_input and (self.latent_mode != "none" or self.stage != 2):
+            raise ValueError("helper_as_input (the input upper bound) trains without latents: set latent_mode: none "
+                             "and stage: 2")
         if self.latent_size < 1:
             raise ValueError(f"latent_size must be >= 1, got {self.latent_size}")
         if self.train_vision_tower and self.stage == 1:

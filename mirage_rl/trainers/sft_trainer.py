@@ -89,7 +89,7 @@ class LatentSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
         self.latent_tokens = tokens
         collator = kwargs.pop("data_collator", None) or LatentCollator(
             processing_class, tokens, args.latent_mode, stage=self.stage, max_length=args.max_length,
-            reference_images=self.stage == 1 and args.latent_target == "residual")
+            reference_images=self.stage == 1 and args.latent_target == "residual", helper_as_input=args.helper_as_input)
         super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
                          data_collator=collator, **kwargs)
         # Trainer then counts the answer tokens of the whole global batch (every rank, every accumulation step) and

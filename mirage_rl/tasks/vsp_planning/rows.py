@@ -1,7 +1,7 @@
 """The training rows of VSP spatial planning (``build-data`` with ``source: vsp``).
 
 Rows: ``prompt`` (conversational, one image), ``image`` (the map, VSP style), ``helper_image`` (the map with the
-shortest path drawn as red arrows), ``answer`` (``<output_image>`` marker where the latent block goes, then
+shortest path drawn as red arrows, or its cells filled with ``helper: filled``), ``answer`` (``<output_image>`` marker where the latent block goes, then
 ``\\boxed{...}``: Mirage's "direct" variant), ``solution`` (the boxed plan alone), ``map_desc``, ``level``,
 ``source`` and ``map_id``. Every training map equal to a test map is removed (Mirage's published split leaks 7).
 Task ``describe`` (perception): the answer is the map as a table, no latent block, the map its own helper image.
@@ -15,24 +15,25 @@ from ...data.images import encode_png
 from ...data.jsonl import jsonl_rows, text_field
 from ...data.messages import LATENT_MARKER, to_messages
 from .maps import generate_maps, load_benchmark, map_key, map_to_text, plan_to_answer, render_helper, render_map
-from .maps import shortest_plan, validate_map
+from .maps import HELPERS, shortest_plan, validate_map
 from .prompts import DESCRIBE_PROMPT, PROMPTS
 from .scoring import parse_plan, replay
 
 
-def vsp_row(map_desc, plan, level, source, map_id, prompt_text, task: str = "plan") -> dict:
-    """One training row of a map (module docstring): ``task`` plan or describe."""
+def vsp_row(map_desc, plan, level, source, map_id, prompt_text, task: str = "plan", helper: str = "arrows") -> dict:
+    """One training row of a map (module docstring): ``task`` plan or describe; ``helper``: the helper image of
+    ``plan`` (``maps.render_helper``: arrows, the paper's, or filled)."""
     image = encode_png(render_map(map_desc))
     if task == "describe":  # the perception task: the map as text, no latent block, the map as its own helper
         prompt_text, solution = DESCRIBE_PROMPT, map_to_text(map_desc)
-        answer, helper = solution, image
+        answer, helper_png = solution, image
     else:
         solution = plan_to_answer(plan)
-        answer, helper = LATENT_MARKER + solution, encode_png(render_helper(map_desc, plan))
+        answer, helper_png = LATENT_MARKER + solution, encode_png(render_helper(map_desc, plan, helper))
     return {
         "prompt": to_messages(prompt_text),
         "image": image,
-        "helper_image": helper,
+        "helper_image": helper_png,
         "answer": answer,
         "solution": solution,
         "map_desc": map_desc,
@@ -53,6 +54,8 @@ def build_rows(args, bad):
     """
     from datasets import Sequence, Value
 
+    if args.helper not in (None, *HELPERS):
+        raise ValueError(f"helper: task {args.task} draws {list(HELPERS)}, got {args.helper!r}")
     test_keys = {map_key(m.map_desc) for m in load_benchmark(args.test_dir)}
     train = jsonl_rows(args.train_jsonl, on_error=bad)
     if args.max_train_maps is not None:
@@ -74,12 +77,12 @@ def build_rows(args, bad):
             continue
         seen.add(key)
         rows.append(vsp_row(map_desc, given, level, "mirage", r.get("map_id", i), PROMPTS[args.prompt],
-                         args.task))
+                         args.task, args.helper or "arrows"))
     generated = generate_maps(args.num_generated, sizes=args.generated_sizes, seed=args.seed,
                                   hole_prob=args.hole_prob, exclude=seen)
     for j, m in enumerate(tqdm(generated, desc="render generated maps", disable=not generated)):
         rows.append(vsp_row(m, shortest_plan(m), len(m), "generated", f"gen-{args.seed}-{j}", PROMPTS[args.prompt],
-                         args.task))
+                         args.task, args.helper or "arrows"))
     if not rows:
         raise ValueError(f"{args.train_jsonl}: no training maps left after removing test maps and generating {args.num_generated}")
     extra = {"map_desc": Sequence(Sequence(Value("int32"))), "level": Value("int32")}

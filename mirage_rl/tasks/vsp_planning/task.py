@@ -40,14 +40,20 @@ class VspPlanning(Task):
                 "accuracy_strict": sum(r["success_strict"] for r in samples) / n,
                 "invalid_rate": sum(r["verdict"] == "invalid" for r in samples) / n}
 
-    def helper_image(self, item, answer):
-        """The map (``item``: ``map_desc``) with the plan ``answer`` (moves) drawn as red arrows (Mirage, sec. 3.1)."""
-        return maps.render_helper(item, answer)
+    def helper_image(self, item, answer, helper: str = "arrows"):
+        """The map (``item``: ``map_desc``) with the plan ``answer`` (moves) drawn on it: red arrows (``arrows``,
+        Mirage sec. 3.1) or its cells filled red (``filled``, ours): ``maps.render_helper``."""
+        return maps.render_helper(item, answer, helper)
 
     def oracle_image(self, item, helper=None):
-        """The training helper image of a test map: its shortest plan drawn as red arrows. It *shows the answer*:
-        feeding it measures whether the model reads its latents, not a fair accuracy."""
-        return self.helper_image(item.map_desc, maps.shortest_plan(item.map_desc))
+        """The training helper image of a test map: its shortest plan drawn as the ``helper`` variant (default
+        arrows). It *shows the answer*: feeding it measures whether the model reads its latents, not a fair
+        accuracy."""
+        return self.helper_image(item.map_desc, maps.shortest_plan(item.map_desc), helper or "arrows")
+
+    def item_answer(self, item):
+        """The map's shortest plan (a tuple of moves): the answer the latent geometry compares."""
+        return tuple(maps.shortest_plan(item.map_desc))
 
     def chance_baselines(self, dataset_path, benchmark_dir, levels=None, items_file=None):
         return chance.blind_baselines(dataset_path, benchmark_dir, levels)
