@@ -155,6 +155,86 @@ PAIRS = [("mirage", "direct_sft"), ("mirage", "direct_sft_matched"), ("dummy_lat
          ("input_upper_bound", "direct_sft")]
 
 
+#: the paper's Qwen2.5-VL-7B figures quoted beside our headline (Mirage, arXiv 2506.17218, Table 1 and the
+#: reasoning upper bound; ../shared/REFERENCES.md): task -> arm -> accuracy
+PAPER_7B = {"plan": {"direct_sft": 0.72, "mirage": 0.76},
+            "vsp_spatial_reasoning": {"direct_sft": 0.83, "mirage": 0.86, "input_upper_bound": 1.0}}
+
+
+def _paired_seeds(res: dict, a: str, b: str, key: str) -> list[float] | None:
+    if a not in res["arms"] or b not in res["arms"]:
+        return None
+    sa, sb = res["arms"][a]["seeds"], res["arms"][b]["seeds"]
+    d = [sa[s]["focus_rates"][key] - sb[s]["focus_rates"][key] for s in sa if s in sb]
+    return d or None
+
+
+def _diff_line(res: dict, a: str, b: str, key: str, what: str) -> str | None:
+    d = _paired_seeds(res, a, b, key)
+    if d is None:
+        return None
+    m, sd = mean_std(d)
+    above = sum(x > 0 for x in d)
+    paper = PAPER_7B.get(res["task"], {})
+    ref = (f"; paper 7B: {paper[a]:.2f} vs {paper[b]:.2f} ({paper[a] - paper[b]:+.2f})" if a in paper and b in paper
+           else "")
+    return (f"- {what}: {m:+.3f} ± {sd:.3f} ({res['arms'][a]['label']} minus {res['arms'][b]['label']}, "
+            f"higher in {above} of {len(d)} seeds){ref}")
+
+
+def headline(res: dict, span: str) -> list[str]:
+    """The headline of a comparison, generated: each question of issue 21 with its measured answer on the headline
+    levels (paired over seeds, the sign count of the per-seed differences) and, where the paper has one, its 7B
+    figure. The prose outside the generated block reads these lines; it types no number."""
+    rates = res["rates"]
+    head, strict = rates[0], (rates[1] if len(rates) > 1 else None)
+    out = [f"### Headline ({span}; every line generated)", ""]
+    for a, b, what in [("mirage", "direct_sft", "Does Mirage beat Direct SFT"),
+                       ("mirage", "direct_sft_matched", "Does Mirage beat Direct SFT at the same answer-CE budget"),
+                       ("mirage", "dummy_latent", "Do the model's own latents beat dummy latents"),
+                       ("mirage_residual", "direct_sft", "With residual (map-specific) targets, does Mirage beat Direct SFT"),
+                       ("mirage_residual", "mirage", "Residual targets against the paper's targets"),
+                       ("mirage_alt_helper", "mirage", "The other helper image against the main one"),
+                       ("input_upper_bound", "direct_sft", "Seeing the helper image as input (the upper bound)")]:
+        line = _diff_line(res, a, b, head, what)
+        if line:
+            out.append(line)
+    if strict:
+        for a, b, what in [("mirage_grpo", "mirage", "Official-rule GRPO, strict accuracy"),
+                           ("mirage_grpo_strict", "mirage", "Strict-rule GRPO, strict accuracy"),
+                           ("mirage_grpo_strict", "mirage_grpo", "Strict-rule against official-rule GRPO, strict accuracy"),
+                           ("direct_sft_grpo_strict", "direct_sft", "Text-only strict-rule GRPO, strict accuracy")]:
+            line = _diff_line(res, a, b, strict, what)
+            if line:
+                out.append(line)
+    for arm in ("mirage", "mirage_residual", "mirage_alt_helper"):
+        runs = [s["interventions"] for s in res["arms"].get(arm, {}).get("seeds", {}).values() if s.get("interventions")]
+        if not runs:
+            continue
+        parts = []
+        for name in ("zero", "swap", "oracle", "skip"):
+            have = [r[name] for r in runs if name in r]
+            if have:
+                diff = sum(h["paired"]["diff"] for h in have) / len(have)
+                parts.append(f"{name} {diff:+.3f} (positive in {sum(h['paired']['diff'] > 0 for h in have)} of "
+                             f"{len(have)} seeds)")
+        label = res["arms"][arm]["label"]
+        out.append(f"- Latent -> answer link ({label}): replacing the latents changes accuracy by " + ", ".join(parts)
+                   + " (a link shows as the oracle far above `none` and zero / swap far below it)")
+        geo = [s["report"].get("latent_geometry") or {} for s in res["arms"][arm]["seeds"].values()]
+        geo = [g for g in geo if "retrieval_top1" in g]
+        if geo:
+            mean = lambda k: sum(g[k] for g in geo) / len(geo)  # noqa: E731
+            nn = (f"; nearest item has the same answer {mean('nn_same_answer'):.3f} by latents, "
+                  f"{mean('oracle_nn_same_answer'):.3f} by targets, chance {mean('same_answer_chance'):.3f}"
+                  if all("nn_same_answer" in g for g in geo) else "")
+            out.append(f"- Input -> latent link ({label}): retrieval of the own oracle {mean('retrieval_top1'):.3f} "
+                       f"(chance {mean('retrieval_chance'):.3f}), latents' mutual cosine {mean('collapse'):.3f} against "
+                       f"the targets' {mean('oracle_collapse'):.3f}{nn} (2605.18445, 7B-scale peers, secondary: "
+                       "collapse 0.8-0.98, retrieval 3.3%)")
+    return out if len(out) > 2 else []
+
+
 def intervention_tables(res: dict, span: str, metric: str) -> list[str]:
     """The latent-intervention table (per latent arm and intervention: mean headline accuracy over seeds on the
     headline levels, mean paired difference from ``none`` and the exact McNemar p-value of the discordant pairs
@@ -261,6 +341,7 @@ def format_report(res: dict, args: ResultsArguments, log: StepLog) -> str:
         rows = [[lv, st["n"], *(f"{st[k]:.2f}" for k, _ in keys)] for lv, st in per["by_level"].items()]
         out += ["", "### Base model perception: describe task (image -> map table), greedy, same test maps", "",
                 markdown_table(["level", "maps", *(label for _, label in keys)], rows)]
+    out = out[:2] + headline(res, span) + ([""] if headline(res, span) else []) + out[2:]
     for key in rates:
         out += ["", f"### Paired differences (same seed), {span}, {labels[key]}" + (" rule" if task.name == "plan" else ""), ""]
         for a, b in PAIRS:
