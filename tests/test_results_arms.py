@@ -262,3 +262,14 @@ def test_report_of_interventions_geometry_and_a_named_block(tmp_path, small_data
     assert "| Mirage (stage 1 -> 2) | 2 | 0.250 | 0.010 (chance 0.003) | 0.900 | 0.950 | 0.100 | 0.250 / 0.500 (chance 0.125) |" in text
     assert Path(a.figure_interventions).read_bytes()[:4] == b"\x89PNG" and "fig_iv.png" in text
     assert "seed 1 | seeds with p" in text and "not run" in text  # the one-seed arm's other seed
+
+
+def test_the_report_names_the_commit_of_this_clone():
+    """``machine()["commit"]`` is the checked-out commit of the repository holding the package (it read the wrong
+    folder once, and every report said ``commit ;``)."""
+    head = REPO / ".git" / "HEAD"
+    if not head.is_file():
+        pytest.skip("not a git clone")
+    from mirage_rl.results.machine import git_commit, machine
+
+    assert machine()["commit"] == git_commit(REPO) and len(git_commit(REPO)) == 7

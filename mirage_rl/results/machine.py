@@ -25,7 +25,7 @@ def machine() -> dict:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
     except (ValueError, OSError):
         mem = float("nan")
-    commit = git_commit(Path(__file__).resolve().parents[1])
+    commit = git_commit(Path(__file__).resolve().parents[2])  # mirage_rl/results/machine.py -> the repository
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1), "gpu": "none (CPU only)",
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "trl": trl.__version__, "commit": commit}
