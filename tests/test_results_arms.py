@@ -273,3 +273,13 @@ def test_the_report_names_the_commit_of_this_clone():
     from mirage_rl.results.machine import git_commit, machine
 
     assert machine()["commit"] == git_commit(REPO) and len(git_commit(REPO)) == 7
+
+
+def test_elapsed_minutes_spans_the_first_start_to_the_last_end(tmp_path):
+    from mirage_rl.results.report import elapsed_minutes
+
+    log = results.StepLog(tmp_path / "steps.json")
+    log.steps = {"a": {"finished": "2026-11-26 10:10:00", "wall_s": 600.0},   # started 10:00
+                 "b": {"finished": "2026-11-26 10:40:00", "wall_s": 60.0},
+                 "c": {"finished": "2026-11-26 10:20:00", "wall_s": 1500.0}}  # started 09:55
+    assert elapsed_minutes(log) == 45.0 and elapsed_minutes(results.StepLog(tmp_path / "none.json")) == 0.0

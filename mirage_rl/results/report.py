@@ -289,6 +289,17 @@ def intervention_tables(res: dict, span: str, metric: str) -> list[str]:
     return out
 
 
+def elapsed_minutes(log: StepLog) -> float:
+    """Minutes from the first recorded step's start (its ``finished`` time minus its wall time) to the last one's end."""
+    import datetime as dt
+
+    spans = [(dt.datetime.strptime(s["finished"], "%Y-%m-%d %H:%M:%S"), s["wall_s"]) for s in log.steps.values()]
+    if not spans:
+        return 0.0
+    start = min(end - dt.timedelta(seconds=wall) for end, wall in spans)
+    return (max(end for end, _ in spans) - start).total_seconds() / 60
+
+
 def format_report(res: dict, args: ResultsArguments, log: StepLog) -> str:
     """The generated block of ``docs/RESULTS.md``: tables, findings, commands, wall times, machine."""
     task = get_task(res.get("task", "plan"))
@@ -358,6 +369,10 @@ def format_report(res: dict, args: ResultsArguments, log: StepLog) -> str:
         by_run[key.split("/", 1)[1] if key.startswith("seed") else key].append(st)
     rows = [[run, f"{sum(s['wall_s'] for s in sts) / len(sts) / 60:.1f}", sts[0]["threads"]] for run, sts in by_run.items()]
     out += ["", "### Wall time per run (minutes, mean over seeds)", "", markdown_table(["run", "minutes", "threads"], rows)]
+    total = sum(s["wall_s"] for s in log.steps.values()) / 60
+    out += ["", f"Sum of the steps' wall times: {total:.1f} minutes ({total / args.jobs:.1f} minutes at {args.jobs} steps "
+                f"at a time); elapsed from the first step's start to the last step's end: {elapsed_minutes(log):.1f} "
+                "minutes (a resumed run counts its pauses)."]
     out += ["", "### Commands (what `make results` ran; seed 0 shown, every seed the same with its `--seed`)", "",
             "```bash"]
     for key, st in log.steps.items():
