@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..interventions import INTERVENTIONS
+
 #: run name -> (command, the run it starts from: "base" = the seeing tiny base of ``base_config``, the training set:
 #: "main" = ``data_config``, "alt_helper" = ``alt_data_config``, the same rows with the other helper image)
 RUNS = {
@@ -68,8 +70,7 @@ class ResultsArguments:
     alt_data_config: str | None = field(default=None, metadata={
         "help": "build-data config of the same rows with another helper image (arm mirage_alt_helper)."})
     alt_helper: str | None = field(default=None, metadata={"help": "The helper variant of alt_data_config."})
-    interventions: list[str] = field(default_factory=lambda: ["none", "zero", "noise", "mean", "swap", "oracle", "pad",
-                                                              "skip"], metadata={
+    interventions: list[str] = field(default_factory=lambda: list(INTERVENTIONS), metadata={
         "help": "The latent interventions of every latent arm's evaluation (mirage_rl.interventions; [] : none)."})
     report_block: str | None = field(default=None, metadata={
         "help": "Name of this comparison's generated block in `report` (several comparisons share one page: "

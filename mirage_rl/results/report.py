@@ -189,24 +189,22 @@ def headline(res: dict, span: str) -> list[str]:
     rates = res["rates"]
     head, strict = rates[0], (rates[1] if len(rates) > 1 else None)
     out = [f"### Headline ({span}; every line generated)", ""]
-    for a, b, what in [("mirage", "direct_sft", "Does Mirage beat Direct SFT"),
-                       ("mirage", "direct_sft_matched", "Does Mirage beat Direct SFT at the same answer-CE budget"),
-                       ("mirage", "dummy_latent", "Do the model's own latents beat dummy latents"),
-                       ("mirage_residual", "direct_sft", "With residual (map-specific) targets, does Mirage beat Direct SFT"),
-                       ("mirage_residual", "mirage", "Residual targets against the paper's targets"),
-                       ("mirage_alt_helper", "mirage", "The other helper image against the main one"),
-                       ("input_upper_bound", "direct_sft", "Seeing the helper image as input (the upper bound)")]:
-        line = _diff_line(res, a, b, head, what)
+    questions = [(head, "mirage", "direct_sft", "Does Mirage beat Direct SFT"),
+                 (head, "mirage", "direct_sft_matched", "Does Mirage beat Direct SFT at the same answer-CE budget"),
+                 (head, "mirage", "dummy_latent", "Do the model's own latents beat dummy latents"),
+                 (head, "mirage_residual", "direct_sft", "With residual (map-specific) targets, does Mirage beat Direct SFT"),
+                 (head, "mirage_residual", "mirage", "Residual targets against the paper's targets"),
+                 (head, "mirage_alt_helper", "mirage", "The other helper image against the main one"),
+                 (head, "input_upper_bound", "direct_sft", "Seeing the helper image as input (the upper bound)")]
+    if strict:
+        questions += [(strict, "mirage_grpo", "mirage", "Official-rule GRPO, strict accuracy"),
+                      (strict, "mirage_grpo_strict", "mirage", "Strict-rule GRPO, strict accuracy"),
+                      (strict, "mirage_grpo_strict", "mirage_grpo", "Strict-rule against official-rule GRPO, strict accuracy"),
+                      (strict, "direct_sft_grpo_strict", "direct_sft", "Text-only strict-rule GRPO, strict accuracy")]
+    for key, a, b, what in questions:
+        line = _diff_line(res, a, b, key, what)
         if line:
             out.append(line)
-    if strict:
-        for a, b, what in [("mirage_grpo", "mirage", "Official-rule GRPO, strict accuracy"),
-                           ("mirage_grpo_strict", "mirage", "Strict-rule GRPO, strict accuracy"),
-                           ("mirage_grpo_strict", "mirage_grpo", "Strict-rule against official-rule GRPO, strict accuracy"),
-                           ("direct_sft_grpo_strict", "direct_sft", "Text-only strict-rule GRPO, strict accuracy")]:
-            line = _diff_line(res, a, b, strict, what)
-            if line:
-                out.append(line)
     for arm in ("mirage", "mirage_residual", "mirage_alt_helper"):
         runs = [s["interventions"] for s in res["arms"].get(arm, {}).get("seeds", {}).values() if s.get("interventions")]
         if not runs:
@@ -352,17 +350,16 @@ def format_report(res: dict, args: ResultsArguments, log: StepLog) -> str:
         rows = [[lv, st["n"], *(f"{st[k]:.2f}" for k, _ in keys)] for lv, st in per["by_level"].items()]
         out += ["", "### Base model perception: describe task (image -> map table), greedy, same test maps", "",
                 markdown_table(["level", "maps", *(label for _, label in keys)], rows)]
-    out = out[:2] + headline(res, span) + ([""] if headline(res, span) else []) + out[2:]
+    head_lines = headline(res, span)
+    out = out[:2] + head_lines + ([""] if head_lines else []) + out[2:]
     for key in rates:
         out += ["", f"### Paired differences (same seed), {span}, {labels[key]}" + (" rule" if task.name == "plan" else ""), ""]
         for a, b in PAIRS:
-            if a in res["arms"] and b in res["arms"]:
-                sa, sb = res["arms"][a]["seeds"], res["arms"][b]["seeds"]
-                d = [sa[s]["focus_rates"][key] - sb[s]["focus_rates"][key] for s in sa if s in sb]
-                if d:
-                    m, sd = mean_std(d)
-                    out.append(f"- {res['arms'][a]['label']} minus {res['arms'][b]['label']}: {m:+.3f} ± {sd:.3f} "
-                               f"over {len(d)} seed(s) (per seed: {', '.join(f'{x:+.3f}' for x in d)})")
+            d = _paired_seeds(res, a, b, key)
+            if d:
+                m, sd = mean_std(d)
+                out.append(f"- {res['arms'][a]['label']} minus {res['arms'][b]['label']}: {m:+.3f} ± {sd:.3f} "
+                           f"over {len(d)} seed(s) (per seed: {', '.join(f'{x:+.3f}' for x in d)})")
     out += intervention_tables(res, span, labels[rates[0]])
     by_run = defaultdict(list)
     for key, st in log.steps.items():
