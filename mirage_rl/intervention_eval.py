@@ -148,6 +148,8 @@ def evaluate_interventions(args, model, processor, task, tokens, items, out_dir:
     for name, samples in passes.items():
         rep = reports[name] = summarize(samples, benchmark=str(args.benchmark_dir), task=args.task)
         entry = {"n": rep["n"], head: rep[head], "by_level": {lv: st[head] for lv, st in rep["by_level"].items()}}
+        if "invalid_rate" in rep:
+            entry["invalid_rate"] = rep["invalid_rate"]
         if name != "none":
             entry["paired"] = paired(ref, [bool(s[task.correct_key]) for s in samples], args.intervention_seed)
         table[name] = entry

@@ -111,6 +111,41 @@ def test_sft_command_runs_a_recipe_and_records_the_latent_mode(tiny_dir, small_d
     assert json.loads((tmp_path / "ev" / "report.json").read_text())["latent_mode"] == "dummy"
 
 
+def test_stage1_set_latent_size_changes_k_of_an_untrained_base(tiny_dir, small_dataset_dir, vsp_dir, tmp_path, capsys):
+    from mirage_rl.modeling import load_model
+
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes/vsp_spatial_planning/stage1_tiny.yaml")
+    common = ["sft", "--config", recipe, "--model_name_or_path", str(tiny_dir), "--dataset_path", str(small_dataset_dir),
+              "--max_steps", "2", "--per_device_train_batch_size", "2", "--save_strategy", "no", "--latent_size", "8",
+              "--compress", "grid"]
+    assert load_model(tiny_dir).config.latent_size == 4
+    assert main([*common, "--output_dir", str(tmp_path / "refused")]) != 0  # another k without set_latent_size
+    assert "latent_size=8 in the recipe but 4 in the checkpoint" in capsys.readouterr().err
+    out = tmp_path / "k8"
+    assert main([*common, "--output_dir", str(out), "--set_latent_size", "true"]) == 0
+    assert load_model(out).config.latent_size == 8
+    # the oracle of a k = 8 grid checkpoint: 8 vectors per item, pooled on the grid as its stage 1 was
+    assert main(["eval", "--model", str(out), "--benchmark_dir", str(vsp_dir / "maze_planning"), "--output_dir",
+                 str(tmp_path / "ev"), "--limit", "4", "--max_new_tokens", "12", "--latent_intervention", "none",
+                 "oracle", "--oracle_compress", "grid"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "ev" / "interventions" / "none" / "samples.jsonl").read_text().splitlines()]
+    opened = [r["completion"] for r in rows if r["completion"].startswith("<|latent_start|>")]
+    assert all(c.count("<|latent_pad|>") == 8 for c in opened)
+    from mirage_rl.intervention_eval import oracle_targets
+    from mirage_rl.modeling import load_processor
+    from mirage_rl.tasks import get_task
+
+    task = get_task("plan")
+    items = task.load_benchmark(vsp_dir / "maze_planning", None, None)[:2]
+    model = load_model(out)
+    oracle = oracle_targets(model, load_processor(str(out)), task, items, None, model.config.latent_size, "grid")
+    assert [tuple(o.shape) for o in oracle] == [(8, model.config.text_config.hidden_size)] * 2
+    with pytest.raises(ValueError, match="stage 1 only"):
+        from mirage_rl.trainers import MirageSFTConfig
+
+        MirageSFTConfig(output_dir=str(tmp_path / "x"), stage=2, set_latent_size=True, use_cpu=True)
+
+
 def test_export_and_multi_process_eval_give_clear_errors(tiny_dir, tmp_path, monkeypatch, capsys):
     import pytest
 

@@ -168,6 +168,10 @@ def test_the_plans_of_both_comparisons(tmp_path, config):
     if "mirage_residual" in a.arms:
         res_ev = steps["seed0/eval_stage2_residual"].argv
         assert res_ev[res_ev.index("--oracle_target") + 1] == "residual"
+    if "mirage_grid" in a.arms:  # grid targets: the oracle pools on the grid, k as the stage-1 recipe sets it
+        grid_ev = steps["seed0/eval_stage2_grid"].argv
+        assert grid_ev[grid_ev.index("--oracle_compress") + 1] == "grid"
+        assert "--oracle_compress" not in steps["seed0/eval_stage2"].argv
     # the recipes: upper bound with helper_as_input, budget-matched steps = stage 2 + 0.1 x stage 1
     from mirage_rl.recipe import load_recipe, recipe_path
 
@@ -176,6 +180,10 @@ def test_the_plans_of_both_comparisons(tmp_path, config):
 
     assert steps_of("direct_sft_matched") == steps_of("stage2") + steps_of("stage1") // 10
     assert load_recipe(recipe_path(a.recipe_dir, "input_upper_bound", a.variant))["helper_as_input"] is True
+    if "mirage_grid" in a.arms:
+        g1, g2 = (load_recipe(recipe_path(a.recipe_dir, r, a.variant)) for r in ("stage1_grid", "stage2_grid"))
+        assert g1["compress"] == "grid" and g1["set_latent_size"] is True
+        assert g1["latent_size"] == g2["latent_size"] > load_recipe(recipe_path(a.recipe_dir, "stage1", a.variant))["latent_size"]
     if "mirage_grpo_strict" in a.arms:
         kw = load_recipe(recipe_path(a.recipe_dir, "grpo_strict", a.variant))["reward_kwargs"]
         assert kw["plan_success_reward"]["rule"] == "strict"
@@ -196,7 +204,8 @@ def _intervention_eval(out: Path, maps, rng, skills: dict, geometry: dict | None
     for name, skill in skills.items():
         samples = []
         for m in maps:
-            text = "\\boxed{" + ",".join(vsp_maps.shortest_plan(m.map_desc)) + "}" if rng.random() < skill else "\\boxed{L}"
+            fail = "no plan" if name == "skip" else "\\boxed{L}"  # skip's failures do not parse (invalid)
+            text = "\\boxed{" + ",".join(vsp_maps.shortest_plan(m.map_desc)) + "}" if rng.random() < skill else fail
             s = score_plan(m.map_desc, text)
             samples.append({"prompt_id": m.prompt_id, "level": m.level, "intervention": name, "success": s.success,
                             "success_strict": s.success_strict, "verdict": s.verdict})
@@ -255,7 +264,10 @@ def test_report_of_interventions_geometry_and_a_named_block(tmp_path, small_data
                and "p =" in line)
     acc = sum(x["accuracy"] for x in skip) / 2
     diff = sum(x["paired"]["diff"] for x in skip) / 2
-    assert f"{acc:.3f} ({diff:+.3f}, p = " in row
+    bad = sum(x["invalid_rate"] for x in skip) / 2
+    assert bad == 1 - acc and iv["zero"]["invalid_rate"] == 0
+    assert f"{acc:.3f} ({diff:+.3f}, p = " in row and f"; {bad:.0%} invalid)" in row
+    assert row.count("invalid") == 1  # shown only where answers do not parse
     # the one-seed arm: its label names its helper, one seed, its missing interventions shown as "-"
     alt = next(line for line in text.splitlines() if line.startswith("| Mirage, helper image: filled | 1 |") and "-" in line)
     assert alt.rstrip(" |").endswith("-")

@@ -116,6 +116,10 @@ def run_sft(script_args: SFTScriptArguments, training_args: MirageSFTConfig, mod
             if not has and training_args.stage == 1:
                 # stage 1 is the entry point for a stock Qwen2.5-VL checkpoint
                 add_latent_tokens(model, processor, training_args.latent_size)
+            elif training_args.set_latent_size and model.config.latent_size != training_args.latent_size:
+                logger.warning("set_latent_size: latent size k %s -> %s (the latent tokens and embeddings are kept)",
+                               model.config.latent_size, training_args.latent_size)
+                model.config.latent_size = int(training_args.latent_size)
         trainer_cls = Stage1Trainer if training_args.stage == 1 else Stage2Trainer
         trainer = trainer_cls(model=model, args=training_args, train_dataset=train, processing_class=processor,
                               callbacks=callbacks, peft_config=peft_config_for(model_args, model))

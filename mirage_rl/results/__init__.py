@@ -19,10 +19,12 @@ direct_sft_grpo_strict  direct_sft -> direct_sft_grpo_strict                    
 mirage_residual         stage1_residual (``latent_target: residual``) -> stage2_res.  ``hidden`` + interventions
 mirage_alt_helper       stage1_alt_helper -> stage2_alt_helper, on ``alt_data_config``  ``hidden`` + interventions
                         (the same rows with the other helper image, ``alt_helper``)
+mirage_grid             stage1_grid (``compress: grid``, k from its recipe, 16 in   ``hidden`` + interventions
+                        ``*_small``: one target per merged visual token) -> stage2_grid
 ======================  ==========================================================  ==============================
 
 The latent arms' evaluations run ``--latent_intervention`` (``interventions``, all eight by default) with the oracle
-their stage 1 was trained towards (``helper`` / ``alt_helper``, ``--oracle_target residual``); the report tabulates
+their stage 1 was trained towards (``helper`` / ``alt_helper``, ``--oracle_target residual``, ``--oracle_compress grid``); the report tabulates
 them on the headline levels, with the latent geometry and the targets' informativeness. ``one_seed_arms`` run on the
 first seed only (a screening run of a variant).
 

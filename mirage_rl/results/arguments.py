@@ -23,6 +23,8 @@ RUNS = {
     "stage2_residual": ("sft", "stage1_residual", "main"),
     "stage1_alt_helper": ("sft", "base", "alt_helper"),
     "stage2_alt_helper": ("sft", "stage1_alt_helper", "alt_helper"),
+    "stage1_grid": ("sft", "base", "main"),
+    "stage2_grid": ("sft", "stage1_grid", "main"),
 }
 #: arm -> (label, the run whose checkpoint is evaluated)
 ARMS = {
@@ -37,9 +39,10 @@ ARMS = {
     "input_upper_bound": ("Input upper bound (Direct SFT, helper image as 2nd input)", "input_upper_bound"),
     "mirage_residual": ("Mirage, residual targets (helper - input features)", "stage2_residual"),
     "mirage_alt_helper": ("Mirage, other helper image", "stage2_alt_helper"),
+    "mirage_grid": ("Mirage, grid targets (compress: grid, larger k)", "stage2_grid"),
 }
 #: the arms decoded with the model's own latents (latent_mode hidden): each gets the latent interventions
-LATENT_ARMS = ("mirage", "mirage_grpo", "mirage_grpo_strict", "mirage_residual", "mirage_alt_helper")
+LATENT_ARMS = ("mirage", "mirage_grpo", "mirage_grpo_strict", "mirage_residual", "mirage_alt_helper", "mirage_grid")
 
 
 @dataclass

@@ -62,13 +62,15 @@ def base_path(args: ResultsArguments) -> Path:
 
 def eval_extras(args: ResultsArguments, arm: str) -> list[str]:
     """The options of ``arm``'s evaluation beyond the eval recipe: the latent interventions (with the oracle the arm's
-    stage 1 was trained towards: its helper variant, ``--oracle_target residual`` for residual targets) for
-    :data:`LATENT_ARMS`, ``--helper_as_input`` for the input upper bound."""
+    stage 1 was trained towards: its helper variant, ``--oracle_target residual`` for residual targets,
+    ``--oracle_compress grid`` for grid targets; k is read from the checkpoint) for :data:`LATENT_ARMS`,
+    ``--helper_as_input`` for the input upper bound."""
     helper = args.alt_helper if arm == "mirage_alt_helper" else args.helper
     oracle = ["--oracle_helper", helper] if helper else []
     if arm in LATENT_ARMS and args.interventions:
         return (["--latent_intervention", *args.interventions, *oracle]
-                + (["--oracle_target", "residual"] if arm == "mirage_residual" else []))
+                + (["--oracle_target", "residual"] if arm == "mirage_residual" else [])
+                + (["--oracle_compress", "grid"] if arm == "mirage_grid" else []))
     if arm == "input_upper_bound":
         return ["--helper_as_input", "true", *oracle]
     return []

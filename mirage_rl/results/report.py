@@ -113,7 +113,8 @@ def collect(args: ResultsArguments, log: StepLog, chance: dict, focus=None, base
 def focus_interventions(eval_dir: Path, task, focus: list[str], seed: int) -> dict | None:
     """The latent interventions of one evaluation (``eval_dir/interventions/<name>/samples.jsonl``, written by
     ``mirage-rl eval --latent_intervention``) on the headline levels ``focus``: per name ``accuracy`` (the task's
-    headline metric), ``n`` and, against ``none`` on the same items, ``paired`` (``interventions.paired``: diff, exact
+    headline metric), ``n``, ``invalid_rate`` (the share of answers the task cannot parse, ``Task.summarize``; absent
+    for a task without one) and, against ``none`` on the same items, ``paired`` (``interventions.paired``: diff, exact
     McNemar p, bootstrap interval, discordant counts ``b``/``c``). ``None`` when the evaluation ran none."""
     from ..interventions import paired
 
@@ -122,15 +123,20 @@ def focus_interventions(eval_dir: Path, task, focus: list[str], seed: int) -> di
     if not folder.is_dir() or not report.is_file():
         return None
     names = list(json.loads(report.read_text()).get("interventions") or {})
-    samples = {}
+    samples, invalid = {}, {}
     for name in names:
         rows = [json.loads(line) for line in (folder / name / "samples.jsonl").read_text().splitlines()]
-        samples[name] = [bool(r[task.correct_key]) for r in rows if str(r["level"]) in focus]
+        rows = [r for r in rows if str(r["level"]) in focus]
+        samples[name] = [bool(r[task.correct_key]) for r in rows]
+        if rows:
+            invalid[name] = task.summarize(rows).get("invalid_rate")
     if "none" not in samples or not samples["none"]:
         return None
     out = {}
     for name, ok in samples.items():
         out[name] = {"accuracy": sum(ok) / len(ok), "n": len(ok)}
+        if invalid.get(name) is not None:
+            out[name]["invalid_rate"] = invalid[name]
         if name != "none":
             out[name]["paired"] = paired(samples["none"], ok, seed)
     return out
@@ -150,6 +156,7 @@ def _span(focus: list[str]) -> str:
 #: the paired differences the report lists (a minus b, same seed), when both arms ran
 PAIRS = [("mirage", "direct_sft"), ("mirage", "direct_sft_matched"), ("dummy_latent", "mirage"),
          ("mirage_residual", "mirage"), ("mirage_residual", "direct_sft"), ("mirage_alt_helper", "mirage"),
+         ("mirage_grid", "mirage"), ("mirage_grid", "direct_sft"),
          ("mirage_grpo", "mirage"), ("mirage_grpo_strict", "mirage"), ("mirage_grpo_strict", "mirage_grpo"),
          ("direct_sft_grpo", "direct_sft"), ("direct_sft_grpo_strict", "direct_sft"), ("mirage_grpo", "direct_sft_grpo"),
          ("input_upper_bound", "direct_sft")]
@@ -195,6 +202,7 @@ def headline(res: dict, span: str) -> list[str]:
                  (head, "mirage_residual", "direct_sft", "With residual (map-specific) targets, does Mirage beat Direct SFT"),
                  (head, "mirage_residual", "mirage", "Residual targets against the paper's targets"),
                  (head, "mirage_alt_helper", "mirage", "The other helper image against the main one"),
+                 (head, "mirage_grid", "mirage", "Grid targets (larger k) against the paper's targets"),
                  (head, "input_upper_bound", "direct_sft", "Seeing the helper image as input (the upper bound)")]
     if strict:
         questions += [(strict, "mirage_grpo", "mirage", "Official-rule GRPO, strict accuracy"),
@@ -205,7 +213,7 @@ def headline(res: dict, span: str) -> list[str]:
         line = _diff_line(res, a, b, key, what)
         if line:
             out.append(line)
-    for arm in ("mirage", "mirage_residual", "mirage_alt_helper"):
+    for arm in ("mirage", "mirage_residual", "mirage_alt_helper", "mirage_grid"):
         runs = [s["interventions"] for s in res["arms"].get(arm, {}).get("seeds", {}).values() if s.get("interventions")]
         if not runs:
             continue
@@ -254,15 +262,18 @@ def intervention_tables(res: dict, span: str, metric: str) -> list[str]:
                 cells.append("-")
                 continue
             acc = sum(h["accuracy"] for h in have) / len(have)
+            bad = ([h["invalid_rate"] for h in have] if all("invalid_rate" in h for h in have) else [])
+            bad = f"; {sum(bad) / len(bad):.0%} invalid" if bad and sum(bad) > 0 else ""
             if name == "none":
-                cells.append(f"{acc:.3f}")
+                cells.append(f"{acc:.3f}" + (f" ({bad[2:]})" if bad else ""))
                 continue
             diff = sum(h["paired"]["diff"] for h in have) / len(have)
             pooled = mcnemar_p(sum(h["paired"]["b"] for h in have), sum(h["paired"]["c"] for h in have))
-            cells.append(f"{acc:.3f} ({diff:+.3f}, p = {pooled:.1g})")
+            cells.append(f"{acc:.3f} ({diff:+.3f}, p = {pooled:.1g}{bad})")
         rows.append([v["label"], len(runs), *cells])
     out = ["", f"### Latent interventions: {span}, {metric} (mean over seeds; in brackets the paired difference from "
-               "`none` and the exact McNemar p-value of the discordant pairs pooled over seeds)", "",
+               "`none`, the exact McNemar p-value of the discordant pairs pooled over seeds and, where any, the share "
+               "of answers that do not parse)", "",
            markdown_table(["arm", "seeds", *names], rows)]
     rows = []
     for v in arms.values():

@@ -32,6 +32,10 @@ class MirageSFTConfig(LatentFields, SFTConfig):
         helper_as_input: give each row's helper image as a second input image (right after the first) and train
             without a latent block: the input upper bound of docs/RESULTS.md (the paper's "helper image as input"
             row; needs ``latent_mode: none``, stage 2).
+        set_latent_size: stage 1 only: when the checkpoint records another latent size, set it to ``latent_size``
+            (the three latent tokens and their embeddings stay; only the number of ``<|latent_pad|>`` slots per block
+            changes). For a checkpoint whose latent slots were never trained, e.g. the seeing tiny base (k = 4) of
+            ``make results`` used for the k = 16 grid-target arm; without it a different latent size raises.
         gamma: weight of the CE term in stage 1 (paper: 0.1).
         latent_blocks: latent blocks (``<output_image>`` markers) every answer must hold (``None``: any number).
         max_length: the most tokens of a row (default 8192); a longer row raises, naming it (never truncated).
@@ -49,6 +53,9 @@ class MirageSFTConfig(LatentFields, SFTConfig):
         "help": "Stage-1 targets: helper (the paper: the pooled helper image) or residual (ours: the pooled helper "
                 "image minus the pooled input image, only what the drawing adds)."})
     gamma: float = field(default=0.1, metadata={"help": "Stage-1 weight of the CE loss (paper: 0.1)."})
+    set_latent_size: bool = field(default=False, metadata={
+        "help": "Stage 1: set the checkpoint's latent size k to latent_size (for a base whose latent slots were never "
+                "trained); otherwise a different k raises."})
     helper_as_input: bool = field(default=False, metadata={
         "help": "Input upper bound: the helper image as a second input image, no latent block (latent_mode none)."})
     latent_blocks: int | None = field(default=1, metadata={
@@ -82,6 +89,9 @@ class MirageSFTConfig(LatentFields, SFTConfig):
                              "and stage: 2")
         if self.latent_size < 1:
             raise ValueError(f"latent_size must be >= 1, got {self.latent_size}")
+        if self.set_latent_size and self.stage != 1:
+            raise ValueError("set_latent_size changes k of a checkpoint whose latent slots were never trained: stage 1 "
+                             "only (stage 2 keeps the k its stage 1 trained)")
         if self.train_vision_tower and self.stage == 1:
             raise ValueError("train_vision_tower with stage 1: the helper-image targets come from the vision tower, "
                              "which would learn to collapse them; train it in stage 2 only")
