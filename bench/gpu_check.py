@@ -23,7 +23,9 @@ limit still leaves what it measured; progress goes to stderr with the elapsed se
   stage-1 / plain and stage-2 / plain SFT step ratios at batch 8, k = 4 (``bench/sft_step.py``); latent-interleaved
   decoding tokens/s against plain decoding and HF ``generate`` at batch 8 and 64 (``bench/generate.py``); one GRPO
   step split into phases at 2 prompts x 4 generations with gradient checkpointing on CUDA (``bench/grpo_step.py``;
-  4 x 8 ran out of the H100's 80 GB at 3B shapes).
+  4 x 8 ran out of the H100's 80 GB at 3B shapes), and ``shared_over_unshared_step``: the step with each group's
+  prompt shared over the step with every rollout running its own (``shared_prefix``; under gradient checkpointing
+  only the rollout prefill shares, ``gradient_checkpointing`` says which).
 * ``memory``: peak allocated GPU memory (CPU: the process's peak RSS) of each of the above, and whether one
   7B-shaped stage-2 step with gradient checkpointing at batch 2 fits this GPU (``skipped`` on CPU, with ``--quick``
   or when the time budget is spent).
@@ -376,16 +378,29 @@ def grpo_speed(body: dict, mem: dict, args, setup, rows) -> None:
 
     trainer, timer, images = setup
     batch = [rows[i] for i in range(args.grpo_prompts) for _ in range(args.grpo_generations)]
-    steps = []
+    steps, unshared = [], []
     with peak(args.device, mem, "grpo_step_peak_gib"):
         for i in range(1 + (1 if args.quick else 2)):
             s = grpo_step.grpo_step(trainer, timer, images, batch, args.device)
             if i:
                 steps.append(s)
+    # the same steps with every rollout running its own prompt (shared_prefix off, issue 22), interleaved
+    try:
+        for i in range(2 if args.quick else 4):
+            trainer.args.shared_prefix = bool(i % 2)
+            s = grpo_step.grpo_step(trainer, timer, images, batch, args.device)
+            (steps if trainer.args.shared_prefix else unshared).append(s)
+    finally:
+        trainer.args.shared_prefix = True
     med = {p: statistics.median(s[p] for s in steps) for p in (*grpo_step.PHASES, "total")}
+    lm = trainer.accelerator.unwrap_model(trainer.model).model.language_model
     body.update({"prompts": args.grpo_prompts, "generations": args.grpo_generations,
                  "step_ms": 1000 * med["total"], **{f"{p}_ms": 1000 * med[p] for p in grpo_step.PHASES},
-                 "generation_share": med["generation"] / med["total"]})
+                 "generation_share": med["generation"] / med["total"],
+                 "unshared_step_ms": 1000 * statistics.median(s["total"] for s in unshared),
+                 "shared_over_unshared_step": med["total"] / statistics.median(s["total"] for s in unshared),
+                 # under gradient checkpointing only the rollout prefill is shared (the scoring forwards keep no cache)
+                 "gradient_checkpointing": bool(lm.gradient_checkpointing)})
 
 
 def sft_speed(body: dict, mem: dict, args, model, model_dir: Path, rows) -> None:

@@ -1,11 +1,11 @@
-"""One GRPO step split into its phases: generation, reward, log-prob, optimisation (and the rest).
+"""One GRPO step split into its phases, with each group's prompt shared and not (issue 22).
 
-    python bench/grpo_step.py                         # tiny model, CPU: batch 8 and 32 (4 rollouts per prompt), k = 4
-    python bench/grpo_step.py --batch_sizes 8 32 --repeats 5
+    python bench/grpo_step.py                         # tiny model, CPU: 2x4, 4x8 and 8x8 (prompts x rollouts), k = 4
+    python bench/grpo_step.py --layouts 2x4 --variants shared unshared uncached --repeats 5
 
 A step is what ``Trainer.train`` runs per optimizer step with one accumulation step: ``MirageGRPOTrainer.training_step``
-on a generation batch of VSP prompts (each repeated ``--num_generations`` times, as TRL's sampler does), then the
-optimizer step. Phases are timed by wrapping the trainer's methods on the instance:
+on a generation batch of VSP prompts (each repeated G times, as TRL's sampler does), then the optimizer step.
+Phases are timed by wrapping the trainer's methods on the instance:
 
 * ``generation``: ``_generate_single_turn`` (latent-interleaved sampling, ``mirage_rl.generation``);
 * ``reward``: ``_calculate_rewards`` (the recipe's reward functions, ``plan_success_reward`` + ``format_reward``);
@@ -15,16 +15,23 @@ optimizer step. Phases are timed by wrapping the trainer's methods on the instan
 * ``other``: the rest of ``_generate_and_score_completions`` (prompt templating and tokenization, image processing,
   advantages, gathers).
 
+Variants, run interleaved step by step: ``shared`` (the default trainer: ``shared_prefix`` on, prompt-image caches
+on), ``unshared`` (``shared_prefix: false``: every rollout runs its prompt, as TRL does) and, on request,
+``uncached`` (``unshared`` without the prompt-image caches either: TRL's behaviour). After the timed steps, one
+more step per variant measures the peak memory of the loss forward and backward (from the end of
+``_prepare_inputs`` to the end of the backward; CPU: live malloc'd memory sampled by a thread, CUDA:
+``max_memory_allocated``; ``common.PeakMemory``), untimed because the sampler costs CPU.
+
 The model has random weights; the ``<|latent_start|>`` row of its LM head is redrawn with ``--start_bias`` times the
 init std so that rollouts open latent blocks as a trained policy does (``latent_blocks_per_completion`` is reported).
-The default trainer (``cached``) runs interleaved with ``uncached`` (``cache_prompt_images: false``, what TRL does);
-both count the images that the image processor and the vision tower (policy and reference) handle per step. Headline
-key (batch 8, k = 4, median of the default trainer): ``generation_share``, the generation phase over the whole step.
+Headline keys: ``shared_over_unshared_step`` (4x8, k = 4: the shared step's median over the unshared one),
+``shared_over_unshared_loss_memory`` (4x8) and ``generation_share`` (2x4, shared: generation over the whole step).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -34,6 +41,7 @@ from pathlib import Path
 import torch
 from common import (
     SIZES,
+    PeakMemory,
     bench_model_dir,
     build_rows,
     header,
@@ -75,9 +83,15 @@ class PhaseTimer:
         setattr(obj, name, timed)
 
 
-def make_trainer(model_dir: Path, size: str, rows, args, device: str, cache: bool, out: Path, model=None):
+#: variant -> (prompt-image caches, shared_prefix)
+VARIANTS = {"shared": (True, True), "unshared": (True, False), "uncached": (False, False)}
+
+
+def make_trainer(model_dir: Path, size: str, rows, args, device: str, cache: bool, out: Path, model=None,
+                 shared_prefix: bool = True):
     """A prepared GRPO trainer (its ``<|latent_start|>`` head row biased so that rollouts open latent blocks), its
-    phase timer and image counters. ``model``: an already built model (``bench/gpu_check.py``)."""
+    phase timer and image counters. ``model``: an already built model (``bench/gpu_check.py``); ``cache``:
+    ``cache_prompt_images``; ``shared_prefix``: the config field."""
     import rewards
     from mirage_rl.modeling import LatentTokens, load_processor
     from mirage_rl.trainers import MirageGRPOConfig, MirageGRPOTrainer
@@ -99,7 +113,8 @@ def make_trainer(model_dir: Path, size: str, rows, args, device: str, cache: boo
         per_device_train_batch_size=args.batch, num_generations=args.num_generations,
         max_completion_length=args.max_completion_length, beta=args.beta, num_iterations=args.num_iterations,
         loss_type="dapo", learning_rate=1e-5, report_to="none", save_strategy="no", seed=0,
-        latent_mode="hidden", cache_prompt_images=cache, **getattr(args, "config_overrides", {}))
+        latent_mode="hidden", cache_prompt_images=cache, shared_prefix=shared_prefix,
+        **getattr(args, "config_overrides", {}))
     funcs = rewards.load_reward_funcs(["plan_success_reward", "format_reward"],
                                       {"format_reward": {"latent_blocks_expected": 1}})
     trainer = MirageGRPOTrainer(model, funcs, config, train_dataset=rows, processing_class=processor)
@@ -147,11 +162,47 @@ def grpo_step(trainer, timer, images, generation_batch, device: str) -> dict:
             "processed_images": images["processor"]}
 
 
+def loss_memory_step(trainer, timer, images, generation_batch, device: str) -> float:
+    """One more step; returns the peak memory (MiB) of its loss forward and backward above the level at their
+    start (``common.PeakMemory`` from the end of ``_prepare_inputs`` to the end of ``accelerator.backward``)."""
+    probe = {}
+    prepare, backward = trainer._prepare_inputs, trainer.accelerator.backward
+
+    def prepared(*a, **kw):
+        out = prepare(*a, **kw)
+        probe["ctx"] = PeakMemory(device).__enter__()
+        return out
+
+    def backward_then_read(loss, **kw):
+        result = backward(loss, **kw)
+        ctx = probe.pop("ctx")
+        ctx.__exit__(None, None, None)
+        probe["mb"] = ctx.mb
+        return result
+
+    trainer._prepare_inputs, trainer.accelerator.backward = prepared, backward_then_read
+    try:
+        grpo_step(trainer, timer, images, generation_batch, device)
+    finally:
+        del trainer._prepare_inputs, trainer.accelerator.backward  # the instance attributes: back to the methods
+    return probe["mb"]
+
+
+def parse_layout(text: str) -> tuple[int, int]:
+    """``"4x8"`` -> (4 prompts, 8 rollouts each)."""
+    try:
+        prompts, gens = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        sys.exit(f"--layouts: {text!r} is not PROMPTSxROLLOUTS, e.g. 4x8")
+    return prompts, gens
+
+
 def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="tiny", choices=SIZES, help="model shape (3b/7b need a GPU)")
-    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[8, 32], help="rollouts per step")
-    parser.add_argument("--num_generations", type=int, default=4, help="rollouts per prompt (group size)")
+    parser.add_argument("--layouts", nargs="+", default=["2x4", "4x8", "8x8"],
+                        help="generation batches as PROMPTSxROLLOUTS (rollouts per prompt = the group size)")
+    parser.add_argument("--variants", nargs="+", default=["shared", "unshared"], choices=list(VARIANTS))
     parser.add_argument("--ks", type=int, nargs="+", default=[4], help="latent sizes k")
     parser.add_argument("--max_completion_length", type=int, default=48)
     parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient (> 0: a reference forward)")
@@ -159,56 +210,77 @@ def main() -> dict:
     parser.add_argument("--start_bias", type=float, default=50.0, help="see above")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
+    parser.add_argument("--memory_steps", type=int, default=1, help="untimed loss-memory steps per variant (0: none)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-grpo-"))
-    n_rows = max(b // args.num_generations for b in args.batch_sizes)
-    rows = build_rows(n_rows, work / "data", "bench/grpo_step.py")
+    layouts = [parse_layout(x) for x in args.layouts]
+    rows = build_rows(max(p for p, _ in layouts), work / "data", "bench/grpo_step.py")
     rows = rows.remove_columns([c for c in ("helper_image", "answer") if c in rows.column_names])
     results, t_start = [], time.perf_counter()
     for k in args.ks:
         model_dir = bench_model_dir(args.size, k, work)
-        for batch in args.batch_sizes:
-            if batch % args.num_generations:
-                sys.exit(f"batch {batch} is not a multiple of --num_generations {args.num_generations}")
-            args.batch = batch
-            prompts = batch // args.num_generations
-            generation_batch = [rows[i] for i in range(prompts) for _ in range(args.num_generations)]
-            setups = {name: make_trainer(model_dir, args.size, rows, args, args.device, cache, work / name)
-                      for name, cache in (("cached", True), ("uncached", False))}
+        for prompts, gens in layouts:
+            args.batch, args.num_generations = prompts * gens, gens
+            generation_batch = [rows[i] for i in range(prompts) for _ in range(gens)]
+            setups = {name: make_trainer(model_dir, args.size, rows, args, args.device, VARIANTS[name][0], work / name,
+                                         shared_prefix=VARIANTS[name][1]) for name in args.variants}
             steps = {name: [] for name in setups}
             for i in range(args.warmup + args.repeats):
                 for name, (trainer, timer, images) in setups.items():
                     s = grpo_step(trainer, timer, images, generation_batch, args.device)
                     if i >= args.warmup:
                         steps[name].append(s)
-            row = {"k": k, "batch": batch, "prompts": prompts, "num_generations": args.num_generations}
+            memory = {name: [loss_memory_step(*setup, generation_batch, args.device) for _ in range(args.memory_steps)]
+                      for name, setup in setups.items()}
+            row = {"k": k, "layout": f"{prompts}x{gens}", "batch": args.batch, "prompts": prompts,
+                   "num_generations": gens}
             for name, ss in steps.items():
                 med = {key: summary([s[key] for s in ss])["median_s"] for key in (*PHASES, "total")}
                 total = summary([s["total"] for s in ss])
                 row[name] = {"median_s": med, "total": total,
                              "share": {p: sum(s[p] for s in ss) / sum(s["total"] for s in ss) for p in PHASES},
                              "tower_images_per_step": max(s["tower_images"] for s in ss),
-                             "processed_images_per_step": max(s["processed_images"] for s in ss)}
+                             "processed_images_per_step": max(s["processed_images"] for s in ss),
+                             "loss_peak_mb": statistics.median(memory[name]) if memory[name] else None}
                 metrics = setups[name][0]._metrics["train"]
                 blocks = metrics.get("latent/blocks_per_completion", [])
                 row[name]["latent_blocks_per_completion"] = sum(blocks) / max(1, len(blocks))
                 lengths = metrics.get("completions/mean_length", [])
                 row[name]["mean_completion_length"] = sum(lengths) / max(1, len(lengths))
-            row["generation_share"] = row["cached"]["share"]["generation"]
-            row["uncached_over_cached_step"] = row["uncached"]["total"]["median_s"] / row["cached"]["total"]["median_s"]
+            first = next(iter(steps))
+            row["generation_share"] = row[first]["share"]["generation"]
+            if "shared" in row and "unshared" in row:
+                sh, un = row["shared"], row["unshared"]
+                row["shared_over_unshared_step"] = sh["total"]["median_s"] / un["total"]["median_s"]
+                row["shared_over_unshared_train_forward_backward"] = (
+                    (sh["median_s"]["log_prob"] + sh["median_s"]["optimisation"])
+                    / (un["median_s"]["log_prob"] + un["median_s"]["optimisation"]))
+                if sh["loss_peak_mb"] and un["loss_peak_mb"]:
+                    row["shared_over_unshared_loss_memory"] = sh["loss_peak_mb"] / un["loss_peak_mb"]
+            if "uncached" in row and "unshared" in row:
+                row["uncached_over_unshared_step"] = row["uncached"]["total"]["median_s"] / row["unshared"]["total"]["median_s"]
             results.append(row)
-            c, u = row["cached"], row["uncached"]
-            print(f"k={k} batch={batch}: step {c['total']['median_s']:.3f}s, "
-                  + ", ".join(f"{p} {c['share'][p]:.1%}" for p in PHASES)
-                  + f"; images processed/encoded per step {c['processed_images_per_step']}/{c['tower_images_per_step']}"
-                  f" (uncached {u['processed_images_per_step']}/{u['tower_images_per_step']}, step "
-                  f"x{row['uncached_over_cached_step']:.3f})", file=sys.stderr)
+            for name in steps:
+                c = row[name]
+                print(f"k={k} {prompts}x{gens} {name}: step {c['total']['median_s']:.3f}s, "
+                      + ", ".join(f"{p} {c['share'][p]:.1%}" for p in PHASES)
+                      + f"; loss peak {c['loss_peak_mb'] or 0:.1f} MB; images processed/encoded per step "
+                      f"{c['processed_images_per_step']}/{c['tower_images_per_step']}", file=sys.stderr)
+            if "shared_over_unshared_step" in row:
+                print(f"k={k} {prompts}x{gens}: shared/unshared step x{row['shared_over_unshared_step']:.3f}, loss "
+                      f"memory x{row.get('shared_over_unshared_loss_memory', float('nan')):.3f}", file=sys.stderr)
             del setups
-    head = next((r for r in results if r["k"] == 4 and r["batch"] == 8), results[0])
-    return {**header("grpo_step", args.size, args.device), "headline_at": {"k": head["k"], "batch": head["batch"]},
-            "generation_share": head["generation_share"],
-            "uncached_over_cached_step": head["uncached_over_cached_step"],
+
+    def at(layout):
+        return next((r for r in results if r["k"] == 4 and r["layout"] == layout), results[0])
+
+    head, small = at("4x8"), at("2x4")
+    return {**header("grpo_step", args.size, args.device),
+            "headline_at": {"k": head["k"], "layout": head["layout"], "generation_share_layout": small["layout"]},
+            "shared_over_unshared_step": head.get("shared_over_unshared_step"),
+            "shared_over_unshared_loss_memory": head.get("shared_over_unshared_loss_memory"),
+            "generation_share": small["generation_share"],
             "max_completion_length": args.max_completion_length, "beta": args.beta,
             "num_iterations": args.num_iterations, "peak_memory_mb": peak_memory_mb(args.device),
             "wall_s": time.perf_counter() - t_start, "results": results}

@@ -76,7 +76,8 @@ def generate(model, processor, batch: dict, max_new_tokens: int = 64, latent_mod
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              generator: torch.Generator | list[torch.Generator] | None = None, return_logprobs: bool = False,
              latent_sigma: float | None = None, suppress_token_ids: list[int] | None = None,
-             eos_token_ids: list[int] | None = None, latent_fn=None, record_latents: bool = False) -> GenerationOutput:
+             eos_token_ids: list[int] | None = None, latent_fn=None, record_latents: bool = False,
+             share_prompts: bool = True) -> GenerationOutput:
     """Decode a left-padded prompt batch (``LatentCollator(with_answer=False)`` or TRL's tokenized prompts).
 
     Args:
@@ -102,6 +103,9 @@ def generate(model, processor, batch: dict, max_new_tokens: int = 64, latent_mod
             rows' own latents, ``slot`` ``(B,)`` long the slot index in its block (0..k-1) and ``block`` ``(B,)`` long
             the block index in its row; returns ``(B, H)``: what enters the slots (rows not in a slot ignore it).
         record_latents: return ``own_latents`` and ``fed_latents`` (per row ``(S_i, H)`` float32).
+        share_prompts: prefill each distinct prompt (ids, mask, mm token types, images) once and index its KV cache
+            over the rows that repeat it (a GRPO group); the same tokens as without (tested). ``False``: one prefill
+            row per row.
     Raises:
         ValueError: an unknown ``latent_mode`` (:class:`mirage_rl.latent.LatentMode`); ``latent_mode`` is not
             ``"none"`` and the checkpoint has no latent tokens; or ``latent_sigma`` without ``latent_mode="hidden"``.
@@ -123,10 +127,29 @@ def generate(model, processor, batch: dict, max_new_tokens: int = 64, latent_mod
 
     ids, am = batch["input_ids"], batch["attention_mask"]
     B = ids.shape[0]
-    emb = latent.embed_inputs(model, ids, batch.get("pixel_values"), batch.get("image_grid_thw"))
     pos, nxt = latent.position_ids(model, ids, am, batch.get("mm_token_type_ids"), batch.get("image_grid_thw"))
     cache = DynamicCache(config=lm.config)
-    h = lm(inputs_embeds=emb, position_ids=pos, attention_mask=am, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+    # the prefill runs once per distinct prompt (ids, mask, mm token types, images): a GRPO group repeats its prompt
+    # num_generations times; the cache and the last hidden state are then indexed over the rows (issue 22)
+    images = latent.row_images(model, ids, batch.get("pixel_values"), batch.get("image_grid_thw")) if share_prompts else None
+    mm = batch.get("mm_token_type_ids")
+    rows = (latent.prefix_groups(ids, am, ids.shape[1], [mm, [x[0] for x in images] if images else None])
+            if share_prompts and B > 1 else None)
+    reps = torch.unique(rows, sorted=True) if rows is not None else None
+    if reps is not None and len(reps) < B:
+        _, index = torch.unique(rows, sorted=True, return_inverse=True)
+        r = reps.tolist()
+        pix = torch.cat([images[i][0] for i in r]) if images else None
+        grid = torch.cat([images[i][1] for i in r]) if images else None
+        emb = latent.embed_inputs(model, ids[reps], pix, grid)
+        h = lm(inputs_embeds=emb, position_ids=pos[:, reps], attention_mask=am[reps], past_key_values=cache,
+               use_cache=True).last_hidden_state[:, -1]
+        cache.batch_select_indices(index)
+        h = h[index]
+    else:
+        emb = latent.embed_inputs(model, ids, batch.get("pixel_values"), batch.get("image_grid_thw"))
+        h = lm(inputs_embeds=emb, position_ids=pos, attention_mask=am, past_key_values=cache,
+               use_cache=True).last_hidden_state[:, -1]
     slots_left = torch.zeros(B, dtype=torch.long, device=device)
     if lt is not None:
         slots_left[ids[:, -1] == lt.start] = k + 1

@@ -225,11 +225,13 @@ def latent_fill(model, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, 
     raise ValueError(f"latent fill method must be 'auto', 'cached' or 'multipass', got {method!r}")
 
 
-def _fill_cached(lm, embeds, pos, attention_mask, latent_mask):
+def _fill_cached(lm, embeds, pos, attention_mask, latent_mask, cache=None, past_mask=None):
+    """The cached fill; with ``cache`` (a KV cache of ``past_mask.shape[1]`` earlier columns, e.g. a shared
+    prompt) the columns here continue it."""
     L = embeds.shape[1]
     cols = latent_mask.any(0).nonzero().flatten().tolist()
     starts, ends = [0] + cols, cols + [L]
-    cache = DynamicCache(config=lm.config)
+    cache = cache if cache is not None else DynamicCache(config=lm.config)
     outs: list[torch.Tensor] = []
     for s, e in zip(starts, ends):
         if e <= s:
@@ -238,7 +240,8 @@ def _fill_cached(lm, embeds, pos, attention_mask, latent_mask):
         if s > 0 and s in cols:  # this chunk starts at a latent column: feed the previous hidden state there
             first = torch.where(latent_mask[:, s, None], outs[-1][:, -1], chunk[:, 0])
             chunk = torch.cat([first[:, None], chunk[:, 1:]], 1)
-        outs.append(_lm_forward(lm, chunk, pos[..., s:e], attention_mask[:, :e], cache))
+        am = attention_mask[:, :e] if past_mask is None else torch.cat([past_mask, attention_mask[:, :e]], 1)
+        outs.append(_lm_forward(lm, chunk, pos[..., s:e], am, cache))
     return torch.cat(outs, 1)
 
 
@@ -291,8 +294,9 @@ def aligned_columns(latent_mask: torch.Tensor) -> torch.Tensor | None:
     return (torch.arange(L)[None] + offset).to(latent_mask.device)
 
 
-def _fill_cached_aligned(lm, embeds, pos, attention_mask, latent_mask, cols):
-    """:func:`_fill_cached` on the layout of :func:`aligned_columns`, mapped back to the original columns."""
+def _fill_cached_aligned(lm, embeds, pos, attention_mask, latent_mask, cols, cache=None, past_mask=None):
+    """:func:`_fill_cached` on the layout of :func:`aligned_columns`, mapped back to the original columns (gap
+    columns go after a given ``cache``, never into it)."""
     B, L, H = embeds.shape
     width = int(cols.max()) + 1
     rows = torch.arange(B, device=cols.device)[:, None].expand(B, L)
@@ -304,7 +308,7 @@ def _fill_cached_aligned(lm, embeds, pos, attention_mask, latent_mask, cols):
     am[rows, cols] = attention_mask
     lmask = latent_mask.new_zeros(B, width)
     lmask[rows, cols] = latent_mask
-    hidden = _fill_cached(lm, e, p, am, lmask)
+    hidden = _fill_cached(lm, e, p, am, lmask, cache, past_mask)
     return hidden.gather(1, cols[..., None].expand(B, L, hidden.shape[-1]))
 
 
@@ -347,6 +351,115 @@ def latent_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.T
     if latent_mask is None:
         return _lm_forward(language_model(model), emb, pos, attention_mask)
     return latent_fill(model, emb, pos, attention_mask, latent_mask, method)
+
+
+def prefix_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_len: int,
+                  extras: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """For every row, the first row whose first ``prefix_len`` columns are the same: the rows that can share one
+    prompt forward (a GRPO group repeats its prompt ``num_generations`` times; rows need not be adjacent).
+
+    Args:
+        input_ids / attention_mask: ``(B, L)``. prefix_len: the columns compared.
+        extras: per-row tensors that must also be equal (``(B, ...)``, e.g. ``mm_token_type_ids[:, :prefix_len]``),
+            or per-row lists of tensors (a row's image patches) given as ``None`` when absent.
+    Returns:
+        ``(B,)`` long, ``out[i] <= i``; ``out[i] == i`` for the first row of each group.
+    """
+    B = input_ids.shape[0]
+    keys = [input_ids[:, :prefix_len], attention_mask[:, :prefix_len], *[x for x in (extras or []) if x is not None]]
+    out = list(range(B))
+    reps: list[int] = []
+    for i in range(B):
+        for r in reps:
+            if all(torch.equal(k[i], k[r]) for k in keys):
+                out[i] = r
+                break
+        else:
+            reps.append(i)
+    return torch.tensor(out, dtype=torch.long, device=input_ids.device)
+
+
+def row_images(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+               image_grid_thw: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per row, its images' patches ``(P_i, C*T*p*p)`` and grids ``(N_i, 3)`` (a row's images are the ones whose
+    ``<|vision_start|>`` it holds, in order); ``None`` without images."""
+    if pixel_values is None or image_grid_thw is None:
+        return None
+    per_row = (input_ids == backbone(model).config.vision_start_token_id).sum(1).tolist()
+    patches = image_grid_thw.prod(-1).tolist()
+    if sum(per_row) != len(patches):
+        raise ValueError(f"{sum(per_row)} <|vision_start|> tokens but {len(patches)} images in image_grid_thw")
+    out, img, row = [], 0, 0
+    for n in per_row:
+        rows = sum(patches[img:img + n])
+        out.append((pixel_values[row:row + rows], image_grid_thw[img:img + n]))
+        img, row = img + n, row + rows
+    return out
+
+
+def shared_prefix_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                image_grid_thw: torch.Tensor | None, mm_token_type_ids: torch.Tensor | None,
+                                latent_mask: torch.Tensor | None, latent_inputs: torch.Tensor | None,
+                                prefix_rows: torch.Tensor, prefix_len: int,
+                                prefix_pixel_values: torch.Tensor | None = None,
+                                prefix_image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`latent_hidden_states` with the first ``prefix_len`` columns run once per group of rows that share them
+    (issue 22; ours: TRL runs a GRPO group's prompt once per rollout).
+
+    The prefix (the prompt minus its last token) of each group's first row goes through the vision tower and the
+    decoder once, with a KV cache; the cache is indexed over the group's rows (one copy per layer, whose backward
+    sums every row's gradient into the one prefix forward, as the unshared computation sums them), and the rest of
+    each row (the prompt's last token, then the completion with its latent blocks: realigned recurrent fill, or
+    ``latent_inputs`` teacher-forced) continues on it. Values and gradients equal :func:`latent_hidden_states`
+    within floating-point reordering (``tests/test_shared_prefix.py``).
+
+    Args:
+        input_ids / attention_mask / image_grid_thw (every row's images, for the mRoPE positions) /
+            mm_token_type_ids / latent_mask / latent_inputs: as :func:`latent_hidden_states`, ``(B, L)``.
+        prefix_rows: ``(B,)`` long, :func:`prefix_groups` of the first ``prefix_len`` columns.
+        prefix_len: ``P >= 1`` shared columns; no latent slot in columns ``0..P`` (the slot reads column ``P - 1``'s
+            hidden state in the row's own pass).
+        prefix_pixel_values / prefix_image_grid_thw: the images of the groups' first rows only (sorted by row).
+    Returns:
+        ``(B, L, H)``; columns ``0..P-1`` hold zeros (no label is scored there: the first completion token is
+        predicted from column ``L - C - 1 >= P``).
+    Raises:
+        ValueError: ``prefix_len`` outside ``[1, L)``; a latent slot in columns ``0..P``; an image token in columns
+            ``P..L-1``; ``latent_inputs`` without ``latent_mask``.
+    """
+    lm = language_model(model)
+    B, L = input_ids.shape
+    P = int(prefix_len)
+    if not 1 <= P < L:
+        raise ValueError(f"prefix_len must be in [1, {L - 1}], got {P}")
+    if latent_mask is not None and bool(latent_mask[:, : P + 1].any()):
+        raise ValueError(f"a latent slot in the shared prefix (columns 0..{P}): share fewer columns")
+    image_token = backbone(model).config.image_token_id
+    if bool((input_ids[:, P:] == image_token).any()):
+        raise ValueError(f"image tokens after the shared prefix (column {P} on): share more columns")
+    reps, index = torch.unique(prefix_rows, sorted=True, return_inverse=True)
+    pos, _ = position_ids(model, input_ids, attention_mask, mm_token_type_ids, image_grid_thw)
+    emb = embed_inputs(model, input_ids[reps, :P], prefix_pixel_values, prefix_image_grid_thw)
+    cache = DynamicCache(config=lm.config)
+    _lm_forward(lm, emb, pos[:, reps, :P], attention_mask[reps, :P], cache)
+    if len(reps) < B:
+        cache.batch_select_indices(index)
+    past = attention_mask[:, :P]
+    emb = embed_inputs(model, input_ids[:, P:])
+    am, p = attention_mask[:, P:], pos[..., P:]
+    if latent_inputs is not None:
+        if latent_mask is None:
+            raise ValueError(f"0 latent slots but {latent_inputs.shape[0]} latent vectors: pass latent_mask")
+        hidden = _lm_forward(lm, teacher_forced(emb, latent_mask[:, P:], latent_inputs), p,
+                             torch.cat([past, am], 1), cache)
+    elif latent_mask is None or not bool(latent_mask.any()):
+        hidden = _lm_forward(lm, emb, p, torch.cat([past, am], 1), cache)
+    else:
+        lmask = latent_mask[:, P:]
+        cols = aligned_columns(lmask)
+        hidden = (_fill_cached(lm, emb, p, am, lmask, cache, past) if cols is None
+                  else _fill_cached_aligned(lm, emb, p, am, lmask, cols, cache, past))
+    return torch.cat([hidden.new_zeros(B, P, hidden.shape[-1]), hidden], 1)
 
 
 def gaussian_logprob(z: torch.Tensor, h: torch.Tensor, sigma: float) -> torch.Tensor:

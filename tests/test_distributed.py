@@ -158,7 +158,10 @@ def grpo_args(model, data, out, batch: int) -> list[str]:
 @pytest.fixture(scope="module")
 def single_grpo(tmp_path_factory, tiny_dir, small_dataset_dir):
     root = tmp_path_factory.mktemp("single_grpo")
-    (record,) = launch("grpo", grpo_args(tiny_dir, small_dataset_dir, root / "out", 8), root / "logs", None)
+    # the reference scores every rollout's prompt itself (shared_prefix false); the ranks share each group's prompt
+    # (the default), so the comparison also holds shared-prefix scoring to the unshared one under DDP and ZeRO-2/3
+    (record,) = launch("grpo", [*grpo_args(tiny_dir, small_dataset_dir, root / "out", 8), "--shared_prefix", "false"],
+                       root / "logs", None)
     return record
 
 
@@ -166,7 +169,7 @@ def single_grpo(tmp_path_factory, tiny_dir, small_dataset_dir):
 def test_grpo_two_ranks_match_one_process(launcher, single_grpo, tiny_dir, small_dataset_dir, tmp_path):
     """Rollouts sample with one generator per row of the global batch (``rollout_seed``): 2 ranks x 4 rollouts
     sample what 1 process x 8 samples, so rewards, losses, KL (beta > 0: the frozen reference copy, reloaded sharded
-    under ZeRO-3) and gradient norms agree."""
+    under ZeRO-3) and gradient norms agree; the ranks score with shared prompts, the one process without."""
     records = launch("grpo", grpo_args(tiny_dir, small_dataset_dir, tmp_path / "out", 4), tmp_path / "logs", launcher)
     assert len(records) == 2
     assert_same_steps(records, single_grpo)

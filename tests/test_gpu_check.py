@@ -32,7 +32,8 @@ REQUIRED = {
                   "latent_tokens_per_s", "plain_tokens_per_s", "hf_generate_tokens_per_s",
                   "latent_over_plain_tokens_per_s", "plain_over_hf_generate_tokens_per_s")],
               *[f"grpo.{p}_ms" for p in ("step", "generation", "reward", "log_prob", "optimisation", "image_processing",
-                                          "other")], "grpo.generation_share"],
+                                          "other")], "grpo.generation_share", "grpo.shared_over_unshared_step",
+              "grpo.unshared_step_ms"],
     "memory": ["decode_batch8_peak_gib", "decode_batch64_peak_gib", "grpo_step_peak_gib", "sft_step_peak_gib",
                "seven_b_stage2_gc_batch2.skipped"],
 }

@@ -52,7 +52,8 @@ def grpo_rows(small_rows):
     return small_rows.remove_columns(["helper_image", "answer"])
 
 
-def make_trainer(tiny_dir, rows, tmp_path, std=0.25, start_bias=8.0, dtype=torch.float32, reward_funcs=None, **kw):
+def make_trainer(tiny_dir, rows, tmp_path, std=0.25, start_bias=8.0, dtype=torch.float32, reward_funcs=None, lora=False,
+                 **kw):
     model, processor = load_model(tiny_dir), load_processor(tiny_dir)
     scramble(model, seed=3, std=std)
     lt = LatentTokens.from_config(model.config)
@@ -65,7 +66,15 @@ def make_trainer(tiny_dir, rows, tmp_path, std=0.25, start_bias=8.0, dtype=torch
     defaults.update(kw)
     args = MirageGRPOConfig(**defaults)
     funcs = reward_funcs or rewards.load_reward_funcs(["plan_success_reward", "format_reward"])
-    return MirageGRPOTrainer(model, funcs, args, train_dataset=rows, processing_class=processor), lt
+    peft = None
+    if lora:  # LoRA on every language-model linear, as `mirage-rl grpo` with `use_peft: true` (commands/grpo.py)
+        from trl import ModelConfig
+
+        from mirage_rl.commands.common import peft_config_for
+
+        peft = peft_config_for(ModelConfig(use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0), model,
+                               latent_rows=False)
+    return MirageGRPOTrainer(model, funcs, args, train_dataset=rows, processing_class=processor, peft_config=peft), lt
 
 
 def rollout(trainer, rows, n_prompts=2, seed=0):
@@ -253,7 +262,9 @@ def test_vision_tower_encodes_each_prompt_image_once_per_generation_batch(tiny_d
     n_prompts = 3
     assert len({grpo_rows[i]["image"].tobytes() for i in range(n_prompts)}) == n_prompts  # distinct prompt images
     # beta > 0 (a reference forward) and generate_every > GA steps (old log-probs): every phase runs on images
-    kw = dict(beta=0.1, num_iterations=2, per_device_train_batch_size=12, num_generations=4)
+    # shared_prefix off: each rollout's prompt runs its own forward, so this counts the image caches alone (the
+    # shared prefix encodes each prompt image once per phase by itself: tests/test_shared_prefix.py)
+    kw = dict(beta=0.1, num_iterations=2, per_device_train_batch_size=12, num_generations=4, shared_prefix=False)
     cached, _ = make_trainer(tiny_dir, grpo_rows, tmp_path / "a", **kw)
     plain, _ = make_trainer(tiny_dir, grpo_rows, tmp_path / "b", cache_prompt_images=False, **kw)
     counts = {}

@@ -24,6 +24,15 @@ class MirageGRPOConfig(LatentFields, GRPOConfig):
         cache_prompt_images: run the image processor and the frozen vision tower once per distinct prompt image of a
             generation batch, and reuse their outputs in the rollout, old/reference log-probs and the loss
             (:mod:`mirage_rl.image_cache`).
+        shared_prefix: run each group's prompt once (issue 22; ours, TRL runs it once per rollout): the rollout
+            prefills each distinct prompt once (``generation.generate(share_prompts=True)``); in the old,
+            reference and policy log-probs, the rows of a micro-batch whose prompts (ids, mask, images) are identical
+            run the prompt (minus its last token) through the decoder once, with a KV cache indexed over the rows,
+            and each row's completion continues on it (:func:`mirage_rl.latent.shared_prefix_hidden_states`; same
+            values and gradients). Rows of a group need not be adjacent (TRL shuffles a generation batch before
+            splitting it into micro-batches); groups a micro-batch holds only part of share among the rows it holds.
+            Skipped (the unshared forward runs) under gradient checkpointing in training and with ``latent_fill:
+            multipass``, which keep no cache, and when no two rows of a micro-batch share a prompt.
         vllm_importance_sampling_correction: TRL's truncated / masked importance-sampling correction (same name and
             semantics, with ``vllm_importance_sampling_mode``, ``_clip_min``, ``_clip_max``), applied to latent rollouts:
             the rollout's sampling-time log-probs (cached decode) and the recomputed ones (full forward) differ in
@@ -55,6 +64,8 @@ class MirageGRPOConfig(LatentFields, GRPOConfig):
     latent_sigma: float = field(default=0.1, metadata={"help": "Std of Gaussian latents (latent_objective: gaussian)."})
     cache_prompt_images: bool = field(default=True, metadata={
         "help": "Process and encode each distinct prompt image once per generation batch (mirage_rl.image_cache)."})
+    shared_prefix: bool = field(default=True, metadata={
+        "help": "Run each group's shared prompt once in the log-prob and loss forwards (same values and gradients)."})
     vllm_importance_sampling_correction: bool | None = field(default=None, metadata={
         "help": "Importance-sampling correction of the rollout's log-probs against the recomputed ones (TRL's option, "
                 "with its vllm_importance_sampling_mode / _clip_min / _clip_max), for latent rollouts too. Default: on "

@@ -50,17 +50,26 @@ logger = logging.getLogger(__name__)
 
 def _latent_backbone_forward(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
                              mm_token_type_ids=None, latent_mask=None, latent_inputs=None, latent_fill_method="auto",
+                             prefix_rows=None, prefix_len=None, prefix_pixel_values=None, prefix_image_grid_thw=None,
                              **kwargs):
     """``Qwen2_5_VLModel.forward`` with latent slots: installed on the backbone instance, called by TRL's fused
-    LM head (``add_fused_lm_head``) with ``latent_mask`` (and, for Gaussian latents, ``latent_inputs``). Without
-    them it is the original forward. With ``latent_inputs`` the hidden states before each slot are kept in
-    ``self._latent_slot_hidden`` ``(N, H)`` for the Gaussian log-density."""
-    if latent_mask is None:
+    LM head (``add_fused_lm_head``) with ``latent_mask`` (and, for Gaussian latents, ``latent_inputs``), and with
+    ``prefix_rows`` / ``prefix_len`` / ``prefix_pixel_values`` / ``prefix_image_grid_thw`` when rows share their
+    prompt (:func:`mirage_rl.latent.shared_prefix_hidden_states`; ``pixel_values`` is then ``None`` and
+    ``image_grid_thw`` every row's, for the positions). Without them it is the original forward. With
+    ``latent_inputs`` the hidden states before each slot are kept in ``self._latent_slot_hidden`` ``(N, H)`` for
+    the Gaussian log-density."""
+    if prefix_rows is not None:
+        hidden = latent.shared_prefix_hidden_states(self, input_ids, attention_mask, image_grid_thw, mm_token_type_ids,
+                                                    latent_mask, latent_inputs, prefix_rows, prefix_len,
+                                                    prefix_pixel_values, prefix_image_grid_thw)
+    elif latent_mask is None:
         return original(self, "forward")(input_ids=input_ids, attention_mask=attention_mask,
                                              pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                                              mm_token_type_ids=mm_token_type_ids, **kwargs)
-    hidden = latent.latent_hidden_states(self, input_ids, attention_mask, pixel_values, image_grid_thw,
-                                         mm_token_type_ids, latent_mask, latent_inputs, latent_fill_method)
+    else:
+        hidden = latent.latent_hidden_states(self, input_ids, attention_mask, pixel_values, image_grid_thw,
+                                             mm_token_type_ids, latent_mask, latent_inputs, latent_fill_method)
     if latent_inputs is not None:
         self._latent_slot_hidden = hidden[:, :-1][latent_mask[:, 1:]]
     return BaseModelOutputWithPast(last_hidden_state=hidden)
@@ -231,7 +240,8 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             out = generate(unwrapped, self.processing_class, batch, max_new_tokens=self.max_completion_length,
                            latent_mode=self.latent_mode, do_sample=True, temperature=self.temperature,
                            top_p=self.top_p, generator=generators, return_logprobs=True, latent_sigma=sigma,
-                           suppress_token_ids=suppress, eos_token_ids=list(self.eos_token_ids))
+                           suppress_token_ids=suppress, eos_token_ids=list(self.eos_token_ids),
+                           share_prompts=self.args.shared_prefix)
         self._generation_time += time.perf_counter() - t0
         eos = set(self.eos_token_ids) | {self._tokenizer.pad_token_id}
         seqs, logps = out.sequences.tolist(), out.logprobs.tolist()
@@ -458,6 +468,10 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
                 if gaussian:
                     v, n = values[start:end], chunk_slots.sum(1)
                     inputs["latent_inputs"] = v[torch.arange(v.shape[1], device=v.device)[None] < n[:, None]]
+            if self._shares_prefix(unwrapped):
+                inputs.update(self._prefix_inputs(inputs, input_ids.size(1) - logits_to_keep - 1,
+                                                  None if pixel_values is None else cum_rows[start:end + 1],
+                                                  None if num_images is None else cum_imgs[start:end + 1]))
             if compute_aux_loss:  # TRL 1.16
                 inputs["output_router_logits"] = True  # TRL 1.16
             labels = ids.masked_fill(am == 0, -100)  # TRL 1.16: the fused LM head scores the completion
@@ -478,6 +492,43 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         entropies = torch.cat(all_entropies, 0) if compute_entropy else None  # TRL 1.16
         aux = torch.stack(all_aux).mean() if compute_aux_loss else None  # TRL 1.16
         return logps, entropies, aux  # TRL 1.16
+
+
+    def _shares_prefix(self, unwrapped) -> bool:
+        """Whether scoring forwards may share prompts (``args.shared_prefix``), i.e. the decoder keeps a KV cache:
+        not under gradient checkpointing in training, not with ``latent_fill: multipass``."""
+        lm = latent.language_model(unwrapped)
+        return bool(self.args.shared_prefix and self.args.latent_fill != "multipass"
+                    and not (lm.gradient_checkpointing and lm.training))
+
+    @staticmethod
+    def _prefix_inputs(inputs: dict, prefix_len: int, cum_rows, cum_imgs) -> dict:
+        """The extra forward inputs that make rows with the same first ``prefix_len`` columns (ids, mask, mm token
+        types, image patches) share one prompt forward: ``prefix_rows`` (:func:`mirage_rl.latent.prefix_groups`),
+        ``prefix_len``, the groups' first rows' ``prefix_pixel_values`` / ``prefix_image_grid_thw`` and
+        ``pixel_values: None``; ``{}`` when no two rows share (the unshared forward runs). ``cum_rows`` /
+        ``cum_imgs``: ``(b + 1,)`` cumulative patch rows and images of the micro-batch's rows (``None`` without
+        images)."""
+        ids, am = inputs["input_ids"], inputs["attention_mask"]
+        if prefix_len < 1:
+            return {}
+        extras = [inputs["mm_token_type_ids"][:, :prefix_len] if "mm_token_type_ids" in inputs else None]
+        pix, grid = inputs.get("pixel_values"), inputs.get("image_grid_thw")
+        if pix is not None:
+            base_r, base_i = int(cum_rows[0]), int(cum_imgs[0])
+            row_pix = [pix[int(cum_rows[i]) - base_r:int(cum_rows[i + 1]) - base_r] for i in range(ids.size(0))]
+            extras.append(row_pix)
+        rows = latent.prefix_groups(ids, am, prefix_len, extras)
+        reps = torch.unique(rows, sorted=True).tolist()
+        if len(reps) == ids.size(0):
+            return {}
+        out = {"prefix_rows": rows, "prefix_len": prefix_len}
+        if pix is not None:
+            out["prefix_pixel_values"] = torch.cat([row_pix[r] for r in reps], 0)
+            out["prefix_image_grid_thw"] = torch.cat([grid[int(cum_imgs[r]) - base_i:int(cum_imgs[r + 1]) - base_i]
+                                                      for r in reps], 0)
+            out["pixel_values"] = None
+        return out
 
 
 def rollout_seed(seed: int, mode: str, step: int, row: int) -> int:
