@@ -266,7 +266,7 @@ def test_report_of_interventions_geometry_and_a_named_block(tmp_path, small_data
     diff = sum(x["paired"]["diff"] for x in skip) / 2
     bad = sum(x["invalid_rate"] for x in skip) / 2
     assert bad == 1 - acc and iv["zero"]["invalid_rate"] == 0
-    assert f"{acc:.3f} ({diff:+.3f}, p = " in row and f"; {bad:.0%} invalid)" in row
+    assert f"{acc:.3f} ({diff:+.3f}, p = " in row and f"; {bad:.1%} invalid)" in row
     assert row.count("invalid") == 1  # shown only where answers do not parse
     # the one-seed arm: its label names its helper, one seed, its missing interventions shown as "-"
     alt = next(line for line in text.splitlines() if line.startswith("| Mirage, helper image: filled | 1 |") and "-" in line)

@@ -263,7 +263,7 @@ def intervention_tables(res: dict, span: str, metric: str) -> list[str]:
                 continue
             acc = sum(h["accuracy"] for h in have) / len(have)
             bad = ([h["invalid_rate"] for h in have] if all("invalid_rate" in h for h in have) else [])
-            bad = f"; {sum(bad) / len(bad):.0%} invalid" if bad and sum(bad) > 0 else ""
+            bad = f"; {sum(bad) / len(bad):.1%} invalid" if bad and sum(bad) > 0 else ""
             if name == "none":
                 cells.append(f"{acc:.3f}" + (f" ({bad[2:]})" if bad else ""))
                 continue
