@@ -55,7 +55,8 @@ def test_plan_shares_runs_and_chains_each_arm(tmp_path, vsp_dir):  # the base st
     # every run gets its seed, every arm one evaluation per seed
     assert all(s.argv[s.argv.index("--seed") + 1] == k[4] for k, s in steps.items() if k.startswith("seed") and "eval_" not in k)
     assert sum(k.startswith("seed") and "/eval_" in k for k in steps) == sum(len(results.arm_seeds(a, x)) for x in a.arms)
-    assert len(results.arm_seeds(a, "mirage_alt_helper")) == 1 and a.one_seed_arms == ["mirage_alt_helper"]
+    assert a.one_seed_arms == ["mirage_alt_helper", "mirage_grid"]  # the screened target variants: seed 0 only
+    assert all(results.arm_seeds(a, x) == [a.seeds[0]] for x in a.one_seed_arms) and results.arm_seeds(a, "mirage") == a.seeds
     # each step appears after what it needs
     order = list(steps)
     assert all(order.index(n) < order.index(k) for k, s in steps.items() for n in s.needs)
