@@ -285,6 +285,15 @@ def test_the_report_names_the_commit_of_this_clone():
     from mirage_rl.results.machine import git_commit, machine
 
     assert machine()["commit"] == git_commit(REPO) and len(git_commit(REPO)) == 7
+    # each finished step records the commit that ran it, and the report names the steps' commits
+    import tempfile
+
+    from mirage_rl.results.plan import Step
+
+    with tempfile.TemporaryDirectory() as d:
+        log = results.StepLog(Path(d) / "steps.json")
+        log.record(Step("seed0/x", ["sft"], [], str(Path(d) / "done")), 1.0, 1)
+        assert results.StepLog(Path(d) / "steps.json").steps["seed0/x"]["commit"] == git_commit(REPO)
 
 
 def test_elapsed_minutes_spans_the_first_start_to_the_last_end(tmp_path):

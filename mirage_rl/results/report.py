@@ -321,9 +321,15 @@ def format_report(res: dict, args: ResultsArguments, log: StepLog) -> str:
     n_items = next((s["report"]["n"] for a in res["arms"].values() for s in a["seeds"].values()), None)
     what = ("400 VSP test maps (100 per level)" if task.name == "plan" else
             f"{n_items} test items of task {task.name}")
+    ran: dict[str, int] = {}
+    for st in log.steps.values():  # the code each step ran (StepLog.record); older logs did not record it
+        ran[st.get("commit") or ""] = ran.get(st.get("commit") or "", 0) + 1
+    ran_at = ", ".join(f"commit {c} ({n} steps)" if c else f"an unrecorded commit ({n} steps, run before steps "
+                       "recorded theirs)" for c, n in ran.items()) or "no step yet"
     out = [f"Measured on {mach['cpu']} ({mach['cores']} cores, {mach['memory_gib']} GiB, {mach['gpu']}), torch "
-           f"{mach['torch']}, transformers {mach['transformers']}, trl {mach['trl']}, commit {mach['commit']}; "
-           f"{args.jobs} steps at a time. Seeds: {args.seeds}. {what}, greedy decoding.", ""]
+           f"{mach['torch']}, transformers {mach['transformers']}, trl {mach['trl']}; the steps ran at {ran_at}, this "
+           f"report was written at commit {mach['commit']}; {args.jobs} steps at a time. Seeds: {args.seeds}. {what}, "
+           "greedy decoding.", ""]
     for key in rates:
         rule = f"{labels[key]} rule" if task.name == "plan" else labels[key]
         rows = []

@@ -32,8 +32,12 @@ class StepLog:
         return step.key in self.steps and Path(step.done_file).exists()
 
     def record(self, step: Step, wall_s: float, threads: int) -> None:
+        """Record a finished step with the commit of the code that ran it (``machine.git_commit``)."""
+        from .machine import git_commit
+
         self.steps[step.key] = {"argv": step.argv, "wall_s": round(wall_s, 1), "threads": threads,
-                                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+                                "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                "commit": git_commit(Path(__file__).resolve().parents[2])}
         atomic_write_text(self.path, json.dumps(self.steps, indent=2) + "\n")
 
 
