@@ -135,9 +135,8 @@ def generate(model, processor, batch: dict, max_new_tokens: int = 64, latent_mod
     mm = batch.get("mm_token_type_ids")
     rows = (latent.prefix_groups(ids, am, ids.shape[1], [mm, [x[0] for x in images] if images else None])
             if share_prompts and B > 1 else None)
-    reps = torch.unique(rows, sorted=True) if rows is not None else None
+    reps, index = torch.unique(rows, sorted=True, return_inverse=True) if rows is not None else (None, None)
     if reps is not None and len(reps) < B:
-        _, index = torch.unique(rows, sorted=True, return_inverse=True)
         r = reps.tolist()
         pix = torch.cat([images[i][0] for i in r]) if images else None
         grid = torch.cat([images[i][1] for i in r]) if images else None

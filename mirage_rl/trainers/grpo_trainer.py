@@ -469,9 +469,7 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
                     v, n = values[start:end], chunk_slots.sum(1)
                     inputs["latent_inputs"] = v[torch.arange(v.shape[1], device=v.device)[None] < n[:, None]]
             if self._shares_prefix(unwrapped):
-                inputs.update(self._prefix_inputs(inputs, input_ids.size(1) - logits_to_keep - 1,
-                                                  None if pixel_values is None else cum_rows[start:end + 1],
-                                                  None if num_images is None else cum_imgs[start:end + 1]))
+                inputs.update(self._prefix_inputs(unwrapped, inputs, input_ids.size(1) - logits_to_keep - 1))
             if compute_aux_loss:  # TRL 1.16
                 inputs["output_router_logits"] = True  # TRL 1.16
             labels = ids.masked_fill(am == 0, -100)  # TRL 1.16: the fused LM head scores the completion
@@ -502,31 +500,26 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
                     and not (lm.gradient_checkpointing and lm.training))
 
     @staticmethod
-    def _prefix_inputs(inputs: dict, prefix_len: int, cum_rows, cum_imgs) -> dict:
+    def _prefix_inputs(model, inputs: dict, prefix_len: int) -> dict:
         """The extra forward inputs that make rows with the same first ``prefix_len`` columns (ids, mask, mm token
-        types, image patches) share one prompt forward: ``prefix_rows`` (:func:`mirage_rl.latent.prefix_groups`),
-        ``prefix_len``, the groups' first rows' ``prefix_pixel_values`` / ``prefix_image_grid_thw`` and
-        ``pixel_values: None``; ``{}`` when no two rows share (the unshared forward runs). ``cum_rows`` /
-        ``cum_imgs``: ``(b + 1,)`` cumulative patch rows and images of the micro-batch's rows (``None`` without
-        images)."""
+        types, image patches: :func:`mirage_rl.latent.row_images`) share one prompt forward: ``prefix_rows``
+        (:func:`mirage_rl.latent.prefix_groups`), ``prefix_len``, the groups' first rows' ``prefix_pixel_values`` /
+        ``prefix_image_grid_thw`` and ``pixel_values: None``; ``{}`` when no two rows share (the unshared forward
+        runs)."""
         ids, am = inputs["input_ids"], inputs["attention_mask"]
         if prefix_len < 1:
             return {}
-        extras = [inputs["mm_token_type_ids"][:, :prefix_len] if "mm_token_type_ids" in inputs else None]
-        pix, grid = inputs.get("pixel_values"), inputs.get("image_grid_thw")
-        if pix is not None:
-            base_r, base_i = int(cum_rows[0]), int(cum_imgs[0])
-            row_pix = [pix[int(cum_rows[i]) - base_r:int(cum_rows[i + 1]) - base_r] for i in range(ids.size(0))]
-            extras.append(row_pix)
-        rows = latent.prefix_groups(ids, am, prefix_len, extras)
+        # a row's images are in its prompt (a sampled completion may hold a stray <|vision_start|>)
+        images = latent.row_images(model, ids[:, :prefix_len], inputs.get("pixel_values"), inputs.get("image_grid_thw"))
+        mm = inputs["mm_token_type_ids"][:, :prefix_len] if "mm_token_type_ids" in inputs else None
+        rows = latent.prefix_groups(ids, am, prefix_len, [mm, [x[0] for x in images] if images else None])
         reps = torch.unique(rows, sorted=True).tolist()
         if len(reps) == ids.size(0):
             return {}
         out = {"prefix_rows": rows, "prefix_len": prefix_len}
-        if pix is not None:
-            out["prefix_pixel_values"] = torch.cat([row_pix[r] for r in reps], 0)
-            out["prefix_image_grid_thw"] = torch.cat([grid[int(cum_imgs[r]) - base_i:int(cum_imgs[r + 1]) - base_i]
-                                                      for r in reps], 0)
+        if images:
+            out["prefix_pixel_values"] = torch.cat([images[r][0] for r in reps], 0)
+            out["prefix_image_grid_thw"] = torch.cat([images[r][1] for r in reps], 0)
             out["pixel_values"] = None
         return out
 
