@@ -119,8 +119,11 @@ def build_rows(n: int, out: Path, script: str):
 
 
 def prepare_for_steps(trainer) -> None:
-    """What ``Trainer.train`` does before its loop, for scripts that call ``training_step`` themselves: create the
-    optimizer, set one accumulation step (the loss reads it) and let accelerate wrap model and optimizer."""
+    """What ``Trainer.train`` does before its loop, for scripts that call ``training_step`` themselves: turn gradient
+    checkpointing on when the config asks for it (a trainer's ``__init__`` does not), create the optimizer, set one
+    accumulation step (the loss reads it) and let accelerate wrap model and optimizer."""
+    if trainer.args.gradient_checkpointing:
+        trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs)
     trainer.create_optimizer_and_scheduler(num_training_steps=10**6)
     trainer.current_gradient_accumulation_steps = 1
     trainer.model_wrapped = trainer.model = trainer.accelerator.prepare(trainer.model)

@@ -23,9 +23,9 @@ limit still leaves what it measured; progress goes to stderr with the elapsed se
   stage-1 / plain and stage-2 / plain SFT step ratios at batch 8, k = 4 (``bench/sft_step.py``); latent-interleaved
   decoding tokens/s against plain decoding and HF ``generate`` at batch 8 and 64 (``bench/generate.py``); one GRPO
   step split into phases at 2 prompts x 4 generations with gradient checkpointing on CUDA (``bench/grpo_step.py``;
-  4 x 8 ran out of the H100's 80 GB at 3B shapes), and ``shared_over_unshared_step``: the step with each group's
-  prompt shared over the step with every rollout running its own (``shared_prefix``; under gradient checkpointing
-  only the rollout prefill shares, ``gradient_checkpointing`` says which).
+  4 x 8 ran out of the H100's 80 GB at 3B shapes in the 2026-11-26 runs, in which the bench left checkpointing
+  off), and ``shared_over_unshared_step``: the step with each group's prompt shared over the step with every
+  rollout running its own (``shared_prefix``; ``gradient_checkpointing`` says whether the decoder checkpointed).
 * ``memory``: peak allocated GPU memory (CPU: the process's peak RSS) of each of the above, and whether one
   7B-shaped stage-2 step with gradient checkpointing at batch 2 fits this GPU (``skipped`` on CPU, with ``--quick``
   or when the time budget is spent).
@@ -367,7 +367,8 @@ def grpo_trainer(args, model, model_dir: Path, rows, work: Path, start_bias: flo
                             max_completion_length=16 if args.quick else 48, beta=0.0, num_iterations=1,
                             start_bias=start_bias, bf16=False if fp32 else None,
                             config_overrides={"vllm_importance_sampling_correction": True} if fp32 else {},
-                            # 3B shapes on one H100: 4 x 8 ran out of 80 GB with and without it; 2 x 4 with it peaks at 49 GiB
+                            # 3B shapes on one H100, 2026-11-26 (checkpointing never turned on then: prepare_for_steps
+                            # lacked it): 4 x 8 ran out of 80 GB; 2 x 4 peaked at 49 GiB
                             gradient_checkpointing=args.device.startswith("cuda"))
     return grpo_step.make_trainer(model_dir, args.size, rows, ns, args.device, True,
                                   work / ("grpo_fp32" if fp32 else "grpo"), model=model)
@@ -399,7 +400,6 @@ def grpo_speed(body: dict, mem: dict, args, setup, rows) -> None:
                  "generation_share": med["generation"] / med["total"],
                  "unshared_step_ms": 1000 * statistics.median(s["total"] for s in unshared),
                  "shared_over_unshared_step": med["total"] / statistics.median(s["total"] for s in unshared),
-                 # under gradient checkpointing only the rollout prefill is shared (the scoring forwards keep no cache)
                  "gradient_checkpointing": bool(lm.gradient_checkpointing)})
 
 

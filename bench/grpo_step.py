@@ -2,6 +2,7 @@
 
     python bench/grpo_step.py                         # tiny model, CPU: 2x4, 4x8 and 8x8 (prompts x rollouts), k = 4
     python bench/grpo_step.py --layouts 2x4 --variants shared unshared uncached --repeats 5
+    python bench/grpo_step.py --layouts 4x8 --gradient_checkpointing      # as the 7B recipes train
 
 A step is what ``Trainer.train`` runs per optimizer step with one accumulation step: ``MirageGRPOTrainer.training_step``
 on a generation batch of VSP prompts (each repeated G times, as TRL's sampler does), then the optimizer step.
@@ -211,6 +212,8 @@ def main() -> dict:
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
     parser.add_argument("--memory_steps", type=int, default=1, help="untimed loss-memory steps per variant (0: none)")
+    parser.add_argument("--gradient_checkpointing", action="store_true",
+                        help="train with (non-reentrant) gradient checkpointing, as the 7B recipes do")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-grpo-"))
@@ -282,6 +285,7 @@ def main() -> dict:
             "shared_over_unshared_loss_memory": head.get("shared_over_unshared_loss_memory"),
             "generation_share": small["generation_share"],
             "max_completion_length": args.max_completion_length, "beta": args.beta,
+            "gradient_checkpointing": args.gradient_checkpointing,
             "num_iterations": args.num_iterations, "peak_memory_mb": peak_memory_mb(args.device),
             "wall_s": time.perf_counter() - t_start, "results": results}
 

@@ -16,6 +16,12 @@ import math
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
+
+from . import prefix_attention
+from .prefix_attention import SharedPrefix, use_prefix_attention
 
 COMPRESS_MODES = ("average", "grid")
 
@@ -186,9 +192,17 @@ def helper_targets(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tens
     return torch.stack(out)
 
 
-def _lm_forward(lm, embeds, pos, attention_mask, cache=None):
-    return lm(inputs_embeds=embeds, position_ids=pos, attention_mask=attention_mask, past_key_values=cache,
-              use_cache=cache is not None).last_hidden_state
+def _lm_forward(lm, embeds, pos, attention_mask, cache=None, prefix: SharedPrefix | None = None):
+    """The text decoder's last hidden states. With ``prefix`` (a prompt shared by groups of rows), ``embeds`` are
+    completion columns ``E - q..E-1`` after it, ``attention_mask`` ``(B, E)`` the completion's columns so far, and
+    no ``cache``: the prompt's and the earlier columns' keys are in ``prefix`` (:mod:`mirage_rl.prefix_attention`)."""
+    if prefix is None:
+        return lm(inputs_embeds=embeds, position_ids=pos, attention_mask=attention_mask, past_key_values=cache,
+                  use_cache=cache is not None).last_hidden_state
+    mask = prefix.mask(attention_mask, attention_mask.shape[1] - embeds.shape[1])
+    with use_prefix_attention(lm):
+        return lm(inputs_embeds=embeds, position_ids=pos, attention_mask={"full_attention": mask},
+                  use_cache=False).last_hidden_state
 
 
 def latent_fill(model, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -225,13 +239,12 @@ def latent_fill(model, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, 
     raise ValueError(f"latent fill method must be 'auto', 'cached' or 'multipass', got {method!r}")
 
 
-def _fill_cached(lm, embeds, pos, attention_mask, latent_mask, cache=None, past_mask=None):
-    """The cached fill; with ``cache`` (a KV cache of ``past_mask.shape[1]`` earlier columns, e.g. a shared
-    prompt) the columns here continue it."""
+def _fill_cached(lm, embeds, pos, attention_mask, latent_mask, prefix: SharedPrefix | None = None):
+    """The cached fill; with ``prefix`` (a prompt shared by groups of rows) the columns here continue it."""
     L = embeds.shape[1]
     cols = latent_mask.any(0).nonzero().flatten().tolist()
     starts, ends = [0] + cols, cols + [L]
-    cache = cache if cache is not None else DynamicCache(config=lm.config)
+    cache = DynamicCache(config=lm.config) if prefix is None else None
     outs: list[torch.Tensor] = []
     for s, e in zip(starts, ends):
         if e <= s:
@@ -240,8 +253,7 @@ def _fill_cached(lm, embeds, pos, attention_mask, latent_mask, cache=None, past_
         if s > 0 and s in cols:  # this chunk starts at a latent column: feed the previous hidden state there
             first = torch.where(latent_mask[:, s, None], outs[-1][:, -1], chunk[:, 0])
             chunk = torch.cat([first[:, None], chunk[:, 1:]], 1)
-        am = attention_mask[:, :e] if past_mask is None else torch.cat([past_mask, attention_mask[:, :e]], 1)
-        outs.append(_lm_forward(lm, chunk, pos[..., s:e], am, cache))
+        outs.append(_lm_forward(lm, chunk, pos[..., s:e], attention_mask[:, :e], cache, prefix))
     return torch.cat(outs, 1)
 
 
@@ -294,9 +306,9 @@ def aligned_columns(latent_mask: torch.Tensor) -> torch.Tensor | None:
     return (torch.arange(L)[None] + offset).to(latent_mask.device)
 
 
-def _fill_cached_aligned(lm, embeds, pos, attention_mask, latent_mask, cols, cache=None, past_mask=None):
+def _fill_cached_aligned(lm, embeds, pos, attention_mask, latent_mask, cols, prefix: SharedPrefix | None = None):
     """:func:`_fill_cached` on the layout of :func:`aligned_columns`, mapped back to the original columns (gap
-    columns go after a given ``cache``, never into it)."""
+    columns go after a given ``prefix``, never into it)."""
     B, L, H = embeds.shape
     width = int(cols.max()) + 1
     rows = torch.arange(B, device=cols.device)[:, None].expand(B, L)
@@ -308,7 +320,7 @@ def _fill_cached_aligned(lm, embeds, pos, attention_mask, latent_mask, cols, cac
     am[rows, cols] = attention_mask
     lmask = latent_mask.new_zeros(B, width)
     lmask[rows, cols] = latent_mask
-    hidden = _fill_cached(lm, e, p, am, lmask, cache, past_mask)
+    hidden = _fill_cached(lm, e, p, am, lmask, prefix)
     return hidden.gather(1, cols[..., None].expand(B, L, hidden.shape[-1]))
 
 
@@ -407,11 +419,12 @@ def shared_prefix_hidden_states(model, input_ids: torch.Tensor, attention_mask: 
     (issue 22; ours: TRL runs a GRPO group's prompt once per rollout).
 
     The prefix (the prompt minus its last token) of each group's first row goes through the vision tower and the
-    decoder once, with a KV cache; the cache is indexed over the group's rows (one copy per layer, whose backward
-    sums every row's gradient into the one prefix forward, as the unshared computation sums them), and the rest of
-    each row (the prompt's last token, then the completion with its latent blocks: realigned recurrent fill, or
-    ``latent_inputs`` teacher-forced) continues on it. Values and gradients equal :func:`latent_hidden_states`
-    within floating-point reordering (``tests/test_shared_prefix.py``).
+    decoder once, with a KV cache, and the rest of each row (the prompt's last token, then the completion with its
+    latent blocks: realigned recurrent fill, or ``latent_inputs`` teacher-forced) continues on it: its attention
+    reads the group's prompt keys and values where they are, ``(groups, kv heads, P, d)``, never copied over the
+    rows (:mod:`mirage_rl.prefix_attention`); the backward sums every row's gradient into the one prefix forward, as
+    the unshared computation sums them. Values and gradients equal :func:`latent_hidden_states` within
+    floating-point reordering (``tests/test_shared_prefix.py``).
 
     Args:
         input_ids / attention_mask / image_grid_thw (every row's images, for the mRoPE positions) /
@@ -425,9 +438,12 @@ def shared_prefix_hidden_states(model, input_ids: torch.Tensor, attention_mask: 
         predicted from column ``L - C - 1 >= P``).
     Raises:
         ValueError: ``prefix_len`` outside ``[1, L)``; a latent slot in columns ``0..P``; an image token in columns
-            ``P..L-1``; ``latent_inputs`` without ``latent_mask``.
+            ``P..L-1``; ``latent_inputs`` without ``latent_mask``; a decoder that cannot share
+            (:func:`mirage_rl.prefix_attention.unsupported`: sliding-window layers, reentrant checkpointing).
     """
     lm = language_model(model)
+    if (why := prefix_attention.unsupported(lm)) is not None:
+        raise ValueError(f"a shared prompt cannot run here: {why}; set shared_prefix: false")
     B, L = input_ids.shape
     P = int(prefix_len)
     if not 1 <= P < L:
@@ -440,25 +456,26 @@ def shared_prefix_hidden_states(model, input_ids: torch.Tensor, attention_mask: 
     reps, index = torch.unique(prefix_rows, sorted=True, return_inverse=True)
     pos, _ = position_ids(model, input_ids, attention_mask, mm_token_type_ids, image_grid_thw)
     emb = embed_inputs(model, input_ids[reps, :P], prefix_pixel_values, prefix_image_grid_thw)
-    cache = DynamicCache(config=lm.config)
-    _lm_forward(lm, emb, pos[:, reps, :P], attention_mask[reps, :P], cache)
-    if len(reps) < B:
-        cache.batch_select_indices(index)
-    past = attention_mask[:, :P]
+    prefix = SharedPrefix.for_groups(len(lm.layers), attention_mask[reps, :P], index)
+    mask = create_causal_mask(config=lm.config, inputs_embeds=emb, attention_mask=attention_mask[reps, :P],
+                              past_key_values=None)  # the model's own prompt mask, as its forward builds it
+    implementation = ALL_ATTENTION_FUNCTIONS.get_interface(lm.config._attn_implementation, eager_attention_forward)
+    with use_prefix_attention(lm):  # the prompt: the model's attention, keys and values kept in ``prefix``
+        lm(inputs_embeds=emb, position_ids=pos[:, reps, :P],
+           attention_mask={"full_attention": prefix.prompt_mask(mask, implementation)}, use_cache=False)
     emb = embed_inputs(model, input_ids[:, P:])
     am, p = attention_mask[:, P:], pos[..., P:]
     if latent_inputs is not None:
         if latent_mask is None:
             raise ValueError(f"0 latent slots but {latent_inputs.shape[0]} latent vectors: pass latent_mask")
-        hidden = _lm_forward(lm, teacher_forced(emb, latent_mask[:, P:], latent_inputs), p,
-                             torch.cat([past, am], 1), cache)
+        hidden = _lm_forward(lm, teacher_forced(emb, latent_mask[:, P:], latent_inputs), p, am, prefix=prefix)
     elif latent_mask is None or not bool(latent_mask.any()):
-        hidden = _lm_forward(lm, emb, p, torch.cat([past, am], 1), cache)
+        hidden = _lm_forward(lm, emb, p, am, prefix=prefix)
     else:
         lmask = latent_mask[:, P:]
         cols = aligned_columns(lmask)
-        hidden = (_fill_cached(lm, emb, p, am, lmask, cache, past) if cols is None
-                  else _fill_cached_aligned(lm, emb, p, am, lmask, cols, cache, past))
+        hidden = (_fill_cached(lm, emb, p, am, lmask, prefix) if cols is None
+                  else _fill_cached_aligned(lm, emb, p, am, lmask, cols, prefix))
     return torch.cat([hidden.new_zeros(B, P, hidden.shape[-1]), hidden], 1)
 
 

@@ -145,18 +145,54 @@ def test_a_prompt_that_ends_in_latent_start_beside_one_that_does_not(tiny_dir, g
     assert shared[2] < unshared[2]
 
 
-def test_sharing_is_skipped_where_no_cache_is_kept(tiny_dir, grpo_rows, tmp_path):
+def test_sharing_is_skipped_where_it_cannot_run(tiny_dir, grpo_rows, tmp_path):
+    """``latent_fill: multipass`` asks for full forwards; reentrant checkpointing would drop the prompt keys'
+    gradient; sliding-window layers are not supported. The unshared forward runs, and the reason is logged once."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
     trainer, _ = make_trainer(tiny_dir, grpo_rows, tmp_path, latent_fill="multipass")
     trainer.model.train()
     assert not trainer._shares_prefix(trainer.model)
     trainer.args.latent_fill = "auto"
     assert trainer._shares_prefix(trainer.model)
-    latent.language_model(trainer.model).gradient_checkpointing = True
+    lm = latent.language_model(trainer.model)
+    for layer in lm.layers:
+        layer.gradient_checkpointing, layer._gradient_checkpointing_func = True, functools.partial(
+            checkpoint, use_reentrant=False)
+    assert trainer._shares_prefix(trainer.model)
+    for layer in lm.layers:
+        layer._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=True)
+    assert not trainer._shares_prefix(trainer.model)
+    assert not trainer._shares_prefix(trainer.model)
+    assert trainer._prefix_skips == {"gradient checkpointing is reentrant (use_reentrant is not false)"}
+    trainer.model.eval()  # no backward: checkpointing plays no part
+    assert trainer._shares_prefix(trainer.model)
+    for layer in lm.layers:
+        layer.gradient_checkpointing = False
+    lm.config.layer_types = ["full_attention"] * (len(lm.layers) - 1) + ["sliding_attention"]
     try:
         assert not trainer._shares_prefix(trainer.model)
     finally:
-        latent.language_model(trainer.model).gradient_checkpointing = False
+        lm.config.layer_types = ["full_attention"] * len(lm.layers)
 
+
+def test_gradient_checkpointing_shares_too(tiny_dir, grpo_rows, tmp_path):
+    """Under (non-reentrant) gradient checkpointing the recomputed layers read the keys their first run stored: the
+    shared scoring's log-probs and gradients equal the unshared ones (which run the multi-pass fill there)."""
+    trainer, _ = make_trainer(tiny_dir, grpo_rows, tmp_path, dtype=torch.float64, gradient_checkpointing=True,
+                              per_device_train_batch_size=12, num_generations=4)
+    out = rollout(trainer, grpo_rows, n_prompts=3)
+    # as Trainer.train does (no kwargs: transformers' default, non-reentrant)
+    trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs)
+    trainer.model.train()
+    lm = latent.language_model(trainer.model)
+    assert lm.gradient_checkpointing and all(layer.gradient_checkpointing for layer in lm.layers)
+    assert trainer._shares_prefix(trainer.model)
+    shared, unshared = score(trainer, out, True, grad=True), score(trainer, out, False, grad=True)
+    assert_same(shared, unshared, 1e-10, order_floor(trainer, out, 12))
+    assert shared[2] < unshared[2] / 2  # the prompts ran once per group (the unshared fill runs several passes)
 
 @pytest.mark.parametrize("beta", [0.0, 0.1])
 def test_lora_policy_and_the_reference_share_too(tiny_dir, grpo_rows, tmp_path, beta):
@@ -201,3 +237,85 @@ def test_rollouts_prefill_each_prompt_once_and_sample_the_same_tokens(tiny_dir, 
     assert (prefill[True], prefill[False]) == (3, 12)
     for key in ("completion_ids", "sampling_per_token_logps", "latent_values"):
         assert torch.equal(outs[True][key], outs[False][key]), key
+
+
+def test_split_attention_equals_softmax_over_the_concatenated_keys():
+    """The prompt's keys stay one per group; the result and every gradient equal attention over the prompt's keys
+    copied to each row and concatenated with the row's own (groups of 3, 1 and 2 rows, not adjacent; left padding in
+    the prompt; grouped-query heads; a chunk of 3 queries after 2 earlier completion columns, one of them padding)."""
+    from mirage_rl.prefix_attention import SharedPrefix, shared_prefix_attention
+
+    gen = torch.Generator().manual_seed(0)
+    B, G, heads, kv, P, E, q, d = 6, 3, 4, 2, 7, 5, 3, 8
+    group = torch.tensor([0, 1, 0, 2, 2, 0])
+    kp, vp = (torch.randn(G, kv, P, d, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    pmask = torch.ones(G, P, dtype=torch.long)
+    pmask[1, :3] = 0  # group 1's prompt is shorter (left padding)
+    query = torch.randn(B, heads, q, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    key, value = (torch.randn(B, kv, E, d, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    cmask = torch.ones(B, E, dtype=torch.long)
+    cmask[3, 1] = 0  # a masked completion column (a realignment gap)
+
+    class Layer:
+        layer_idx = 0
+
+    prefix = SharedPrefix.for_groups(1, pmask, group)
+    prefix.keys[0], prefix.values[0] = kp, vp  # as the prompt's forward stores them
+    earlier = prefix.mask(cmask[:, :E - q], 0)  # the completion's first chunk, its keys stored as it runs
+    prefix.completion_keys[0].append(key[:, :, :E - q])
+    prefix.completion_values[0].append(value[:, :, :E - q])
+    assert prefix.slots.shape == (G, 3) and earlier.chunk == 0
+    chunk = prefix.mask(cmask, E - q)
+    out, _ = shared_prefix_attention(Layer(), query, key[:, :, E - q:], value[:, :, E - q:], chunk, scaling=0.3)
+    assert prefix.keys[0] is kp and len(prefix.completion_keys[0]) == 2  # no copy of the prompt's keys
+    again, _ = shared_prefix_attention(Layer(), query, key[:, :, E - q:], value[:, :, E - q:], chunk, scaling=0.3)
+    assert torch.equal(again, out) and len(prefix.completion_keys[0]) == 2  # a recomputation stores nothing
+
+    # the reference: the prompt's keys copied over the rows, one softmax over prompt + completion
+    k_all = torch.cat([kp[group], key], 2).repeat_interleave(heads // kv, 1)
+    v_all = torch.cat([vp[group], value], 2).repeat_interleave(heads // kv, 1)
+    causal = torch.arange(E)[None, :] <= torch.arange(E - q, E)[:, None]
+    allowed = torch.cat([pmask[group][:, None, :].expand(B, q, P).bool(),
+                         cmask[:, None, :].bool() & causal[None]], 2)[:, None]
+    ref = torch.nn.functional.scaled_dot_product_attention(query, k_all, v_all, attn_mask=allowed, scale=0.3)
+    ref = ref.transpose(1, 2)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    w = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    leaves = (query, kp, vp, key, value)
+    g_out = torch.autograd.grad((out * w).sum(), leaves)
+    g_ref = torch.autograd.grad((ref * w).sum(), leaves)
+    for a, b in zip(g_out, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+    with pytest.raises(ValueError, match="PrefixAttentionMask"):
+        shared_prefix_attention(Layer(), query, key, value, torch.ones(B, 1, q, E, dtype=torch.bool))
+    with pytest.raises(ValueError, match="dropout"):
+        shared_prefix_attention(Layer(), query, key[:, :, E - q:], value[:, :, E - q:], chunk, dropout=0.1)
+
+
+def test_the_loss_forward_saves_no_copy_of_the_prompt_per_row(tiny_dir, grpo_rows, tmp_path):
+    """What sharing is for, in memory: unshared, attention saves keys and values as long as the prompt for every row
+    (``(B, heads, >= P, d)``); shared, no tensor saved for the backward holds the prompt's length once per row, and
+    the decoder's attention implementation is back to what it was."""
+    trainer, _ = make_trainer(tiny_dir, grpo_rows, tmp_path, per_device_train_batch_size=8, num_generations=4)
+    out = rollout(trainer, grpo_rows, n_prompts=2)
+    B, P = out["prompt_ids"].shape
+    d = trainer.model.config.get_text_config().hidden_size // trainer.model.config.get_text_config().num_attention_heads
+    lm = latent.language_model(trainer.model)
+    implementation = lm.config._attn_implementation
+    trainer.model.train()
+    per_row_prompt = {}
+    for shared in (False, True):
+        found = []
+
+        def pack(t):
+            if t.dim() == 4 and t.shape[0] == B and t.shape[2] >= P - 1 and t.shape[3] == d:
+                found.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            score(trainer, out, shared, grad=True)
+        per_row_prompt[shared] = found
+    assert per_row_prompt[False], "the unshared forward saves per-row prompt keys (the check would see them)"
+    assert per_row_prompt[True] == []
+    assert lm.config._attn_implementation == implementation

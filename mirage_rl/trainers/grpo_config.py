@@ -27,12 +27,14 @@ class MirageGRPOConfig(LatentFields, GRPOConfig):
         shared_prefix: run each group's prompt once (issue 22; ours, TRL runs it once per rollout): the rollout
             prefills each distinct prompt once (``generation.generate(share_prompts=True)``); in the old,
             reference and policy log-probs, the rows of a micro-batch whose prompts (ids, mask, images) are identical
-            run the prompt (minus its last token) through the decoder once, with a KV cache indexed over the rows,
-            and each row's completion continues on it (:func:`mirage_rl.latent.shared_prefix_hidden_states`; same
-            values and gradients). Rows of a group need not be adjacent (TRL shuffles a generation batch before
-            splitting it into micro-batches); groups a micro-batch holds only part of share among the rows it holds.
-            Skipped (the unshared forward runs) under gradient checkpointing in training and with ``latent_fill:
-            multipass``, which keep no cache, and when no two rows of a micro-batch share a prompt.
+            run the prompt (minus its last token) through the decoder once, and each row's completion attends to the
+            group's prompt keys without copying them over the rows
+            (:func:`mirage_rl.latent.shared_prefix_hidden_states`, :mod:`mirage_rl.prefix_attention`; same values and
+            gradients). Rows of a group need not be adjacent (TRL
+            shuffles a generation batch before splitting it into micro-batches); groups a micro-batch holds only part
+            of share among the rows it holds. Works under non-reentrant gradient checkpointing. Skipped (the unshared
+            forward runs, with a warning) with reentrant checkpointing, sliding-window layers or ``latent_fill:
+            multipass``, and when no two rows of a micro-batch share a prompt.
         vllm_importance_sampling_correction: TRL's truncated / masked importance-sampling correction (same name and
             semantics, with ``vllm_importance_sampling_mode``, ``_clip_min``, ``_clip_max``), applied to latent rollouts:
             the rollout's sampling-time log-probs (cached decode) and the recomputed ones (full forward) differ in

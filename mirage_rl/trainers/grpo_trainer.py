@@ -37,7 +37,7 @@ from trl import GRPOTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generation
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, pad
 
-from .. import latent
+from .. import latent, prefix_attention
 from ..latent import resolve_latent_mode
 from ..generation import generate, row_generators
 from ..image_cache import ImageProcessingCache, VisionFeatureCache
@@ -170,6 +170,7 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         self._nan_reward_streak = [0] * len(self.reward_funcs)  # consecutive all-NaN generation batches per function
         self._rollout_latents = None  # Gaussian latents of the generation batch being scored
         self._loss_latents = None  # Gaussian latents of the micro-batch in _compute_loss
+        self._prefix_skips: set[str] = set()  # reasons shared_prefix could not run, logged once each
         self._generation_time = 0.0  # seconds of latent decoding in the current generation batch
 
     @staticmethod
@@ -493,11 +494,17 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
 
 
     def _shares_prefix(self, unwrapped) -> bool:
-        """Whether scoring forwards may share prompts (``args.shared_prefix``), i.e. the decoder keeps a KV cache:
-        not under gradient checkpointing in training, not with ``latent_fill: multipass``."""
-        lm = latent.language_model(unwrapped)
-        return bool(self.args.shared_prefix and self.args.latent_fill != "multipass"
-                    and not (lm.gradient_checkpointing and lm.training))
+        """Whether scoring forwards share prompts: ``args.shared_prefix``, not with ``latent_fill: multipass`` (which
+        asks for full forwards), and a decoder that can (:func:`mirage_rl.prefix_attention.unsupported`: full
+        attention; non-reentrant gradient checkpointing). Where it cannot, the unshared forward runs and the reason is
+        logged once."""
+        if not self.args.shared_prefix or self.args.latent_fill == "multipass":
+            return False
+        why = prefix_attention.unsupported(latent.language_model(unwrapped))
+        if why is not None and why not in self._prefix_skips:
+            self._prefix_skips.add(why)
+            logger.warning("shared_prefix: the log-prob forwards run every rollout's prompt: %s", why)
+        return why is None
 
     @staticmethod
     def _prefix_inputs(model, inputs: dict, prefix_len: int) -> dict:

@@ -1,0 +1,262 @@
+"""Attention over a prompt shared by a group of rows, read once per group (issue 22; ours).
+
+A GRPO group holds ``G`` rollouts of one prompt. :func:`mirage_rl.latent.shared_prefix_hidden_states` runs the
+prompt once per group; the rows' completions then attend to it. Expanding the prompt's keys and values over the rows
+(``DynamicCache.batch_select_indices``) and concatenating them with the completion's at every chunk of the latent
+fill costs a ``(B, heads, P + C, d)`` copy per chunk and layer that the attention saves for the backward: at batch 32
+it was the largest remaining activation (``bench/README.md``). Here the prompt's keys and values stay
+``(groups, kv heads, P, d)``; each chunk's queries are regrouped by prompt (``(groups, kv heads, rows x heads per kv
+head x q, d)``, a query-sized copy) and attend to the prompt and to the row's own completion keys separately; the two
+parts share one softmax normaliser (exp of the scores minus their common row maximum, summed over both parts),
+so the result is the softmax attention over the concatenated keys, up to floating-point reordering.
+
+The attention runs as a registered transformers attention function (``AttentionInterface.register``, the documented
+way to add one: https://huggingface.co/docs/transformers/attention_interface), selected for the shared forwards only
+(:func:`use_prefix_attention`). The decoder gets a mask object in place of its 4-D mask (the text model skips its own
+mask when it is given a dict per layer type): in the prompt's forward a :class:`PromptMask` (the model's own
+attention runs and each layer's keys and values are kept), in the completion's a :class:`PrefixAttentionMask`.
+No KV cache object is used: :class:`SharedPrefix` keeps the prompt's and the completion's keys, and a call that
+gradient checkpointing recomputes reads what the first call stored, so sharing works under (non-reentrant)
+checkpointing too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+
+#: the attention implementation name registered with transformers
+ATTENTION_NAME = "mirage_shared_prefix"
+
+
+@dataclass
+class SharedPrefix:
+    """The prompt's keys and values, once per group, which rows read them, and the completion's keys so far.
+
+    Filled as the decoder runs (no KV cache object, so gradient checkpointing may recompute any layer call: a
+    recomputed call reads what the first call stored and stores nothing new).
+
+    Attributes:
+        keys / values: per decoder layer, ``(G, kv heads, P, d)``, stored by the prompt's forward (differentiable).
+        key_mask: ``(G, P)`` bool, the prompt's real (not padding) columns.
+        slots: ``(G, n)`` long, the rows of each group, padded with the group's first row (``n`` = the largest group).
+        slot_of_row: ``(B,)`` long, each row's index in ``slots.flatten()``.
+        completion_keys / completion_values: per decoder layer, the completion's ``(B, kv heads, q_i, d)`` chunk by
+            chunk (the latent fill runs the completion in chunks).
+        chunks: the completion chunks begun so far.
+        wide: per decoder layer, ``keys`` and ``values`` in float32 when they are half precision (made once, read
+            by every chunk).
+    """
+
+    keys: list[torch.Tensor | None]
+    values: list[torch.Tensor | None]
+    key_mask: torch.Tensor
+    slots: torch.Tensor
+    slot_of_row: torch.Tensor
+    completion_keys: list[list[torch.Tensor]]
+    completion_values: list[list[torch.Tensor]]
+    chunks: int = 0
+    wide: dict = None
+
+    @classmethod
+    def for_groups(cls, num_layers: int, key_mask: torch.Tensor, group_of_row: torch.Tensor) -> "SharedPrefix":
+        """An empty store for ``num_layers`` decoder layers; ``key_mask`` ``(G, P)``, the groups' prompt mask;
+        ``group_of_row`` ``(B,)`` long, each row's group (``0..G-1``)."""
+        groups = int(group_of_row.max()) + 1
+        members = [(group_of_row == g).nonzero().flatten() for g in range(groups)]
+        n = max(len(m) for m in members)
+        slots = torch.stack([torch.cat([m, m[:1].expand(n - len(m))]) for m in members])
+        slot_of_row = torch.empty_like(group_of_row)
+        for g, m in enumerate(members):
+            slot_of_row[m] = g * n + torch.arange(len(m), device=m.device)
+        return cls([None] * num_layers, [None] * num_layers, key_mask.bool(), slots, slot_of_row,
+                   [[] for _ in range(num_layers)], [[] for _ in range(num_layers)], 0, {})
+
+    def prompt_mask(self, mask, implementation) -> "PromptMask":
+        """The mask of the prompt's decoder call: ``mask`` as ``transformers.masking_utils.create_causal_mask`` built
+        it for the model's own attention ``implementation`` (the function), which computes the prompt's attention."""
+        return PromptMask(self, mask, implementation)
+
+    def mask(self, attention_mask: torch.Tensor, start: int) -> "PrefixAttentionMask":
+        """The mask of the next decoder call on completion columns ``start..E-1`` (calls go left to right):
+        ``attention_mask`` ``(B, E)``, the completion's columns ``0..E-1`` (keys are causal within the completion and
+        see the whole real prompt)."""
+        E = attention_mask.shape[1]
+        cols = torch.arange(E, device=attention_mask.device)
+        causal = cols[None, :] <= torch.arange(start, E, device=attention_mask.device)[:, None]  # (q, E)
+        self.chunks += 1
+        return PrefixAttentionMask(self, attention_mask.bool()[:, None, :] & causal[None], self.chunks - 1)
+
+
+@dataclass
+class PromptMask:
+    """What the decoder layers pass as their attention mask in the prompt's forward: the model's own mask and
+    attention function, and the store the layers' keys and values go to."""
+
+    prefix: SharedPrefix
+    mask: torch.Tensor | None
+    implementation: object
+
+
+@dataclass
+class PrefixAttentionMask:
+    """What the decoder layers pass to :func:`shared_prefix_attention` as their attention mask in a completion chunk:
+    the shared prompt, ``completion`` ``(B, q, E)`` bool (which completion keys each query may read) and the chunk's
+    index."""
+
+    prefix: SharedPrefix
+    completion: torch.Tensor
+    chunk: int
+
+
+def _regroup(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Rows ``(B, kv, r, ...)`` -> groups ``(G, kv, n * r, ...)`` (a copy), ``r`` rows of each kv head per row."""
+    G, n = slots.shape
+    y = x[slots.flatten()]
+    y = y.view(G, n, *y.shape[1:]).transpose(1, 2)
+    return y.reshape(G, y.shape[1], n * y.shape[3], *y.shape[4:])
+
+
+def _ungroup(x: torch.Tensor, prefix: SharedPrefix, r: int) -> torch.Tensor:
+    """Groups ``(G, kv, n * r, ...)`` -> rows ``(B, kv, r, ...)``."""
+    G, n = prefix.slots.shape
+    y = x.view(G, x.shape[1], n, r, *x.shape[3:]).transpose(1, 2)
+    return y.reshape(G * n, x.shape[1], r, *x.shape[3:])[prefix.slot_of_row]
+
+
+def shared_prefix_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: PrefixAttentionMask | PromptMask, dropout: float = 0.0,
+                            scaling: float | None = None,
+                            **kwargs) -> tuple[torch.Tensor, None]:
+    """Softmax attention of a completion chunk over its group's prompt and its own completion so far (a transformers
+    attention function; see the module docstring). Safe under gradient checkpointing: a recomputed call reads the
+    keys stored by the first one.
+
+    Args:
+        module: the attention layer (``layer_idx``).
+        query: ``(B, heads, q, d)``. key / value: ``(B, kv heads, q, d)``, this chunk's (earlier chunks' come from the
+            store). attention_mask: a :class:`PrefixAttentionMask`, or a :class:`PromptMask` in the prompt's forward
+            (``(G, ...)`` inputs; the model's own attention runs and the keys and values are stored).
+            scaling: the score scale (``d ** -0.5``).
+    Returns:
+        ``((B, q, heads, d), None)``, as transformers' ``sdpa_attention_forward``. For half-precision inputs the
+        products, the softmax and its sums run in float32 (the prompt's keys and values are widened once per layer),
+        else in the input's dtype.
+    Raises:
+        ValueError: ``dropout > 0`` (not supported) or a mask of another type (the function was selected outside
+            :func:`mirage_rl.latent.shared_prefix_hidden_states`).
+        RuntimeError: a completion chunk runs before an earlier one has (the chunks must go left to right).
+    """
+    layer = module.layer_idx
+    if isinstance(attention_mask, PromptMask):  # the prompt: the model's own attention; keep its keys and values
+        prefix = attention_mask.prefix
+        if prefix.keys[layer] is None:  # (a recomputation under gradient checkpointing stores nothing)
+            prefix.keys[layer], prefix.values[layer] = key, value
+        return attention_mask.implementation(module, query, key, value, attention_mask.mask, dropout=dropout,
+                                             scaling=scaling, **kwargs)
+    if not isinstance(attention_mask, PrefixAttentionMask):
+        raise ValueError(f"{ATTENTION_NAME} attention needs a PrefixAttentionMask, got {type(attention_mask).__name__}:"
+                         " it runs only inside mirage_rl.latent.shared_prefix_hidden_states")
+    if dropout:
+        raise ValueError(f"{ATTENTION_NAME} attention does not support attention dropout ({dropout}): set the model's "
+                         "attention_dropout to 0 or shared_prefix: false")
+    prefix, i = attention_mask.prefix, attention_mask.chunk
+    kp, vp = prefix.keys[layer], prefix.values[layer]
+    past_k, past_v = prefix.completion_keys[layer], prefix.completion_values[layer]
+    if len(past_k) == i:
+        past_k.append(key)
+        past_v.append(value)
+    elif len(past_k) < i:
+        raise RuntimeError(f"completion chunk {i} of layer {layer} runs before chunk {len(past_k)}")
+    if i:  # earlier chunks as they were stored; this chunk as computed now (equal values when recomputed)
+        key, value = torch.cat([*past_k[:i], key], 2), torch.cat([*past_v[:i], value], 2)
+    B, heads, q, d = query.shape
+    kv = key.shape[1]
+    r = heads // kv * q  # query rows per kv head and row
+    scale = d ** -0.5 if scaling is None else scaling
+    acc = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+    if kp.dtype != acc:  # half precision: products and sums in float32 (as SDPA accumulates), the prompt's once
+        if layer not in prefix.wide:
+            prefix.wide[layer] = (kp.to(acc), vp.to(acc))
+        kp, vp = prefix.wide[layer]
+    qs = (query.to(acc) * scale).reshape(B, kv, r, d)
+    key, value = key.to(acc), value.to(acc)
+    sp = _regroup(qs, prefix.slots) @ kp.transpose(-1, -2)  # (G, kv, n*r, P)
+    sp = sp.masked_fill(~prefix.key_mask[:, None, None, :], float("-inf"))
+    sc = qs @ key.transpose(-1, -2)  # (B, kv, r, E)
+    cmask = attention_mask.completion[:, None, None].expand(B, kv, heads // kv, q, -1).reshape(B, kv, r, -1)
+    sc = sc.masked_fill(~cmask, float("-inf"))
+    with torch.no_grad():  # the common maximum only keeps exp in range: the result does not depend on it
+        m = torch.maximum(_ungroup(sp.amax(-1), prefix, r), sc.amax(-1))  # (B, kv, r)
+    ep = torch.exp(sp - _regroup(m, prefix.slots)[..., None])  # (G, kv, n*r, P)
+    ec = torch.exp(sc - m[..., None])  # (B, kv, r, E)
+    num = _ungroup(ep @ vp, prefix, r) + ec @ value  # (B, kv, r, d)
+    den = _ungroup(ep.sum(-1), prefix, r) + ec.sum(-1)  # (B, kv, r)
+    out = (num / den[..., None]).to(query.dtype)
+    return out.view(B, heads, q, d).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION_NAME, shared_prefix_attention)
+
+
+@contextlib.contextmanager
+def _implementation(config, name: str):
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+@contextlib.contextmanager
+def use_prefix_attention(lm):
+    """Within the block, the decoder layers of the text model ``lm`` use :func:`shared_prefix_attention`; the
+    previous implementation is restored on exit, also on errors. Under gradient checkpointing each layer's
+    recomputation in the backward (after the block) runs under the same switch, through the non-reentrant
+    checkpoint's ``context_fn`` (https://pytorch.org/docs/stable/checkpoint.html); without checkpointing the
+    backward looks nothing up."""
+    config = lm.config
+    patched = []
+    if lm.training:
+        for layer in lm.layers:
+            fn = getattr(layer, "_gradient_checkpointing_func", None)
+            if getattr(layer, "gradient_checkpointing", False) and isinstance(fn, functools.partial):
+                patched.append((layer, vars(layer).get("_gradient_checkpointing_func")))
+                layer._gradient_checkpointing_func = functools.partial(
+                    fn, context_fn=lambda: (contextlib.nullcontext(), _implementation(config, ATTENTION_NAME)))
+    try:
+        with _implementation(config, ATTENTION_NAME):
+            yield
+    finally:
+        for layer, fn in patched:
+            if fn is None:
+                del layer._gradient_checkpointing_func
+            else:
+                layer._gradient_checkpointing_func = fn
+
+
+def unsupported(lm) -> str | None:
+    """Why the text decoder ``lm`` cannot share prompts in training now, or ``None`` when it can.
+
+    Sliding-window layers are not supported. Under gradient checkpointing the checkpoint must be non-reentrant
+    (``gradient_checkpointing_kwargs: {"use_reentrant": false}``, transformers' default since 5.0): the prompt's keys
+    leave each checkpointed layer through :class:`SharedPrefix`, not through its outputs, and the reentrant checkpoint
+    sends no gradient along that way (TRL forces it with PEFT under ZeRO-3); and without a ``context_fn`` of its own
+    (:func:`use_prefix_attention` sets one)."""
+    if any(t != "full_attention" for t in getattr(lm.config, "layer_types", None) or ()):
+        return "the decoder has sliding-window layers"
+    if lm.training:
+        for layer in lm.layers:
+            fn = getattr(layer, "_gradient_checkpointing_func", None)
+            if not getattr(layer, "gradient_checkpointing", False):
+                continue
+            if not (isinstance(fn, functools.partial) and fn.keywords.get("use_reentrant") is False):
+                return "gradient checkpointing is reentrant (use_reentrant is not false)"
+            if "context_fn" in fn.keywords:
+                return "gradient_checkpointing_kwargs has a context_fn of its own"
+    return None
