@@ -419,11 +419,11 @@ def shared_prefix_hidden_states(model, input_ids: torch.Tensor, attention_mask: 
     (issue 22; ours: TRL runs a GRPO group's prompt once per rollout).
 
     The prefix (the prompt minus its last token) of each group's first row goes through the vision tower and the
-    decoder once, with a KV cache, and the rest of each row (the prompt's last token, then the completion with its
-    latent blocks: realigned recurrent fill, or ``latent_inputs`` teacher-forced) continues on it: its attention
-    reads the group's prompt keys and values where they are, ``(groups, kv heads, P, d)``, never copied over the
-    rows (:mod:`mirage_rl.prefix_attention`); the backward sums every row's gradient into the one prefix forward, as
-    the unshared computation sums them. Values and gradients equal :func:`latent_hidden_states` within
+    decoder once, each layer's keys and values kept, and the rest of each row (the prompt's last token, then the
+    completion with its latent blocks: realigned recurrent fill, or ``latent_inputs`` teacher-forced) continues on
+    it: its attention reads the group's prompt keys and values where they are, ``(groups, kv heads, P, d)``, never
+    copied over the rows (:mod:`mirage_rl.prefix_attention`); the backward sums every row's gradient into the one
+    prefix forward, as the unshared computation sums them. Values and gradients equal :func:`latent_hidden_states` within
     floating-point reordering (``tests/test_shared_prefix.py``).
 
     Args:
