@@ -131,20 +131,15 @@ def generate(model, processor, batch: dict, max_new_tokens: int = 64, latent_mod
     cache = DynamicCache(config=lm.config)
     # the prefill runs once per distinct prompt (ids, mask, mm token types, images): a GRPO group repeats its prompt
     # num_generations times; the cache and the last hidden state are then indexed over the rows (issue 22)
-    images = latent.row_images(model, ids, batch.get("pixel_values"), batch.get("image_grid_thw")) if share_prompts else None
-    mm = batch.get("mm_token_type_ids")
-    rows = (latent.prefix_groups(ids, am, ids.shape[1], [mm, [x[0] for x in images] if images else None])
-            if share_prompts and B > 1 else None)
-    reps, index = torch.unique(rows, sorted=True, return_inverse=True) if rows is not None else (None, None)
-    if reps is not None and len(reps) < B:
-        r = reps.tolist()
-        pix = torch.cat([images[i][0] for i in r]) if images else None
-        grid = torch.cat([images[i][1] for i in r]) if images else None
-        emb = latent.embed_inputs(model, ids[reps], pix, grid)
-        h = lm(inputs_embeds=emb, position_ids=pos[:, reps], attention_mask=am[reps], past_key_values=cache,
-               use_cache=True).last_hidden_state[:, -1]
-        cache.batch_select_indices(index)
-        h = h[index]
+    groups = (latent.prompt_groups(model, ids, am, ids.shape[1], batch.get("pixel_values"),
+                                   batch.get("image_grid_thw"), batch.get("mm_token_type_ids"))
+              if share_prompts and B > 1 else None)
+    if groups is not None:
+        emb = latent.embed_inputs(model, ids[groups.reps], groups.pixel_values, groups.image_grid_thw)
+        h = lm(inputs_embeds=emb, position_ids=pos[:, groups.reps], attention_mask=am[groups.reps],
+               past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+        cache.batch_select_indices(groups.index)
+        h = h[groups.index]
     else:
         emb = latent.embed_inputs(model, ids, batch.get("pixel_values"), batch.get("image_grid_thw"))
         h = lm(inputs_embeds=emb, position_ids=pos, attention_mask=am, past_key_values=cache,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -407,6 +408,34 @@ def row_images(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None
         out.append((pixel_values[row:row + rows], image_grid_thw[img:img + n]))
         img, row = img + n, row + rows
     return out
+
+
+class PromptGroups(NamedTuple):
+    """Rows that share their first ``prefix_len`` columns (:func:`prompt_groups`)."""
+
+    rows: torch.Tensor  #: ``(B,)`` long, :func:`prefix_groups`
+    reps: torch.Tensor  #: ``(R,)`` long, the first row of each group, ascending
+    index: torch.Tensor  #: ``(B,)`` long, each row's group in ``reps``
+    pixel_values: torch.Tensor | None  #: the groups' first rows' image patches, in ``reps`` order
+    image_grid_thw: torch.Tensor | None  #: and their grids
+
+
+def prompt_groups(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_len: int,
+                  pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+                  mm_token_type_ids: torch.Tensor | None = None) -> PromptGroups | None:
+    """The groups of rows whose first ``prefix_len`` columns (ids, mask, mm token types and the images whose
+    ``<|vision_start|>`` they hold: :func:`row_images`) are identical, with the images of each group's first row;
+    ``None`` when no two rows share (the rollout prefill and the shared scoring, issue 22)."""
+    ids = input_ids[:, :prefix_len]
+    images = row_images(model, ids, pixel_values, image_grid_thw)
+    mm = mm_token_type_ids[:, :prefix_len] if mm_token_type_ids is not None else None
+    rows = prefix_groups(input_ids, attention_mask, prefix_len, [mm, [x[0] for x in images] if images else None])
+    reps, index = torch.unique(rows, sorted=True, return_inverse=True)
+    if len(reps) == len(rows):
+        return None
+    r = reps.tolist()
+    return PromptGroups(rows, reps, index, torch.cat([images[i][0] for i in r]) if images else None,
+                        torch.cat([images[i][1] for i in r]) if images else None)
 
 
 def shared_prefix_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,

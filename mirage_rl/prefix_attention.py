@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface
@@ -60,7 +60,7 @@ class SharedPrefix:
     completion_keys: list[list[torch.Tensor]]
     completion_values: list[list[torch.Tensor]]
     chunks: int = 0
-    wide: dict = None
+    wide: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
     def for_groups(cls, num_layers: int, key_mask: torch.Tensor, group_of_row: torch.Tensor) -> "SharedPrefix":
@@ -74,7 +74,7 @@ class SharedPrefix:
         for g, m in enumerate(members):
             slot_of_row[m] = g * n + torch.arange(len(m), device=m.device)
         return cls([None] * num_layers, [None] * num_layers, key_mask.bool(), slots, slot_of_row,
-                   [[] for _ in range(num_layers)], [[] for _ in range(num_layers)], 0, {})
+                   [[] for _ in range(num_layers)], [[] for _ in range(num_layers)])
 
     def prompt_mask(self, mask, implementation) -> "PromptMask":
         """The mask of the prompt's decoder call: ``mask`` as ``transformers.masking_utils.create_causal_mask`` built

@@ -509,25 +509,22 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
     @staticmethod
     def _prefix_inputs(model, inputs: dict, prefix_len: int) -> dict:
         """The extra forward inputs that make rows with the same first ``prefix_len`` columns (ids, mask, mm token
-        types, image patches: :func:`mirage_rl.latent.row_images`) share one prompt forward: ``prefix_rows``
-        (:func:`mirage_rl.latent.prefix_groups`), ``prefix_len``, the groups' first rows' ``prefix_pixel_values`` /
+        types, images: :func:`mirage_rl.latent.prompt_groups`) share one prompt forward: ``prefix_rows``, ``prefix_len``,
+        the groups' first rows' ``prefix_pixel_values`` /
         ``prefix_image_grid_thw`` and ``pixel_values: None``; ``{}`` when no two rows share (the unshared forward
         runs)."""
-        ids, am = inputs["input_ids"], inputs["attention_mask"]
         if prefix_len < 1:
             return {}
         # a row's images are in its prompt (a sampled completion may hold a stray <|vision_start|>)
-        images = latent.row_images(model, ids[:, :prefix_len], inputs.get("pixel_values"), inputs.get("image_grid_thw"))
-        mm = inputs["mm_token_type_ids"][:, :prefix_len] if "mm_token_type_ids" in inputs else None
-        rows = latent.prefix_groups(ids, am, prefix_len, [mm, [x[0] for x in images] if images else None])
-        reps = torch.unique(rows, sorted=True).tolist()
-        if len(reps) == ids.size(0):
+        groups = latent.prompt_groups(model, inputs["input_ids"], inputs["attention_mask"], prefix_len,
+                                      inputs.get("pixel_values"), inputs.get("image_grid_thw"),
+                                      inputs.get("mm_token_type_ids"))
+        if groups is None:
             return {}
-        out = {"prefix_rows": rows, "prefix_len": prefix_len}
-        if images:
-            out["prefix_pixel_values"] = torch.cat([images[r][0] for r in reps], 0)
-            out["prefix_image_grid_thw"] = torch.cat([images[r][1] for r in reps], 0)
-            out["pixel_values"] = None
+        out = {"prefix_rows": groups.rows, "prefix_len": prefix_len}
+        if groups.pixel_values is not None:
+            out.update(prefix_pixel_values=groups.pixel_values, prefix_image_grid_thw=groups.image_grid_thw,
+                       pixel_values=None)
         return out
 
 
