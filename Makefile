@@ -7,8 +7,10 @@ CLI    := $(BIN)/mirage-rl
 TASK    ?= vsp_spatial_planning
 RECIPES := recipes/$(TASK)
 DEMO_OUT := $(if $(filter vsp_spatial_planning,$(TASK)),outputs/demo,outputs/$(TASK)/demo)
-# one OpenMP thread pool per process, and a malloc that does not thrash on dynamic shapes
-export OMP_NUM_THREADS ?= 2
+# threads: each mirage-rl command sizes its OpenMP pool to the cores free when it starts (and lets waiting threads sleep
+# on a busy machine: OMP_WAIT_POLICY=PASSIVE), unless OMP_NUM_THREADS is set; tests and benchmarks pin 2 threads.
+# A malloc that does not thrash on dynamic shapes.
+test bench: export OMP_NUM_THREADS ?= 2
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -25,11 +27,11 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	# the seeing tiny base: built once (<= 8 min on 2 cores) and cached under outputs/base, keyed by its configs
+	# the seeing tiny base and the training set: built once (<= 8 min on 2 idle cores) and reused while their
+	# configs, data and code are unchanged
 	$(CLI) base-model --config recipes/vsp_spatial_planning/base_small.yaml
 	$(CLI) build-data --config data/$(TASK)_small.yaml
-	# stage 1 -> stage 2 -> GRPO, evaluated after each; summary in outputs/demo/pipeline_summary.md (VSP planning)
-	# or outputs/$(TASK)/demo/pipeline_summary.md
+	# stage 1 -> stage 2 -> GRPO, evaluated after each; summary in $(DEMO_OUT)/pipeline_summary.md
 	$(CLI) pipeline --recipe_dir $(RECIPES) --variant demo
 
 # The two controls of the demo, same base, data and budget: Direct SFT (no latent block) and dummy latents (after

@@ -223,6 +223,8 @@ def merged_manifest(old: dict, group: str, names, run: dict | None = None, comma
     out = {**old, "entries": entries}
     if run is not None:
         out["run"] = run
+    elif group == "model":
+        out.pop("run", None)  # the settings of an earlier model must never describe the weights of this save
     if command is not None:
         out["history"] = (old.get("history") or [])[-19:] + [
             {"command": command, "group": group, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")}]

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .recipe import RecipeError, load_recipe
+from .data.jsonl import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 BUILDER_SOURCES = ("tiny.py", "data/build.py", "data/messages.py", "data/images.py", "tasks/vsp_planning/maps.py",
                    "tasks/vsp_planning/prompts.py", "tasks/vsp_planning/rows.py")
 #: keys of the configs that say where things go, not what is built (left out of the key)
-_PATH_KEYS = ("output_dir", "model_name_or_path", "dataset_path", "overwrite_output_dir", "model")
+_PATH_KEYS = ("output_dir", "model_name_or_path", "dataset_path", "overwrite_output_dir", "replace_output_dir", "model")
 
 
 @dataclass
@@ -60,6 +61,8 @@ class BaseModelArguments:
     eval_levels: list[int] | None = field(default=None, metadata={
         "help": "Levels of the perception check (default: every level of the benchmark)."})
     rebuild: bool = field(default=False, metadata={"help": "Build again even when a base of this key is cached."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Use a cache_dir holding entries no mirage-rl run wrote (they are kept, never deleted)."})
 
     def __post_init__(self):
         if not self.name or "/" in self.name or self.name.startswith("."):
@@ -73,18 +76,18 @@ def _settings(path: str) -> dict:
     return {k: v for k, v in load_recipe(path).items() if k not in _PATH_KEYS}
 
 
-def _file_digest(path: Path, h) -> None:
+def file_digest(path: Path, h) -> None:
     h.update(str(path.name).encode())
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
 
 
-def _tree_digest(root: Path, h) -> None:
+def tree_digest(root: Path, h) -> None:
     """Every file under ``root`` (sorted relative paths and bytes)."""
     for p in sorted(q for q in root.rglob("*") if q.is_file()):
         h.update(str(p.relative_to(root)).encode())
-        _file_digest(p, h)
+        file_digest(p, h)
 
 
 def base_inputs(args: BaseModelArguments) -> dict:
@@ -101,11 +104,11 @@ def base_inputs(args: BaseModelArguments) -> dict:
         path = Path(data.get(key) or "")
         if not path.exists():
             raise FileNotFoundError(f"{args.data_config}: {key} {path} does not exist (the VSP data of ../shared/data)")
-        _tree_digest(path, h) if path.is_dir() else _file_digest(path, h)
+        tree_digest(path, h) if path.is_dir() else file_digest(path, h)
     code = hashlib.sha256(mirage_rl.__version__.encode())
     pkg = Path(mirage_rl.__file__).parent
     for rel in BUILDER_SOURCES:
-        _file_digest(pkg / rel, code)
+        file_digest(pkg / rel, code)
     ev = load_recipe(args.eval_config)
     return {"data": _settings(args.data_config), "model": _settings(args.model_config),
             "pretrain": _settings(args.pretrain_config),
@@ -158,9 +161,9 @@ def build_base(args: BaseModelArguments) -> dict:
     key = base_key(inputs)
     cache = Path(args.cache_dir)
     final = cache / f"{args.name}-{key}"
-    with output_dir_guard(cache, "base", what="base cache folder"):
+    with output_dir_guard(cache, "base", args.overwrite_output_dir, what="base cache folder"):
         if _is_built(final) and not args.rebuild:
-            record = json.loads((final / "base.json").read_text())
+            record = read_json(final / "base.json")
             _point_alias(cache, args.name, final.name)
             logger.info("base-model: %s is cached (key %s); reusing it (built in %.1f min)", final, key,
                         record["wall_s"]["total"] / 60)
@@ -212,9 +215,9 @@ def _build(args: BaseModelArguments, inputs: dict, key: str, cache: Path, final:
           "--prompt", str(ev.get("prompt", "test")), "--max_new_tokens", "64",
           "--output_dir", str(pretrained / "eval_describe"),
           *(["--levels", *map(str, args.eval_levels)] if args.eval_levels else [])])
-    report = json.loads((pretrained / "eval_describe" / "report.json").read_text())
+    report = read_json(pretrained / "eval_describe" / "report.json")
     walls["total"] = round(time.perf_counter() - t_all, 1)
-    config = json.loads((pretrained / "config.json").read_text())
+    config = read_json(pretrained / "config.json")
     record = {"name": args.name, "key": key, "inputs": inputs, "wall_s": walls,
               "perception": {k: report[k] for k in ("n", "table_exact", "cell_accuracy", "player_found", "goal_found")}
               | {"by_level": report["by_level"]},

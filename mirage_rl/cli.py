@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import outputs, recipe
 from .errors import is_no_space, is_user_error, no_space_message
 from .recipe import RecipeError, parse
 
@@ -61,6 +63,10 @@ class ExportArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the base checkpoint."})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Write into an output_dir holding entries no mirage-rl run wrote (they are kept, never deleted)."})
+    replace_output_dir: bool = field(default=False, metadata={
+        "help": "Replace the finished output another run left in output_dir (only that output's files are replaced; "
+                "everything else in the folder is kept). Without it such a folder is refused, unless this is the same "
+                "command with the same settings (a resume)."})
 
 
 def end_process_group() -> None:
@@ -87,10 +93,14 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     cmd, rest = argv[0], argv[1:]
+    outputs.COMMAND_LINE = shlex.join(["mirage-rl", *argv])
+    recipe.PROG = f"mirage-rl {cmd}"
     if not rest and cmd in COMMAND_USAGE:
         print(f"{COMMAND_USAGE[cmd]}\n  `mirage-rl {cmd} --help` lists every option", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_known_noise()
+    choose_threads()
 
     try:
         code = _run(cmd, rest)
@@ -101,6 +111,73 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if isinstance(e, RecipeError) else 1
     end_process_group()
     return code
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *starts: str):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(self.starts)
+
+
+def quiet_known_noise() -> None:
+    """Keep off the console the library warnings a user can do nothing about: DeepSpeed's "Setting accelerator to
+    CPU" on a CPU machine (its own logger, set up when deepspeed is imported: the filter is added before), and
+    transformers' FutureWarnings that ``gradient_checkpointing`` / ``is_gradient_checkpointing`` are aliases of
+    ``activation_checkpointing`` (TRL's configs and ``unwrap_model_for_generation`` use the old names themselves)."""
+    import warnings
+
+    ds = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _DropMessages) for f in ds.filters):
+        ds.addFilter(_DropMessages("Setting accelerator to CPU"))
+    warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated", category=FutureWarning)
+
+
+def busy_cores(interval: float = 0.25) -> float | None:
+    """How many cores other processes keep busy right now: the non-idle share of ``/proc/stat``'s CPU time over
+    ``interval`` seconds times the cores (a 1-minute load average would still count the command that just ended);
+    None where ``/proc/stat`` cannot be read."""
+    import time
+
+    def sample():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(interval)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / (total1 - total0))
+
+
+def choose_threads() -> None:
+    """Size the OpenMP thread pool to the cores that are free when the command starts, unless the user set
+    ``OMP_NUM_THREADS``: ``max(1, round(cores - busy cores))`` (:func:`busy_cores`); on a machine more than half busy
+    also ``OMP_WAIT_POLICY=PASSIVE``, so that waiting threads sleep instead of spinning against the other jobs
+    (spinning, oversubscribed threads made a step 10-20x slower once the load passed the core count). Runs before
+    torch is imported, which reads both variables once; logged."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = os.cpu_count() or 1
+    busy = busy_cores()
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except OSError:
+            busy = 0.0
+    threads = max(1, min(cores, round(cores - busy)))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    if busy > cores / 2:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    logging.getLogger(__name__).info("threads: %d of %d cores (%.1f busy with other work; set OMP_NUM_THREADS to "
+                                     "choose)", threads, cores, busy)
 
 
 def user_message(e: BaseException) -> str:
@@ -170,6 +247,12 @@ def _run(cmd: str, rest: list[str]) -> int:
                               "`mirage-rl eval` without accelerate launch / torchrun")
         report = evaluate(args)
         print(format_table(report))
+        for name, entry in (report.get("interventions") or {}).items():
+            if not entry.get("measured", True):
+                print(f"intervention {name}: NOT MEASURED ({entry['not_measured']})")
+        geo = report.get("latent_geometry") or {}
+        if geo.get("measured") is False:
+            print(f"latent geometry: NOT MEASURED ({geo['not_measured']})")
         print(f"wrote {args.output_dir}/report.json, samples.jsonl, accuracy_by_level.png")
     elif cmd == "export":
         import torch
@@ -180,7 +263,11 @@ def _run(cmd: str, rest: list[str]) -> int:
         (args,) = parse((ExportArguments,), rest)
         if args.dtype not in ("float32", "bfloat16", "float16"):
             raise RecipeError(f"dtype: {args.dtype!r} is not float32, bfloat16 or float16")
-        with output_dir_guard(args.output_dir, "model", args.overwrite_output_dir):
+        from .commands.common import weights_identity
+
+        settings = {"adapter_dir": args.adapter_dir, "adapter": weights_identity(args.adapter_dir), "dtype": args.dtype}
+        with output_dir_guard(args.output_dir, "model", args.overwrite_output_dir, producer="export",
+                              settings=settings, replace=args.replace_output_dir):
             export_merged(args.adapter_dir, args.output_dir, dtype=getattr(torch, args.dtype),
                           trust_remote_code=args.trust_remote_code)
         print(json.dumps({"adapter_dir": args.adapter_dir, "output_dir": args.output_dir, "dtype": args.dtype}))

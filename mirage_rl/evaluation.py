@@ -30,7 +30,8 @@ from .atomic import atomic_save_figure, atomic_write_text
 from .collator import LatentCollator
 from .data.messages import to_messages
 from .generation import generate
-from .latent import parse_latent_mode, resolve_latent_mode
+from .latent import check_decoding_mode, parse_latent_mode, resolve_latent_mode
+from .limits import check_new_tokens
 from .modeling import LatentTokens, load_model, load_processor
 from .outputs import output_dir_guard
 from .tables import markdown_table
@@ -83,6 +84,9 @@ class EvalArguments:
         "help": "Continue a killed run from its per-sample journal (samples.partial.jsonl) when its settings match."})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Write into an output_dir holding entries no mirage-rl run wrote (they are kept, never deleted)."})
+    replace_output_dir: bool = field(default=False, metadata={
+        "help": "Replace the finished evaluation another run (another model, other settings) left in output_dir; "
+                "everything else in the folder is kept."})
 
     def __post_init__(self):
         if self.task not in task_names():
@@ -137,10 +141,13 @@ def plot_by_level(report: dict, path: str | os.PathLike, title: str) -> None:
     (k1, l1), (k2, l2) = get_task(report.get("task", "plan")).metrics[:2]
     x = range(len(levels))
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar([i - 0.2 for i in x], [report["by_level"][lv][k1] for lv in levels], 0.4, label=l1)
-    ax.bar([i + 0.2 for i in x], [report["by_level"][lv][k2] for lv in levels], 0.4, label=l2)
+    for offset, key, label in ((-0.2, k1, l1), (0.2, k2, l2)):
+        values = [report["by_level"][lv][key] for lv in levels]
+        bars = ax.bar([i + offset for i in x], values, 0.4, label=label)
+        # every bar carries its value, so a rate of 0 reads as a measured zero, not as an empty plot
+        ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=7, padding=2)
     ax.set_xticks(list(x), [f"level {lv}\n({report['by_level'][lv]['n']} maps)" for lv in levels])
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.1)
     ax.set_ylabel("rate")
     ax.set_title(title, fontsize=9)
     ax.legend()
@@ -156,8 +163,21 @@ def evaluate(args: EvalArguments, model=None, processor=None) -> dict:
         ValueError: ``latent_mode`` needs latent tokens the checkpoint lacks; FileNotFoundError: bad folder;
         OutputDirError: an unusable output folder or one in use by another run.
     """
-    with output_dir_guard(args.output_dir, "eval", args.overwrite_output_dir):
+    with output_dir_guard(args.output_dir, "eval", args.overwrite_output_dir, producer="eval",
+                          settings=eval_settings(args), replace=args.replace_output_dir):
         return _evaluate(args, model, processor)
+
+
+def eval_settings(args: EvalArguments) -> dict:
+    """What decides an evaluation's report: its arguments (where it writes, the batch size and resuming aside) and
+    the model's weights (:func:`mirage_rl.commands.common.weights_identity`). A finished evaluation of other
+    settings in ``output_dir`` is never replaced without ``replace_output_dir``."""
+    from dataclasses import asdict
+
+    from .commands.common import weights_identity
+
+    settings = {k: v for k, v in asdict(args).items() if k not in ("batch_size", "resume")}
+    return {**settings, "model_weights": weights_identity(args.model)}
 
 
 def _evaluate(args: EvalArguments, model=None, processor=None) -> dict:
@@ -167,6 +187,8 @@ def _evaluate(args: EvalArguments, model=None, processor=None) -> dict:
     task = get_task(args.task)
     mode = resolve_latent_mode(args.latent_mode, model.config, where=str(args.model)).value if task.has_latent_block \
         else "none"
+    check_decoding_mode(mode, model.config, str(args.model))
+    check_new_tokens(model.config, args.max_new_tokens, option="max_new_tokens")
     tokens = LatentTokens.for_model(model, processor, where=str(args.model)) if mode != "none" else None
     maps = task.load_benchmark(args.benchmark_dir, args.levels, args.items_file)
     if args.limit is not None:

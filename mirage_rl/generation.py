@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from . import latent
+from .limits import check_new_tokens
 from .modeling import LatentTokens
 
 
@@ -77,7 +78,7 @@ def generate(model, processor, batch: dict, max_new_tokens: int = 64, latent_mod
              generator: torch.Generator | list[torch.Generator] | None = None, return_logprobs: bool = False,
              latent_sigma: float | None = None, suppress_token_ids: list[int] | None = None,
              eos_token_ids: list[int] | None = None, latent_fn=None, record_latents: bool = False,
-             share_prompts: bool = True) -> GenerationOutput:
+             share_prompts: bool = True, length_option: str = "max_new_tokens") -> GenerationOutput:
     """Decode a left-padded prompt batch (``LatentCollator(with_answer=False)`` or TRL's tokenized prompts).
 
     Args:
@@ -106,9 +107,12 @@ def generate(model, processor, batch: dict, max_new_tokens: int = 64, latent_mod
         share_prompts: prefill each distinct prompt (ids, mask, mm token types, images) once and index its KV cache
             over the rows that repeat it (a GRPO group); the same tokens as without (tested). ``False``: one prefill
             row per row.
+        length_option: the setting ``max_new_tokens`` came from, named when it cannot fit.
     Raises:
         ValueError: an unknown ``latent_mode`` (:class:`mirage_rl.latent.LatentMode`); ``latent_mode`` is not
-            ``"none"`` and the checkpoint has no latent tokens; or ``latent_sigma`` without ``latent_mode="hidden"``.
+            ``"none"`` and the checkpoint has no latent tokens; ``latent_sigma`` without ``latent_mode="hidden"``; or
+            prompt + ``max_new_tokens`` beyond the model's positions or the free memory
+            (:func:`mirage_rl.limits.check_new_tokens`).
     """
     latent_mode = latent.parse_latent_mode(latent_mode).value
     if latent_sigma is not None and latent_mode != "hidden":
@@ -127,6 +131,8 @@ def generate(model, processor, batch: dict, max_new_tokens: int = 64, latent_mod
 
     ids, am = batch["input_ids"], batch["attention_mask"]
     B = ids.shape[0]
+    check_new_tokens(model.config, max_new_tokens, ids.shape[1], B, option=length_option,
+                     dtype_bytes=embed.weight.element_size(), device=device)
     pos, nxt = latent.position_ids(model, ids, am, batch.get("mm_token_type_ids"), batch.get("image_grid_thw"))
     cache = DynamicCache(config=lm.config)
     # the prefill runs once per distinct prompt (ids, mask, mm token types, images): a GRPO group repeats its prompt

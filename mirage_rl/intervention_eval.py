@@ -32,6 +32,7 @@ from .atomic import atomic_save_figure, atomic_write_text
 from .collator import LatentCollator
 from .generation import generate
 from .interventions import LatentIntervention, derangement, geometry, paired
+from .data.jsonl import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def _run_pass(args, model, processor, task, tokens, items, name: str, fn) -> tup
 
 def _load_pass(folder: Path, identity: dict):
     meta = folder / "pass.json"
-    if not meta.is_file() or json.loads(meta.read_text()).get("run") != identity:
+    if not meta.is_file() or read_json(meta).get("run") != identity:
         return None
     samples = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
     own = None
@@ -154,12 +155,23 @@ def evaluate_interventions(args, model, processor, task, tokens, items, out_dir:
             entry["paired"] = paired(ref, [bool(s[task.correct_key]) for s in samples], args.intervention_seed)
         table[name] = entry
     partner = derangement(levels, args.intervention_seed)
+    fixed = sum(p == i for i, p in enumerate(partner))
+    opened = sum(1 for o in own if len(o) > 0)
+    for name, entry in table.items():
+        reason = unmeasured_reason(name, len(items), opened, fixed)
+        entry["measured"] = reason is None
+        if reason is not None:
+            entry["not_measured"] = reason
+            entry["paired"] = None  # a paired statistic over degenerate items would read as a result
+            logger.warning("eval: intervention %s NOT MEASURED: %s", name, reason)
+    geo = geometry(own, oracle, k, [task.item_answer(it) for it in items]) if oracle is not None else None
+    if geo is not None and "retrieval_top1" not in geo:
+        geo.update({"measured": False, "not_measured": f"{geo['items']} item(s) with a whole latent block; the "
+                                                       "geometry compares items with each other and needs at least 2"})
+        logger.warning("eval: latent geometry NOT MEASURED: %s", geo["not_measured"])
     report = reports["none"]
     report.update({"model": str(args.model), "latent_mode": "hidden", "max_new_tokens": args.max_new_tokens,
-                   "resumed_at": 0, "interventions": table,
-                   "swap_fixed_points": sum(p == i for i, p in enumerate(partner)),
-                   "latent_geometry": geometry(own, oracle, k, [task.item_answer(it) for it in items])
-                   if oracle is not None else None})
+                   "resumed_at": 0, "interventions": table, "swap_fixed_points": fixed, "latent_geometry": geo})
     atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in passes["none"]))
     plot_by_level(report, out_dir / "accuracy_by_level.png", f"{Path(args.model).name} (hidden) on "
                                                                 f"{Path(args.benchmark_dir).name}")
@@ -168,23 +180,48 @@ def evaluate_interventions(args, model, processor, task, tokens, items, out_dir:
     return report
 
 
+def unmeasured_reason(name: str, items: int, opened: int, fixed: int) -> str | None:
+    """Why the intervention ``name`` measured nothing on these items (None when it measured): fewer than 2 items
+    (no paired comparison), no item that opened a latent block in the ``none`` pass (nothing to replace; ``skip``
+    aside), or ``swap`` where every item is alone in its level (each swapped with itself)."""
+    if name == "none":
+        return None
+    if items < 2:
+        return f"{items} item(s); a paired comparison against the model's own latents needs at least 2 (raise --limit)"
+    if opened == 0 and name != "skip":
+        return "no item opened a latent block in the none pass, so there were no latent slots to replace"
+    if name == "swap" and fixed >= items:
+        return ("every item is alone in its level, so swap fed each item its own latents (swap_fixed_points); "
+                "evaluate at least 2 items per level")
+    return None
+
+
 def plot_interventions(table: dict, head: str, path: Path, title: str) -> None:
     """The headline metric per intervention; bars other than ``none`` carry the bootstrap 95 % interval of their
-    paired difference, placed around their own value."""
+    paired difference, placed around their own value. An intervention that measured nothing (``measured`` false) gets
+    no bar, only the words "not measured"."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(table)
-    vals = [table[n][head] for n in names]
+    ok = [n == "none" or table[n].get("paired") is not None for n in names]
+    vals = [table[n][head] if good else 0.0 for n, good in zip(names, ok)]
     # the interval of the paired difference, moved onto the bar: [value - (diff - low), value + (high - diff)]
-    lo = [table[n]["paired"]["diff"] - table[n]["paired"]["ci95"][0] if n != "none" else 0 for n in names]
-    hi = [table[n]["paired"]["ci95"][1] - table[n]["paired"]["diff"] if n != "none" else 0 for n in names]
+    lo = [table[n]["paired"]["diff"] - table[n]["paired"]["ci95"][0] if n != "none" and good else 0
+          for n, good in zip(names, ok)]
+    hi = [table[n]["paired"]["ci95"][1] - table[n]["paired"]["diff"] if n != "none" and good else 0
+          for n, good in zip(names, ok)]
     fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(names), 3.5))
     ax.bar(names, vals, yerr=[[max(0.0, x) for x in lo], [max(0.0, x) for x in hi]], capsize=3,
            color=["tab:blue" if n == "none" else "tab:gray" for n in names])
-    ax.set_ylim(0, 1)
+    for i, (n, good) in enumerate(zip(names, ok)):
+        if good:
+            ax.text(i, vals[i] + 0.02, f"{vals[i]:.2f}", ha="center", va="bottom", fontsize=7)
+        else:
+            ax.text(i, 0.05, "not\nmeasured", ha="center", va="bottom", fontsize=7, color="tab:red")
+    ax.set_ylim(0, 1.1)
     ax.set_ylabel(head)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()

@@ -77,6 +77,24 @@ def resolve_latent_mode(requested, config=None, where: str = "model") -> LatentM
                      "to use it as a plain VLM, or Start from `mirage-rl create-model` or a stage-1 output")
 
 
+def check_decoding_mode(mode, config=None, where: str = "model") -> None:
+    """Refuse to decode (``eval``, GRPO rollouts) with latent slots from a checkpoint trained without them: one that
+    records ``latent_mode: none`` (Direct SFT, or the perception base) never trained its latent tokens or slots, so
+    ``hidden`` or ``dummy`` would feed the model inputs it never learned to read. Stage 1 (which teaches the slots)
+    may start from such a checkpoint; decoding may not.
+
+    Raises:
+        ValueError: ``mode`` is not ``none`` and the checkpoint records ``latent_mode: none``, naming both and the
+            two ways on.
+    """
+    mode = parse_latent_mode(mode)
+    if mode is not LatentMode.NONE and getattr(config, "latent_mode", None) == LatentMode.NONE.value:
+        raise ValueError(f"{where}: the checkpoint was trained with latent_mode none (no latent block: Direct SFT or a "
+                         f"base model), so its latent slots were never trained and latent_mode {mode.value} would feed "
+                         "it inputs it never learned to read; use latent_mode none with it, or train stage 1 and "
+                         "stage 2 from it first")
+
+
 def backbone(model):
     """The ``Qwen2_5_VLModel`` (vision tower + decoder + mRoPE index) of a model, PEFT-wrapped or not
     (the backbone itself is returned as is)."""

@@ -27,6 +27,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 from .atomic import atomic_directory, recover_directory
 from .lora import ADAPTER_CONFIG, ADAPTER_INFO, is_adapter_dir
 from .tokens import LATENT_END, LATENT_PAD, LATENT_START, LATENT_TOKENS  # noqa: F401 (the names modeling exports)
+from .data.jsonl import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -253,10 +254,24 @@ def check_safetensors(path: str | Path) -> None:
                          f"{8 + n + end}): {fix}")
 
 
+def check_not_interrupted(folder: str | Path) -> None:
+    """Raise ``FileNotFoundError`` naming the interrupted run and how to resume it when ``folder`` holds a run's
+    checkpoints but no finished model (:func:`mirage_rl.outputs.interrupted_run_message`)."""
+    from .outputs import interrupted_run_message
+
+    folder = Path(folder)
+    if (folder / "config.json").is_file() or (folder / ADAPTER_CONFIG).is_file():
+        return
+    message = interrupted_run_message(folder)
+    if message:
+        raise FileNotFoundError(message)
+
+
 def check_processor_files(folder: str | Path) -> None:
     """Raise ``FileNotFoundError`` when a local model folder lacks the tokenizer or image-processor files (without
     them transformers loads an empty tokenizer, and the error later blames the latent token ids)."""
     folder = Path(folder)
+    check_not_interrupted(folder)
     missing = []
     if not (folder / "tokenizer_config.json").is_file():
         missing.append("tokenizer_config.json")
@@ -268,6 +283,10 @@ def check_processor_files(folder: str | Path) -> None:
     if not any((folder / f).is_file() for f in ("processor_config.json", "preprocessor_config.json")):
         raise FileNotFoundError(f"image processor files missing in {folder}: no processor_config.json or "
                                 "preprocessor_config.json; save the processor with the model")
+    for name in ("config.json", "tokenizer_config.json", "tokenizer.json", "processor_config.json",
+                 "preprocessor_config.json"):
+        if (folder / name).is_file():
+            read_json(folder / name)  # ValueError naming a damaged file
 
 
 def load_processor(path: str | Path, trust_remote_code: bool = False) -> MirageProcessor:
@@ -305,6 +324,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, trust
         if is_adapter_dir(local):  # a stage trained with use_peft: base + adapter, merged
             return load_adapter_model(local, dtype=dtype, trust_remote_code=trust_remote_code,
                                       attn_implementation=attn_implementation)
+        check_not_interrupted(local)
         if not (local / "config.json").is_file():
             raise FileNotFoundError(f"{path}: no config.json; not a saved model folder (a stage's output_dir, or "
                                     "`mirage-rl create-model`)")
@@ -315,6 +335,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, trust
                                     "save_pretrained(safe_serialization=True)")
         for weights in sorted(local.glob("*.safetensors")):
             check_safetensors(weights)
+        read_json(local / "config.json")  # ValueError naming a damaged config
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
         attn_implementation=attn_implementation, **extra,
@@ -353,7 +374,7 @@ def load_adapter_model(path, dtype, trust_remote_code: bool = False, attn_implem
     from peft import PeftModel
 
     path = Path(path)
-    cfg = json.loads((path / ADAPTER_CONFIG).read_text())
+    cfg = read_json(path / ADAPTER_CONFIG)
     base_path = cfg.get("base_model_name_or_path")
     if not base_path:
         raise FileNotFoundError(f"{path / ADAPTER_CONFIG}: no base_model_name_or_path; set it to the model the adapter "
@@ -365,7 +386,7 @@ def load_adapter_model(path, dtype, trust_remote_code: bool = False, attn_implem
         raise FileNotFoundError(f"{path}: cannot load its base model {base_path} (adapter_config.json, "
                                 f"base_model_name_or_path): {e}; edit that key to where the base model is") from e
     info_file = path / ADAPTER_INFO
-    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    info = read_json(info_file) if info_file.is_file() else {}
     if info.get("latent_size"):
         processor = load_processor(path, trust_remote_code=trust_remote_code)
         tokens = add_latent_tokens(base, processor, int(info["latent_size"]))
@@ -389,4 +410,5 @@ def export_merged(adapter_dir, output_dir, dtype=None, trust_remote_code: bool =
                                 "(a stage trained with use_peft: true)")
     model = load_adapter_model(adapter_dir, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code)
     model.name_or_path = model.config._name_or_path = str(output_dir)
-    save_pretrained(model, load_processor(adapter_dir, trust_remote_code=trust_remote_code), output_dir)
+    save_pretrained(model, load_processor(adapter_dir, trust_remote_code=trust_remote_code), output_dir,
+                    command="export")

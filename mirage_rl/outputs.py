@@ -14,6 +14,14 @@ The rules (README, "What an output_dir may contain"):
   ``overwrite_output_dir``; even then it is kept.
 * A save (:func:`mirage_rl.atomic.commit_directory`) replaces only what the same group wrote before; every other
   entry of the folder is kept. Nothing a user put in a folder is ever deleted.
+* A finished output is never replaced by another run (:func:`check_finished`): when a command's ``with
+  output_dir_guard(...)`` block ends without error, the manifest records under ``finished[GROUP]`` which command
+  finished that output and with which settings. A later run that would write the same group there is refused in one
+  line naming what is there, unless it is the same command with the same settings (a resume, or a re-run that writes
+  the same thing) or the user passed ``--replace_output_dir true`` (``pipeline``: ``--retrain true``); a replacing run
+  first marks the old output unfinished, so a killed replacement never leaves a manifest that describes weights it
+  did not write. The command line that started a run is recorded (``started``), so an interrupted run can be named
+  with the command that resumes it (:func:`interrupted_run_message`).
 * One run per folder (:func:`run_lock`): an exclusive ``fcntl.flock`` lock (``filelock``) on the hidden sibling
   ``.NAME.lock``, held from start-up to the end of the run. The kernel drops it when the process dies, SIGKILL
   included; the holder's pid, start time and command are in ``.NAME.lock.owner`` for the message a second run gets.
@@ -49,6 +57,16 @@ PATTERNS = {
     "dataset": (),
 }
 _PATTERN_GROUP = {"checkpoint-*": "checkpoints", "runs": "checkpoints", "README.md": "checkpoints"}
+
+
+#: the command line of this process's ``mirage-rl`` command (set by :func:`mirage_rl.cli.main`), named in lock owner
+#: records and the manifest's ``started``; None outside the CLI (then ``sys.argv``)
+COMMAND_LINE: str | None = None
+
+
+def command_line() -> str:
+    """The ``mirage-rl ...`` command line this process runs."""
+    return COMMAND_LINE or " ".join(["mirage-rl", *sys.argv[1:]])
 
 
 class OutputDirError(UserError):
@@ -132,6 +150,133 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False, what: str
     return foreign
 
 
+# ------------------------------------------------------------------------------------------------ finished outputs
+#: what each group's finished output is called in messages
+_WHAT = {"model": "model", "dataset": "dataset", "eval": "evaluation", "pipeline": "pipeline summary",
+         "results": "comparison", "base": "base cache"}
+#: entries that mark a group's output as written, for folders whose manifest predates ``finished``
+_LEGACY_MARKERS = {"model": ("config.json", "adapter_config.json"), "dataset": ("dataset_dict.json",),
+                   "eval": ("report.json",)}
+#: the commands that finish outputs, and which one wrote a group's output in a folder that predates ``finished``
+_COMMANDS = ("build-data", "create-model", "sft", "grpo", "eval", "export")
+_LEGACY_COMMAND = {"model": "create-model", "dataset": "build-data", "eval": "eval"}
+#: outputs that never share a folder (a model saved into a dataset folder would mix their files and manifests)
+_EXCLUSIVE = {"model": ("dataset",), "dataset": ("model",)}
+#: settings keys that never make two runs differ (where output goes, how it is shown)
+_NEUTRAL_KEYS = ("output_dir", "overwrite_output_dir", "replace_output_dir", "disable_tqdm", "resume")
+
+
+def finished_output(folder: str | os.PathLike, group: str) -> dict | None:
+    """The finished output of ``group`` in ``folder``: ``{"command", "settings", "finished"}`` from its manifest, or
+    None. Folders written before ``finished`` was recorded are read from their files and history (command and
+    settings as far as they were recorded)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    manifest = read_manifest(folder)
+    if "finished" in manifest:
+        rec = (manifest.get("finished") or {}).get(group)
+        return rec if isinstance(rec, dict) else None
+    if not any((folder / m).exists() for m in _LEGACY_MARKERS.get(group, ())):
+        return None
+    history = [h for h in manifest.get("history") or [] if isinstance(h, dict) and h.get("group") == group]
+    run = manifest.get("run") if group == "model" else None
+    command = (run or {}).get("command") or (history[-1].get("command") if history else None)
+    if command not in _COMMANDS:  # older saves recorded "save_pretrained", or nothing
+        command = _LEGACY_COMMAND.get(group, "unknown")
+    return {"command": command, "settings": run, "finished": history[-1].get("finished") if history else None}
+
+
+def _comparable(settings: dict | None) -> dict | None:
+    if settings is None:
+        return None
+    return {k: v for k, v in settings.items() if k not in _NEUTRAL_KEYS}
+
+
+def settings_differences(recorded: dict | None, expected: dict) -> list[str]:
+    """``key: saved -> now`` for every setting that differs between a finished output and the run about to write
+    the same folder; ``["unknown ..."]`` when the folder records none."""
+    if not recorded:
+        return ["unknown (the folder records no settings: it was written by an older mirage-rl or by hand)"]
+    recorded, expected = _comparable(recorded), _comparable(expected)
+    return [f"{k}: {recorded.get(k)!r} saved, {expected.get(k)!r} now" for k in sorted(set(recorded) | set(expected))
+            if recorded.get(k) != expected.get(k)]
+
+
+def check_finished(path: str | os.PathLike, group: str, command: str | None, settings: dict | None = None,
+                   replace: bool = False, what: str = "output_dir", replace_flag: str = "--replace_output_dir true"
+                   ) -> dict | None:
+    """Refuse a run that would replace another run's finished output of ``group`` in ``path`` (module docstring);
+    returns the finished output found (None when there is none).
+
+    Allowed: no finished output; ``replace``; the same ``command`` with equal ``settings`` (or ``settings`` None:
+    the command has nothing that could differ, e.g. a resume).
+
+    Raises:
+        OutputDirError: one line naming the folder, what is there (which command finished it, when), why this run
+            would replace it (another command, or the settings that differ) and the ways on (another folder, or
+            ``replace_flag``).
+    """
+    thing = _WHAT.get(group, group)
+    for other in _EXCLUSIVE.get(group, ()) if command is not None else ():
+        held = finished_output(path, other)
+        if held is not None:
+            raise OutputDirError(f"{what} {path} holds a finished {_WHAT[other]} written by `mirage-rl "
+                                 f"{held.get('command')}`; a {thing} does not go into the same folder: choose another "
+                                 f"{what}")
+    rec = finished_output(path, group)
+    if rec is None or replace or command is None:
+        return rec
+    when = f", finished {rec['finished']}" if rec.get("finished") else ""
+    if rec.get("command") != command:
+        why = f"`mirage-rl {command}` would replace it with its own output"
+    else:
+        if settings is None:
+            return rec
+        diff = settings_differences(rec.get("settings"), settings)
+        if not diff:
+            return rec
+        shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
+        why = f"this run's settings differ ({shown})"
+    raise OutputDirError(f"{what} {path} holds a finished {thing} written by `mirage-rl {rec.get('command')}`{when}; "
+                         f"{why}: choose another {what}, or pass {replace_flag} to replace it (only the files of that "
+                         f"{thing} are replaced; everything else in the folder is kept)")
+
+
+def _mark(folder: Path, key: str, group: str, value) -> None:
+    manifest = read_manifest(folder)
+    table = dict(manifest.get(key) or {})
+    table[group] = value
+    out = {**manifest, key: table}
+    if key == "finished" and value is None and group == "model":
+        out.pop("run", None)  # the old model's settings must not outlive its replacement's start
+    write_manifest(folder, out)
+
+
+def interrupted_run_message(folder: str | os.PathLike) -> str | None:
+    """For a folder that holds no finished model but a run's checkpoints: ``FOLDER holds no finished model: the run
+    `CMD` (started T) was interrupted; its last complete checkpoint is checkpoint-N: resume it by running that command
+    again, or use --model FOLDER/checkpoint-N``; None for any other folder."""
+    from .trainers.checkpointing import list_checkpoints
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    complete, incomplete = list_checkpoints(folder)
+    if not complete and not incomplete:
+        return None
+    started = (read_manifest(folder).get("started") or {}).get("model") or {}
+    cmd = started.get("command")
+    run = f"the run `{cmd}` (started {started.get('started')})" if cmd else "the run that writes it"
+    if complete:
+        last = complete[-1]
+        return (f"{folder} holds no finished model: {run} was interrupted; its last complete checkpoint is "
+                f"{last.name}: resume it by running {'that command' if cmd else 'the same command'} again, or use "
+                f"--model {last}")
+    return (f"{folder} holds no finished model: {run} was interrupted before its first complete checkpoint; run "
+            f"{'that command' if cmd else 'it'} again")
+
+
 # ------------------------------------------------------------------------------------------------ locks
 _HELD: dict[str, int] = {}
 
@@ -178,7 +323,7 @@ def run_lock(path: str | os.PathLike, command: str | None = None):
                              "to end or use another output_dir") from None
     atomic_write_text(owner_file, json.dumps({
         "pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "command": command or " ".join(["mirage-rl", *sys.argv[1:]])}) + "\n")
+        "command": command or command_line()}) + "\n")
     _HELD[key] = 1
     try:
         yield
@@ -195,22 +340,39 @@ def is_main_rank() -> bool:
 
 @contextmanager
 def output_dir_guard(path: str | os.PathLike, group: str, overwrite: bool = False, what: str = "output_dir",
-                     command: str | None = None):
-    """Check ``path`` (:func:`check_output_dir`), lock it (:func:`run_lock`) and claim it (:func:`claim`) for the
-    ``with`` block; on rank 0 only (other ranks of a distributed job run inside rank 0's lock)."""
+                     command: str | None = None, producer: str | None = None, settings: dict | None = None,
+                     replace: bool = False, replace_flag: str = "--replace_output_dir true"):
+    """Check ``path`` (:func:`check_output_dir`, and :func:`check_finished` when ``producer``, the sub-command, is
+    given), lock it (:func:`run_lock`) and claim it (:func:`claim`) for the ``with`` block; on rank 0 only (other
+    ranks of a distributed job run inside rank 0's lock). When the block ends without error, ``producer`` and
+    ``settings`` are recorded as the folder's finished output of ``group``. ``command``: the command line named in
+    the lock's owner record and the manifest's ``started`` (default: this process's)."""
     if not is_main_rank():
         yield
         return
     check_output_dir(path, overwrite, what)  # fast refusal before taking the lock
+    check_finished(path, group, producer, settings, replace, what, replace_flag)
     with run_lock(path, command):
         accepted = check_output_dir(path, overwrite, what)  # again, now that no other run can write there
         if accepted:
             logger.warning("%s %s: writing beside %d entries mirage-rl did not write (%s); they are kept", what, path,
                            len(accepted), ", ".join(accepted[:8]))
+        previous = check_finished(path, group, producer, settings, replace, what, replace_flag)
         existed = Path(path).exists()
         claim(path, group, accepted)
+        folder = Path(path)
+        if producer is not None:
+            if previous is not None and replace:
+                logger.info("%s %s: replacing the finished %s written by `mirage-rl %s`", what, path,
+                            _WHAT.get(group, group), previous.get("command"))
+                _mark(folder, "finished", group, None)
+            _mark(folder, "started", group, {"command": command or command_line(),
+                                             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
         try:
             yield
+            if producer is not None and folder.is_dir():
+                _mark(folder, "finished", group, {"command": producer, "settings": settings,
+                                                  "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
         except BaseException:
             # a run that failed before writing anything leaves no folder behind (only the one it created)
             folder = Path(path)

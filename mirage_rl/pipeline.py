@@ -22,6 +22,7 @@ from .atomic import atomic_write_text, recover_directory
 from .outputs import output_dir_guard
 from .recipe import parse, recipe_path
 from .tables import markdown_table
+from .data.jsonl import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -73,15 +74,6 @@ def parse_stage(stage: str, argv: list[str]):
     return script, train, model, run_sft, "sft"
 
 
-def settings_differences(recorded: dict | None, expected: dict) -> list[str]:
-    """``key: saved -> recipe`` for every training setting (:func:`mirage_rl.commands.common.run_settings`) that differs between
-    a saved stage and the recipe about to train it; ``["unknown"]`` when the folder records none."""
-    if not recorded:
-        return ["unknown (the folder records no training settings: it was written by an older mirage-rl or by hand)"]
-    return [f"{k}: {recorded.get(k)!r} saved, {expected.get(k)!r} now" for k in sorted(set(recorded) | set(expected))
-            if recorded.get(k) != expected.get(k)]
-
-
 def run_stage(stage: str, argv: list[str], retrain: bool = False) -> str:
     """Parse and run one stage, unless its output already holds a finished model trained with the same settings
     (and not ``retrain``); returns its output folder.
@@ -92,6 +84,7 @@ def run_stage(stage: str, argv: list[str], retrain: bool = False) -> str:
     """
     from .atomic import read_manifest
     from .commands.common import run_settings
+    from .outputs import settings_differences
 
     script, train, model, runner, command = parse_stage(stage, argv)
     if finished(train.output_dir) and not retrain:
@@ -101,9 +94,10 @@ def run_stage(stage: str, argv: list[str], retrain: bool = False) -> str:
             raise ValueError(f"{stage}: {train.output_dir} holds a finished model trained with other settings "
                              f"({'; '.join(diff)}); pass --retrain true to train it again (the files of the old model "
                              "are replaced, everything else in the folder is kept), or use another --output_root")
-        logger.warning("%s: %s already holds a finished model of these settings; not retraining it (pass "
-                       "--retrain true to retrain)", stage, train.output_dir)
+        logger.info("%s: %s already holds a finished model of these settings; not retraining it (pass "
+                    "--retrain true to retrain)", stage, train.output_dir)
     else:
+        train.replace_output_dir = train.replace_output_dir or retrain
         runner(script, train, model)
     return train.output_dir
 
@@ -176,8 +170,9 @@ def evaluate_stage(stage: str, model_dir: str, eval_recipe: Path) -> dict:
     from .tasks import get_task
 
     out = Path(model_dir) / "eval"
+    # the stage folder's eval/ is the pipeline's own: this evaluation of the stage's model replaces an earlier one
     (eval_args,) = parse((EvalArguments,), ["--config", str(eval_recipe), "--model", model_dir,
-                                             "--output_dir", str(out)])
+                                             "--output_dir", str(out), "--replace_output_dir", "true"])
     report = evaluate(eval_args)
     print(f"\n== {stage}: {model_dir}\n{format_table(report)}")
     keys = [k for k, _ in get_task(report["task"]).metrics]
@@ -192,7 +187,7 @@ def reward_trend(model_dir: str) -> dict | None:
     """The GRPO stage's mean ``reward`` over the first and the last quarter of its logged steps (``train_log.json``);
     ``None`` when it logged fewer than 4 rewards."""
     path = Path(model_dir) / "train_log.json"
-    rewards = [e["reward"] for e in json.loads(path.read_text()) if "reward" in e] if path.is_file() else []
+    rewards = [e["reward"] for e in read_json(path) if "reward" in e] if path.is_file() else []
     if len(rewards) < 4:
         return None
     q = len(rewards) // 4
@@ -205,8 +200,7 @@ def chance_bars(dataset_path: str, eval_args) -> dict | None:
     *uniform* and *majority class* for the choice tasks): ``{"task", "metric", "baselines": [...], "by_level":
     {level: {baseline: rate}}, "trained_levels": [...]}``, or ``None`` (logged) when the task has no chance levels
     or the training set lacks the columns they are computed from."""
-    from datasets import load_from_disk
-
+    from .data.disk import load_dataset_folder
     from .tasks import get_task
 
     task = get_task(eval_args.task)
@@ -216,7 +210,7 @@ def chance_bars(dataset_path: str, eval_args) -> dict | None:
     except (NotImplementedError, KeyError, ValueError) as e:
         logger.warning("pipeline: no chance bars in the summary: %s (%s: %s)", dataset_path, type(e).__name__, e)
         return None
-    ds = load_from_disk(dataset_path)
+    ds = load_dataset_folder(dataset_path)
     ds = ds["train"] if hasattr(ds, "keys") else ds
     baselines = [b for b, v in next(iter(chance.values())).items() if isinstance(v, dict) and metric in v]
     trained = sorted({str(x) for x in ds.unique("level")}, key=int) if "level" in ds.column_names else []

@@ -19,6 +19,10 @@ from .errors import UserError
 _BOOL_STRINGS = {"true", "false", "yes", "no", "1", "0"}
 
 
+#: the program name option errors and ``--help`` show (``mirage-rl eval``; set by :func:`mirage_rl.cli.main`)
+PROG: str | None = None
+
+
 class RecipeError(UserError, ValueError):
     """A recipe file or command-line option that cannot be used; the message names the file or option and key."""
 
@@ -185,20 +189,55 @@ def parse(dataclass_types, argv: list[str]):
             invalid float value: 'fast'``, instead of argparse's usage screen and exit), or a value a config's
             ``__post_init__`` refuses (``num_train_epochs=0 ...``), with that message.
     """
+    import argparse
+
     from trl import TrlParser
+
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+        def _get_help_string(self, action):  # a help text that states its default already gets no second one
+            text = action.help or ""
+            return text if "default" in text.lower() else super()._get_help_string(action)
 
     class Parser(TrlParser):
         def error(self, message):  # argparse would print the whole usage and exit
             raise RecipeError(f"{message} (--help lists the options)")
 
+    parser = Parser(dataclass_types, prog=PROG, formatter_class=Formatter)
+    parser.add_argument("--config", default=argparse.SUPPRESS, metavar="RECIPE.yaml",
+                        help="A recipe (YAML) whose keys set these options; options given here override it.")
+    options = {}
+    for action in parser._actions:
+        for opt in action.option_strings:
+            options[opt] = action
+    for opt, action in options.items():  # HfArgumentParser gives --no_X the help of --X
+        if opt.startswith("--no_") and f"--{opt[5:]}" in options and action.help == options[f"--{opt[5:]}"].help:
+            action.help = f"Turn --{opt[5:]} off."
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
             raise RecipeError("--config needs a file path")
         check_recipe(argv[i + 1], dataclass_types)
     try:
-        return Parser(dataclass_types).parse_args_and_config(args=argv)
+        return parser.parse_args_and_config(args=argv)
     except RecipeError:
         raise
     except ValueError as e:  # a __post_init__ check of one of the argument dataclasses (ours, TRL's, transformers')
+        if "Some specified arguments are not used" in str(e):
+            raise RecipeError(_unknown_options(e, argv, [o for o in options if "-" not in o[2:]])) from None
         raise RecipeError(str(e)) from e
+
+
+def _unknown_options(e: ValueError, argv: list[str], known: list[str]) -> str:
+    """``unknown option --max_stepz (did you mean --max_steps?)``: HfArgumentParser's leftover arguments, each
+    option with its closest known options (the treatment recipe keys get)."""
+    text = str(e)
+    left = text[text.find("["):] if "[" in text else ""
+    unknown = [a for a in argv if a.startswith("--") and a.split("=")[0] not in known and a.split("=")[0] in left]
+    see = f"`{PROG or 'mirage-rl COMMAND'} --help` lists the options"
+    if not unknown:  # values without an option (an unquoted glob, a value given twice)
+        return f"unexpected arguments {left}: every value follows its --option; {see}"
+    parts = []
+    for opt in unknown:
+        close = difflib.get_close_matches(opt.split("=")[0], known, n=2, cutoff=0.7)
+        parts.append(f"{opt}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+    return f"unknown option {', '.join(parts)}; {see}"

@@ -76,7 +76,8 @@ def tiny_config(vocab_size: int, hidden_size: int = 128, num_layers: int = 4, nu
 
 def create_tiny_model(output_dir: str | Path, latent_size: int | None = 4, hidden_size: int = 128,
                       num_layers: int = 4, vocab_size: int = 2048, seed: int = 0, rope_theta: float = 10000.0,
-                      min_pixels: int = TINY_MIN_PIXELS, max_pixels: int = TINY_MAX_PIXELS):
+                      min_pixels: int = TINY_MIN_PIXELS, max_pixels: int = TINY_MAX_PIXELS,
+                      command: str = "save_pretrained"):
     """Build, save and return ``(model, processor)`` of the tiny offline default.
 
     Steps: train the tokenizer on :func:`tiny_corpus`, build a Qwen2.5-VL from :func:`tiny_config`
@@ -110,5 +111,5 @@ def create_tiny_model(output_dir: str | Path, latent_size: int | None = 4, hidde
     model.generation_config.pad_token_id = tok.pad_token_id
     if latent_size is not None:
         add_latent_tokens(model, processor, latent_size)
-    save_pretrained(model, processor, output_dir)
+    save_pretrained(model, processor, output_dir, command=command)
     return model, processor

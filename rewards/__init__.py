@@ -11,6 +11,10 @@ completion (TRL ``GRPOTrainer``). A recipe names its rewards::
 A name is a shipped plugin (``REWARD_FUNCS``) or a dotted path to your own function
 (``my_package.my_rewards.my_reward`` or ``my_package.my_rewards:my_reward``). Rewards never evaluate
 model output as code.
+
+Every loaded function is wrapped by :func:`checked_reward`, which holds it to TRL's contract at every call: an
+exception inside the plugin, or a return value that is not one number (or ``None``) per completion, becomes one line
+(:class:`RewardContractError`) naming the plugin, the batch, and what was expected against what came back.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import functools
 import importlib
 import inspect
 from collections.abc import Callable
+
+from mirage_rl.errors import UserError
 
 from .accuracy import choice_accuracy_reward, plan_success_reward
 from .format import format_reward
@@ -29,7 +35,7 @@ REWARD_FUNCS: dict[str, Callable] = {
     "format_reward": format_reward,
 }
 
-__all__ = ["REWARD_FUNCS", "check_reward_signature", "choice_accuracy_reward", "format_reward", "load_reward_funcs",
+__all__ = ["REWARD_FUNCS", "RewardContractError", "check_reward_signature", "checked_reward", "choice_accuracy_reward", "format_reward", "load_reward_funcs",
            "plan_success_reward", "resolve_reward"]
 
 
@@ -113,5 +119,104 @@ def load_reward_funcs(names: list[str], reward_kwargs: dict | None = None) -> li
         if kwargs:
             bound = functools.partial(fn, **kwargs)
             fn = functools.update_wrapper(lambda *a, _f=bound, **k: _f(*a, **k), fn)
-        funcs.append(fn)
+        funcs.append(checked_reward(name, fn))
     return funcs
+
+
+class RewardContractError(UserError, ValueError):
+    """A reward function broke TRL's contract (raised, or returned something other than one number or ``None`` per
+    completion); the message names the plugin, the batch and what came back."""
+
+
+def _plugin_frame(exc: BaseException, fn: Callable) -> str:
+    """``file:line in func: source`` of the innermost traceback frame in the plugin's own file (else the innermost
+    frame outside this module): where the plugin failed, not TRL's call."""
+    import linecache
+
+    try:
+        own = inspect.getsourcefile(inspect.unwrap(fn))
+    except TypeError:
+        own = None
+    frames, tb = [], exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_filename and (tb.tb_frame, tb.tb_lineno))
+        tb = tb.tb_next
+    frames = [f for f in frames if f and f[0].f_code.co_filename != __file__]
+    pick = next((f for f in reversed(frames) if own and f[0].f_code.co_filename == own), frames[-1] if frames else None)
+    if pick is None:
+        return "?"
+    frame, line = pick
+    src = linecache.getline(frame.f_code.co_filename, line).strip()
+    return f"{frame.f_code.co_filename}:{line} in {frame.f_code.co_name}" + (f": {src}" if src else "")
+
+
+def _shown(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_rewards(name: str, out, n: int, batch: str) -> list:
+    """``out`` as a list of ``n`` floats or ``None``; raises :class:`RewardContractError` otherwise."""
+    import math
+    import numbers
+
+    if isinstance(out, (str, bytes)) or not hasattr(out, "__len__") or isinstance(out, dict):
+        raise RewardContractError(f"reward function {name} ({batch}): expected a list of {n} floats (or None), one "
+                                  f"per completion; got a {type(out).__name__}: {_shown(out)}")
+    out = list(out)
+    if len(out) != n:
+        raise RewardContractError(f"reward function {name} ({batch}): expected {n} rewards, one per completion; got "
+                                  f"{len(out)}: {_shown(out)}")
+    for i, r in enumerate(out):
+        if r is None:
+            continue
+        if isinstance(r, bool) or not isinstance(r, numbers.Real):
+            raise RewardContractError(f"reward function {name} ({batch}): expected a float (or None) per completion; "
+                                      f"completion {i} got a {type(r).__name__}: {_shown(r)}")
+        if math.isinf(float(r)):
+            raise RewardContractError(f"reward function {name} ({batch}): completion {i} got {r}; a reward must be "
+                                      "finite (None marks a completion the reward does not apply to)")
+    return [None if r is None else float(r) for r in out]
+
+
+def checked_reward(name: str, fn: Callable) -> Callable:
+    """``fn`` held to TRL's reward contract at every call (module docstring); keeps ``fn``'s ``__name__`` (TRL's
+    metric name). An ``async`` plugin stays ``async``.
+
+    Raises (at call time):
+        RewardContractError: the plugin raised (naming its own frame: file, line, source) or returned something
+            other than one float or ``None`` per completion.
+    """
+
+    def batch_of(args, kwargs) -> tuple[int, str]:
+        completions = kwargs.get("completions", args[0] if args else None)
+        n = len(completions) if completions is not None else 0
+        step = getattr(kwargs.get("trainer_state"), "global_step", None)
+        return n, (f"step {step}, " if step is not None else "") + f"a batch of {n} completions"
+
+    def failed(e: Exception, batch: str) -> RewardContractError:
+        return RewardContractError(f"reward function {name} ({batch}) raised {type(e).__name__}: {e} at "
+                                   f"{_plugin_frame(e, fn)} (--debug shows the whole traceback)")
+
+    if inspect.iscoroutinefunction(inspect.unwrap(fn)):
+        @functools.wraps(fn)
+        async def call_async(*args, **kwargs):
+            n, batch = batch_of(args, kwargs)
+            try:
+                out = await fn(*args, **kwargs)
+            except Exception as e:
+                raise failed(e, batch) from e
+            return _check_rewards(name, out, n, batch)
+
+        return call_async
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        n, batch = batch_of(args, kwargs)
+        try:
+            out = fn(*args, **kwargs)
+        except Exception as e:
+            raise failed(e, batch) from e
+        return _check_rewards(name, out, n, batch)
+
+    return call

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,7 @@ def test_pipeline_runs_every_stage_evaluates_and_resumes(short_recipes, tmp_path
     # a second run finds every stage finished: nothing is retrained, the summary is rebuilt
     before = (root / "grpo" / "model.safetensors").stat().st_mtime_ns
     caplog.clear()
+    caplog.set_level(logging.INFO, logger="mirage_rl")  # reuse is information, logged at INFO
     assert main(argv) == 0
     assert (root / "grpo" / "model.safetensors").stat().st_mtime_ns == before
     assert sum("not retraining" in r.message for r in caplog.records) == 3

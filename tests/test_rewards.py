@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 
 import rewards
@@ -127,7 +129,8 @@ def test_load_reward_funcs_resolves_names_paths_and_kwargs():
     assert [f.__name__ for f in funcs] == ["plan_success_reward", "format_reward", "choice_accuracy_reward"]
     # the bound option is applied: this plan succeeds under the official rule only
     assert funcs[0](["\\boxed{D, D, R, R, U}"], map_desc=[MAP]) == [0.0]
-    assert load_reward_funcs(["rewards.format.format_reward"])[0] is format_reward
+    # the plugin itself, behind the contract check (rewards.checked_reward)
+    assert inspect.unwrap(load_reward_funcs(["rewards.format.format_reward"])[0]) is format_reward
 
 
 @pytest.mark.parametrize("names,kwargs,match", [

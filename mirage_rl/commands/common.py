@@ -48,13 +48,9 @@ def require_columns(ds, need: list[str], where: str, who: str) -> None:
 
 def load_train_split(script_args: SFTScriptArguments):
     """Load the training split; raises ``ValueError`` naming the path when it is missing or empty."""
-    from datasets import load_from_disk
+    from ..data.disk import load_dataset_folder
 
-    recover_directory(script_args.dataset_path)
-    try:
-        ds = load_from_disk(script_args.dataset_path)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{script_args.dataset_path}: no dataset there; run `mirage-rl build-data` first") from e
+    ds = load_dataset_folder(script_args.dataset_path)
     if hasattr(ds, "keys"):
         if script_args.dataset_split not in ds:
             raise ValueError(f"{script_args.dataset_path}: no split {script_args.dataset_split!r} (has {list(ds)})")

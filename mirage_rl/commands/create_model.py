@@ -28,6 +28,10 @@ class CreateModelArguments:
                 "the processor rounds the side down)."})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Write into an output_dir holding entries no mirage-rl run wrote (they are kept, never deleted)."})
+    replace_output_dir: bool = field(default=False, metadata={
+        "help": "Replace the finished output another run left in output_dir (only that output's files are replaced; "
+                "everything else in the folder is kept). Without it such a folder is refused, unless this is the same "
+                "command with the same settings (a resume)."})
 
 
 def run_create_model(args: CreateModelArguments) -> dict:
@@ -35,15 +39,27 @@ def run_create_model(args: CreateModelArguments) -> dict:
     ``{"output_dir", "parameters", "vocab", "latent_token_ids"}``.
 
     Raises:
-        OutputDirError: an unusable ``output_dir`` (a file, foreign entries, another run there).
+        OutputDirError: an unusable ``output_dir`` (a file, foreign entries, another run there, or a finished model
+            that another command or other settings wrote: :func:`mirage_rl.outputs.check_finished`).
     """
+    from dataclasses import asdict
+
+    from ..limits import check_memory
     from ..outputs import output_dir_guard
     from ..tiny import create_tiny_model
 
-    with output_dir_guard(args.output_dir, "model", args.overwrite_output_dir):
+    # the decoder's weights (embeddings + about 13 h^2 per layer, fp32), held about three times while built and saved
+    params = args.vocab_size * args.hidden_size + args.num_layers * 13 * args.hidden_size ** 2
+    check_memory(12 * params, f"create-model with hidden_size={args.hidden_size}, num_layers={args.num_layers}, "
+                              f"vocab_size={args.vocab_size} ({params / 1e6:.0f} M parameters)",
+                 "lower hidden_size or num_layers")
+
+    with output_dir_guard(args.output_dir, "model", args.overwrite_output_dir, producer="create-model",
+                          settings=asdict(args), replace=args.replace_output_dir):
         model, processor = create_tiny_model(args.output_dir, latent_size=args.latent_size,
                                              hidden_size=args.hidden_size, num_layers=args.num_layers,
                                              vocab_size=args.vocab_size, seed=args.seed, rope_theta=args.rope_theta,
-                                             min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+                                             min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                                             command="create-model")
     return {"output_dir": args.output_dir, "parameters": sum(p.numel() for p in model.parameters()),
             "vocab": len(processor.tokenizer), "latent_token_ids": model.config.latent_token_ids}

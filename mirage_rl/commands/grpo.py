@@ -58,7 +58,9 @@ def run_grpo(script_args: GRPOScriptArguments, training_args: MirageGRPOConfig, 
     """
     import rewards
 
-    with output_dir_guard(training_args.output_dir, "model", training_args.overwrite_output_dir):
+    settings = run_settings("grpo", script_args, training_args, model_args)
+    with output_dir_guard(training_args.output_dir, "model", training_args.overwrite_output_dir, producer="grpo",
+                          settings=settings, replace=training_args.replace_output_dir):
         reward_funcs = rewards.load_reward_funcs(script_args.reward_funcs, script_args.reward_kwargs)
         if training_args.reward_weights is not None and len(training_args.reward_weights) != len(reward_funcs):
             raise ValueError(f"reward_weights has {len(training_args.reward_weights)} values for "
@@ -72,13 +74,12 @@ def run_grpo(script_args: GRPOScriptArguments, training_args: MirageGRPOConfig, 
                                     processing_class=processor, callbacks=callbacks,
                                     peft_config=peft_config_for(model_args, model, latent_rows=False))
         trainer.train(resume_from_checkpoint=resume)
-        save_final(trainer, processor, trainer.latent_mode, training_args.output_dir,
-                   run=run_settings("grpo", script_args, training_args, model_args))
+        save_final(trainer, processor, trainer.latent_mode, training_args.output_dir, run=settings)
         if trainer.accelerator.is_main_process:
             out = Path(training_args.output_dir)
             history = trainer.state.log_history
             plot_rewards(history, out / "reward_curve.png",
-                         title=f"GRPO {Path(model_args.model_name_or_path).name}")
+                         title=f"GRPO run {out.name} (from {Path(model_args.model_name_or_path).name})")
             record(out, ["reward_curve.png"], "model")
             logger.info("GRPO time split (s/step): %s", json.dumps(time_split(history)))
     return trainer
@@ -108,11 +109,20 @@ def plot_rewards(history: list[dict], path: str | os.PathLike, title: str = "GRP
     rows = [h for h in history if "reward" in h and "step" in h]
     if not rows:
         return
+    from matplotlib.ticker import MaxNLocator
+
     steps = [h["step"] for h in rows]
+    marker = "o" if len(rows) < 20 else None  # a single logged step is a point, not an invisible line
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, [h["reward"] for h in rows], label="reward (weighted sum)", lw=2)
+    ax.plot(steps, [h["reward"] for h in rows], label="reward (weighted sum)", lw=2, marker=marker)
     for key in sorted({k for h in rows for k in h if k.startswith("rewards/") and k.endswith("/mean")}):
-        ax.plot(steps, [h.get(key, float("nan")) for h in rows], label=key.split("/")[1], lw=1)
+        ax.plot(steps, [h.get(key, float("nan")) for h in rows], label=key.split("/")[1], lw=1, marker=marker,
+                markersize=3)
+    # optimizer steps are whole numbers: a few logged steps are the ticks themselves, more get whole-number ticks
+    if len(set(steps)) <= 10:
+        ax.set_xticks(sorted(set(steps)))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.set_ylabel("mean reward")
     ax.set_title(title, fontsize=9)

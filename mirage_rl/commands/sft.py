@@ -103,7 +103,9 @@ def run_sft(script_args: SFTScriptArguments, training_args: MirageSFTConfig, mod
     checked (:func:`check_sft_dataset`) and the processor loaded, and only then the model. Training resumes from the
     last complete checkpoint in ``output_dir`` (see :func:`mirage_rl.trainers.checkpointing.resolve_resume`).
     """
-    with output_dir_guard(training_args.output_dir, "model", training_args.overwrite_output_dir):
+    settings = run_settings("sft", script_args, training_args, model_args)
+    with output_dir_guard(training_args.output_dir, "model", training_args.overwrite_output_dir, producer="sft",
+                          settings=settings, replace=training_args.replace_output_dir):
         train = load_train_split(script_args)
         processor = load_processor(model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code)
         check_sft_dataset(train, training_args, split_name(script_args), processor)
@@ -124,6 +126,5 @@ def run_sft(script_args: SFTScriptArguments, training_args: MirageSFTConfig, mod
         trainer = trainer_cls(model=model, args=training_args, train_dataset=train, processing_class=processor,
                               callbacks=callbacks, peft_config=peft_config_for(model_args, model))
         trainer.train(resume_from_checkpoint=resume)
-        save_final(trainer, processor, training_args.latent_mode, training_args.output_dir,
-                   run=run_settings("sft", script_args, training_args, model_args))
+        save_final(trainer, processor, training_args.latent_mode, training_args.output_dir, run=settings)
     return trainer

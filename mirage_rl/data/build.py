@@ -28,7 +28,7 @@ from ..outputs import output_dir_guard
 from ..tasks import get_task, task_names
 from ..tasks.answers import extract_boxed
 from .images import encode_png, open_image
-from .jsonl import jsonl_rows, text_field
+from .jsonl import jsonl_rows, read_json, text_field
 from .messages import LATENT_MARKER, to_messages
 
 logger = logging.getLogger(__name__)
@@ -89,6 +89,10 @@ class BuildDataArguments:
                 "(an error, or skipped with skip_bad_rows): training would tokenize it whole."})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Write into an output_dir holding entries no mirage-rl run wrote (they are kept, never deleted)."})
+    replace_output_dir: bool = field(default=False, metadata={
+        "help": "Replace the finished output another run left in output_dir (only that output's files are replaced; "
+                "everything else in the folder is kept). Without it such a folder is refused, unless this is the same "
+                "command with the same settings (a resume)."})
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -134,11 +138,66 @@ class BadRows:
         return {"skipped_rows": len(reasons), "skip_reasons": reasons[:MAX_REPORTED_REASONS]}
 
 
+#: the modules whose source decides the rows a build writes (their bytes enter :func:`build_settings`)
+BUILDER_PACKAGES = ("data", "tasks")
+
+
+def build_settings(args: BuildDataArguments) -> dict:
+    """What decides the rows of a build: its arguments (where it writes aside), the bytes of the inputs it reads
+    (``train_jsonl``, ``test_dir``, ``photos_dir``, ``jsonl`` and ``image_root``, those that exist) and of the builder
+    code (``mirage_rl/data``, ``mirage_rl/tasks``). Two builds of equal settings write the same rows, so a second
+    one reuses the first (:func:`build_dataset`)."""
+    import hashlib
+    from dataclasses import asdict
+
+    import mirage_rl
+
+    from ..base_model import file_digest, tree_digest
+
+    inputs = hashlib.sha256()
+    for key in ("train_jsonl", "test_dir", "photos_dir", "jsonl", "image_root"):
+        value = getattr(args, key)
+        path = Path(value) if value else None
+        if path is None or not path.exists() or (key == "photos_dir" and args.task != "jigsaw"):
+            continue
+        inputs.update(key.encode())
+        tree_digest(path, inputs) if path.is_dir() else file_digest(path, inputs)
+    code = hashlib.sha256(mirage_rl.__version__.encode())
+    pkg = Path(mirage_rl.__file__).parent
+    for sub in BUILDER_PACKAGES:
+        for f in sorted((pkg / sub).rglob("*.py")):
+            file_digest(f, code)
+    settings = {k: v for k, v in asdict(args).items() if k not in ("output_dir", "overwrite_output_dir",
+                                                                     "replace_output_dir")}
+    return {**settings, "inputs_digest": inputs.hexdigest()[:16], "code_digest": code.hexdigest()[:16]}
+
+
 def build_dataset(args: BuildDataArguments):
     """``mirage-rl build-data``: :func:`build_task_dataset` or :func:`build_mirage_jsonl_dataset` by ``args.source``,
     after the output folder is checked and locked (:func:`mirage_rl.outputs.output_dir_guard`: an existing file, a
-    folder of foreign entries or a running build there fail before any rendering)."""
-    with output_dir_guard(args.output_dir, "dataset", args.overwrite_output_dir):
+    folder of foreign entries, a running build, or a finished dataset of other settings there fail before any
+    rendering). A folder that already holds the dataset of these settings (:func:`build_settings`: arguments, input
+    bytes, builder code) is reused, not rendered again; returns ``(DatasetDict or None when reused, counts)``."""
+    from ..outputs import finished_output, settings_differences
+
+    from ..limits import check_memory
+
+    # every row (map and helper image as PNG, prompt, answer: about 8 KB) is held in memory until the save
+    check_memory(8192 * (args.num_generated + 1000), f"build-data with num_generated={args.num_generated}",
+                 "generate fewer maps (the demo uses 10,000)")
+    settings = build_settings(args)
+    with output_dir_guard(args.output_dir, "dataset", args.overwrite_output_dir, producer="build-data",
+                          settings=settings, replace=args.replace_output_dir):
+        rec = finished_output(args.output_dir, "dataset")
+        report = Path(args.output_dir) / "build_report.json"
+        if (rec is not None and not args.replace_output_dir and rec.get("command") == "build-data"
+                and not settings_differences(rec.get("settings"), settings) and report.is_file()):
+            counts = read_json(report)
+            counts.pop("skip_reasons", None)
+            logger.info("build-data: %s already holds the dataset of these settings, inputs and builder code "
+                        "(built %s); reusing it (pass --replace_output_dir true to build it again)", args.output_dir,
+                        rec.get("finished"))
+            return None, {**counts, "reused": True}
         return build_mirage_jsonl_dataset(args) if args.source == "mirage_jsonl" else build_task_dataset(args)
 
 

@@ -7,6 +7,7 @@ Every image the project reads from a path (benchmark maps, Mirage-format JSONL r
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -17,6 +18,13 @@ MAX_DOWNSCALE_AREA = 16.0
 #: The tiny offline model's image processor bounds (pixels): every VSP map (192..384 px square) becomes
 #: 168x168 px = 12x12 patches = 6x6 merged visual tokens (``create-model --min_pixels/--max_pixels`` change them).
 TINY_MIN_PIXELS, TINY_MAX_PIXELS = 164 * 164, 172 * 172
+#: The largest image :func:`open_image` decodes (pixels, 40 megapixels: a 7300 x 5500 photo). A larger file is
+#: refused by its header before decoding: every model here resizes to well under a megapixel, and PIL would only warn
+#: (up to 179 megapixels) while the image takes gigabytes.
+MAX_IMAGE_PIXELS = 40_000_000
+#: The shortest side an image that meets a processor may have (pixels): one merged visual token of Qwen2.5-VL is
+#: 28 x 28 px (patch 14, merge 2). A smaller image would be upscaled from (almost) nothing.
+MIN_IMAGE_SIDE = 28
 
 
 def open_image(path: str | Path, where: str | None = None) -> Image.Image:
@@ -27,7 +35,8 @@ def open_image(path: str | Path, where: str | None = None) -> Image.Image:
         where: what refers to it (``"data.jsonl:12 image_input"``), prefixed to every error.
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file is truncated, not an image, or a decompression bomb (PIL's pixel limit).
+        ValueError: the file is truncated, not an image, larger than :data:`MAX_IMAGE_PIXELS` or with a side under
+            :data:`MIN_IMAGE_SIDE` (both read from its header, before decoding).
     """
     p = Path(path)
     label = f"{where}: " if where else ""
@@ -35,14 +44,32 @@ def open_image(path: str | Path, where: str | None = None) -> Image.Image:
         raise FileNotFoundError(f"{label}image file {p} does not exist; fix the path (relative paths resolve "
                                 "against the image_root folder) or remove the row")
     try:
-        with Image.open(p) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below by its size instead
+            im = Image.open(p)
+        with im:
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise _RefusedSize(f"{label}{p}: image is {w}x{h} = {w * h / 1e6:.0f} megapixels, more than mirage-rl "
+                                f"decodes ({MAX_IMAGE_PIXELS / 1e6:.0f}; data.images.MAX_IMAGE_PIXELS); resize it "
+                                "offline (no model here uses more than a few megapixels)")
+            if min(w, h) < MIN_IMAGE_SIDE:
+                raise _RefusedSize(f"{label}{p}: image is {w}x{h} pixels, smaller than {MIN_IMAGE_SIDE} px on a side "
+                                "(one merged visual token; data.images.MIN_IMAGE_SIDE): the processor would upscale it "
+                                "from almost nothing. Use the real image, or remove the row")
             im.load()  # decode now: a truncated file fails here, not inside a training step
             return im.convert("RGB")
+    except _RefusedSize as e:
+        raise ValueError(str(e)) from None
     except Image.DecompressionBombError as e:
         raise ValueError(f"{label}{p}: image too large to decode safely ({e}); resize it offline") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"{label}{p} is not a readable image ({type(e).__name__}: {e}); the file is truncated or "
                          "not an image: re-export it or remove the row") from None
+
+
+class _RefusedSize(Exception):
+    """An image refused by its header's size (too large or too small), before decoding."""
 
 
 def _pixels(image_processor, name: str, size_key: str) -> int | None:
@@ -63,14 +90,19 @@ def pixel_budget(image_processor) -> int | None:
 
 
 def check_pixel_budget(image: Image.Image, max_pixels: int | None, where: str) -> None:
-    """Refuse an image far larger than the processor's pixel budget (``MAX_DOWNSCALE_AREA`` times ``max_pixels``).
+    """Refuse an image far larger than the processor's pixel budget (``MAX_DOWNSCALE_AREA`` times ``max_pixels``), or
+    with a side under :data:`MIN_IMAGE_SIDE`.
 
     Raises:
         ValueError: naming ``where``, the image size, the budget and the fix.
     """
+    w, h = image.size
+    if min(w, h) < MIN_IMAGE_SIDE:
+        raise ValueError(f"{where}: image is {w}x{h} pixels, smaller than {MIN_IMAGE_SIDE} px on a side (one merged "
+                         f"visual token; data.images.MIN_IMAGE_SIDE): the processor would upscale it from almost "
+                         "nothing. Use the real image, or remove the row")
     if not max_pixels:
         return
-    w, h = image.size
     if w * h > MAX_DOWNSCALE_AREA * max_pixels:
         raise ValueError(f"{where}: image is {w}x{h} = {w * h} pixels, more than {MAX_DOWNSCALE_AREA:g}x the "
                          f"processor's budget max_pixels={max_pixels}; the processor would shrink it by "

@@ -66,3 +66,38 @@ def text_field(r: dict, key: str, where: str, max_chars: int) -> str:
         raise ValueError(f"{where}: field {key!r} has {len(value)} characters, more than max_text_chars={max_chars}; "
                          "shorten the row or raise max_text_chars")
     return value
+
+
+def read_text(path: str | Path, expected: str = "text") -> str:
+    """The UTF-8 text of an input file.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is not UTF-8 text (random bytes, a binary file), naming the file, the byte and what was
+            ``expected`` there.
+    """
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); expected {expected}: restore the "
+                         "file from its source") from None
+
+
+def read_json(path: str | Path):
+    """The JSON value of a file mirage-rl or a user wrote (a manifest, a report, a log, a config).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is not UTF-8 or not valid JSON (a truncated or hand-edited file), naming the file, the
+            line and column, and what to do.
+    """
+    import json
+
+    path = Path(path)
+    text = read_text(path, "JSON")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}): the file is damaged "
+                         "or was cut short; restore it, or write it again with the command that made it") from None

@@ -56,6 +56,7 @@ class ResultsArguments:
     base_config: str = field(default="recipes/vsp_spatial_planning/base_small.yaml", metadata={
         "help": "base-model config of the seeing tiny base every arm starts from (shared with `make demo`)."})
     arms: list[str] = field(default_factory=lambda: list(ARMS), metadata={"help": f"A subset of {list(ARMS)}."})
+    # the defaults are those of recipes/vsp_spatial_planning/results_small.yaml: `mirage-rl results` alone runs it
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Training seeds of every arm."})
     output_root: str = field(default="outputs/results/small", metadata={"help": "Where every run goes."})
     jobs: int = field(default=2, metadata={"help": "Steps run at once (each with cpu_count // jobs threads)."})
@@ -65,22 +66,26 @@ class ResultsArguments:
         "help": "The benchmark of the comparison's task (VSP test maps; the photos folder for jigsaw)."})
     focus_levels: list[int] | None = field(default=None, metadata={
         "help": "Levels of the headline column and the per-seed test (default: the levels of the training set)."})
-    one_seed_arms: list[str] = field(default_factory=list, metadata={
-        "help": "Arms run on the first seed only (a screening run of a variant: issue 21 section 3)."})
-    helper: str | None = field(default=None, metadata={
+    one_seed_arms: list[str] | None = field(default=None, metadata={
+        "help": "Arms run on the first seed only (a screening run of a variant: issue 21 section 3). Default: "
+                "mirage_alt_helper and mirage_grid, those of them among arms."})
+    helper: str | None = field(default="arrows", metadata={
         "help": "The helper-image variant of data_config (its build-data `helper`): the oracle of the latent "
                 "interventions and the helper of the input upper bound (default: the task's)."})
-    alt_data_config: str | None = field(default=None, metadata={
+    alt_data_config: str | None = field(default="data/vsp_spatial_planning_small_filled.yaml", metadata={
         "help": "build-data config of the same rows with another helper image (arm mirage_alt_helper)."})
-    alt_helper: str | None = field(default=None, metadata={"help": "The helper variant of alt_data_config."})
+    alt_helper: str | None = field(default="filled", metadata={"help": "The helper variant of alt_data_config."})
     interventions: list[str] = field(default_factory=lambda: list(INTERVENTIONS), metadata={
         "help": "The latent interventions of every latent arm's evaluation (mirage_rl.interventions; [] : none)."})
-    report_block: str | None = field(default=None, metadata={
+    report_block: str | None = field(default="vsp_spatial_planning", metadata={
         "help": "Name of this comparison's generated block in `report` (several comparisons share one page: "
                 "<!-- results:begin NAME ... --> ... <!-- results:end NAME -->); unset: the unnamed block."})
     figure_interventions: str | None = field(default=None, metadata={
         "help": "PNG of the latent-intervention accuracies per latent arm (default: next to `figure`)."})
-    run: bool = field(default=True, metadata={"help": "false: only rebuild the report from the finished steps."})
+    run: bool = field(default=True, metadata={"help": "false (--no_run): only rebuild the report from the finished "
+                                                      "steps of output_root."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Write into an output_root holding entries no mirage-rl run wrote (they are kept, never deleted)."})
 
     def __post_init__(self):
         unknown = [a for a in self.arms if a not in ARMS]
@@ -88,6 +93,8 @@ class ResultsArguments:
             raise ValueError(f"arms: unknown {unknown}; known: {list(ARMS)}")
         if not self.seeds:
             raise ValueError("seeds: give at least one seed")
+        if self.one_seed_arms is None:
+            self.one_seed_arms = [a for a in ("mirage_alt_helper", "mirage_grid") if a in self.arms]
         unknown = [a for a in self.one_seed_arms if a not in self.arms]
         if unknown:
             raise ValueError(f"one_seed_arms: {unknown} are not among arms {self.arms}")

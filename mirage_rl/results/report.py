@@ -20,6 +20,7 @@ from .machine import machine
 from .plan import base_path, chain, dataset_dir, plan
 from .runner import StepLog, execute
 from .stats import binomial_tail, focus_rate, mean_std
+from ..data.jsonl import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +65,9 @@ def focus_levels(args: ResultsArguments, chance: dict) -> list[str]:
     has), else every test level."""
     if args.focus_levels:
         return [str(x) for x in args.focus_levels]
-    from datasets import load_from_disk
+    from ..data.disk import load_dataset_folder
 
-    ds = load_from_disk(dataset_dir(args.data_config))
+    ds = load_dataset_folder(dataset_dir(args.data_config))
     ds = ds["train"] if hasattr(ds, "keys") else ds
     trained = {str(x) for x in ds.unique("level")} if "level" in ds.column_names else set()
     return sorted((trained & set(chance)) or set(chance), key=int)
@@ -90,7 +91,7 @@ def collect(args: ResultsArguments, log: StepLog, chance: dict, focus=None, base
             rep = root / f"seed{seed}" / run / "eval" / "report.json"
             if not rep.exists():
                 continue
-            report = json.loads(rep.read_text())
+            report = read_json(rep)
             n = sum(report["by_level"][x]["n"] for x in focus if x in report["by_level"])
             accuracy = focus_rate(report["by_level"], rates[0], focus)
             k = round(accuracy * n)
@@ -107,7 +108,7 @@ def collect(args: ResultsArguments, log: StepLog, chance: dict, focus=None, base
     perception = (base or base_path(args)) / "eval_describe" / "report.json"
     return {"task": task.name, "rates": rates, "baselines": baselines, "arms": arms, "chance": chance,
             "focus_levels": list(focus),
-            "perception": json.loads(perception.read_text()) if perception.exists() else None}
+            "perception": read_json(perception) if perception.exists() else None}
 
 
 def focus_interventions(eval_dir: Path, task, focus: list[str], seed: int) -> dict | None:
@@ -122,7 +123,7 @@ def focus_interventions(eval_dir: Path, task, focus: list[str], seed: int) -> di
     report = eval_dir / "report.json"
     if not folder.is_dir() or not report.is_file():
         return None
-    names = list(json.loads(report.read_text()).get("interventions") or {})
+    names = list(read_json(report).get("interventions") or {})
     samples, invalid = {}, {}
     for name in names:
         rows = [json.loads(line) for line in (folder / name / "samples.jsonl").read_text().splitlines()]
@@ -426,7 +427,11 @@ def write_report(args: ResultsArguments, log: StepLog, chance: dict | None = Non
 
 def run_results(args: ResultsArguments) -> dict:
     """``mirage-rl results``: plan, run what is unfinished, write the report; returns the aggregated numbers."""
-    check_output_dir(args.output_root, what="output_root")  # an unusable output_root is refused before the data is read
+    check_output_dir(args.output_root, args.overwrite_output_dir, what="output_root")  # before the data is read
+    if not args.run and not StepLog(Path(args.output_root) / "steps.json").steps:
+        raise ValueError(f"--no_run rebuilds the report from the finished steps of output_root {args.output_root}, "
+                         "and it has none (no steps.json): run `mirage-rl results` without --no_run first, or point "
+                         "--output_root at a finished comparison")
     base = base_path(args)  # hashes the data: once per run, not at every report
     steps = plan(args, base)
     chance = {}  # computed once, at the first report (the training set exists by then)
@@ -436,6 +441,6 @@ def run_results(args: ResultsArguments) -> dict:
             chance.update(task_chance(args))
         return write_report(args, log, chance, base)
 
-    with output_dir_guard(args.output_root, "results", what="output_root"):
+    with output_dir_guard(args.output_root, "results", args.overwrite_output_dir, what="output_root"):
         log = execute(args, steps, on_eval=report) if args.run else StepLog(Path(args.output_root) / "steps.json")
         return report(log)

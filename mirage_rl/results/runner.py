@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ..atomic import atomic_write_text
 from .arguments import ResultsArguments
 from .plan import Step
+from ..data.jsonl import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ class StepLog:
 
     def __init__(self, path: Path):
         self.path = path
-        self.steps: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
+        self.steps: dict[str, dict] = read_json(path) if path.exists() else {}
 
     def done(self, step: Step) -> bool:
         return step.key in self.steps and Path(step.done_file).exists()

@@ -51,11 +51,10 @@ def choice_chance(task: ChoiceTask, dataset_path: str, items) -> dict:
     Returns ``{level: {"uniform": {"accuracy"}, "majority_class": {"accuracy", "class", "from_levels"}}}``.
     Raises ``ValueError`` when the training set has no choice answer.
     """
-    from datasets import load_from_disk
-
+    from ..data.disk import load_dataset_folder
     from .answers import normalize_choice
 
-    ds = load_from_disk(dataset_path)
+    ds = load_dataset_folder(dataset_path)
     ds = ds["train"] if hasattr(ds, "keys") else ds
     levels = ds["level"] if "level" in ds.column_names else [None] * len(ds)
     train: dict = defaultdict(Counter)

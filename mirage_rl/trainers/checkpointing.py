@@ -17,7 +17,7 @@ import re
 import shutil
 from pathlib import Path
 
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..atomic import apply_umask, atomic_write_text, recover_directory
 from ..errors import is_no_space, no_space_message
@@ -36,11 +36,17 @@ def is_complete(checkpoint: str | os.PathLike) -> bool:
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> tuple[list[Path], list[Path]]:
-    """``(complete, incomplete)`` ``checkpoint-N`` folders of ``output_dir``, each sorted by step."""
+    """``(complete, incomplete)`` ``checkpoint-N`` folders that mirage-rl runs wrote in ``output_dir``, each sorted
+    by step. A ``checkpoint-N`` the user put there (accepted with ``--overwrite_output_dir``: group ``user`` in the
+    manifest, :mod:`mirage_rl.outputs`) is none of them: never resumed from, rotated away or called incomplete."""
+    from ..atomic import group_of, read_manifest
+
     out = Path(output_dir)
     if not out.is_dir():
         return [], []
-    found = sorted((p for p in out.iterdir() if p.is_dir() and _CHECKPOINT.match(p.name)),
+    manifest = read_manifest(out)
+    found = sorted((p for p in out.iterdir() if p.is_dir() and _CHECKPOINT.match(p.name)
+                    and group_of(p.name, manifest) != "user"),
                    key=lambda p: int(_CHECKPOINT.match(p.name).group(1)))
     return [p for p in found if is_complete(p)], [p for p in found if not is_complete(p)]
 
@@ -91,6 +97,20 @@ def resolve_resume(args) -> str | None:
     return str(path)
 
 
+def rotate_own_checkpoints(output_dir: str | os.PathLike, limit: int | None, best: str | None = None) -> None:
+    """Keep the newest ``limit`` complete checkpoints of this run's (:func:`list_checkpoints`, so never a user's
+    ``checkpoint-N``) and the best one; delete the older ones. The role of transformers' ``rotate_checkpoints``,
+    which globs every ``checkpoint-*`` of the folder and would delete a newer-numbered one of the user's keeping
+    its own."""
+    if not limit or limit < 1:
+        return
+    complete, _ = list_checkpoints(output_dir)
+    keep = {p.resolve() for p in complete[-limit:]} | ({Path(best).resolve()} if best else set())
+    for p in complete:
+        if p.resolve() not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+
+
 class AtomicCheckpointMixin:
     """``Trainer`` mixin: ``checkpoint-N`` counts only once complete, and resuming really restores the weights.
 
@@ -106,6 +126,33 @@ class AtomicCheckpointMixin:
     through ``from_pretrained`` (which converts the keys) and copied in strictly. DeepSpeed, FSDP and PEFT
     checkpoints keep transformers' own loaders.
     """
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None):
+        """Write ``output_dir/README.md``: the start model and what mirage-rl trained (overrides TRL's
+        ``BaseTrainer.create_model_card(model_name, dataset_name, tags)``, whose card names the base model only when
+        it is a hub id and says "fine-tuned version of [None]" for a local folder)."""
+        if not self.is_world_process_zero():
+            return
+        args = self.args
+        base = getattr(self.accelerator.unwrap_model(self.model).config, "_name_or_path", None) or "unknown"
+        mode = getattr(self, "latent_mode", None) or getattr(args, "latent_mode", None) or "hidden"
+        if hasattr(args, "stage"):
+            what = ("Direct SFT (no latent block)" if mode == "none" else
+                    f"Mirage stage {args.stage} ({'helper-image targets in the latent slots' if args.stage == 1 else 'recurrent latents'}"
+                    f"{', dummy latents' if mode == 'dummy' else ''}, latent size k = {args.latent_size})")
+        else:
+            what = f"GRPO with latent-interleaved rollouts (latent_mode {mode}, {args.num_generations} generations per prompt, beta {args.beta})"
+        dataset = dataset_name
+        lines = [f"# {model_name or Path(args.output_dir).name}", "",
+                 f"Trained with mirage-rl (latent visual reasoning after Mirage, arXiv 2506.17218): {what}.",
+                 "", f"- start model: `{base}`", f"- steps: {self.state.global_step} of {self.state.max_steps}",
+                 f"- learning rate: {args.learning_rate}, batch size per device: {args.per_device_train_batch_size}, "
+                 f"seed: {args.seed}"]
+        if dataset:
+            lines.append(f"- dataset: {dataset}")
+        lines += ["", "The settings are recorded in `mirage_output.json` (`run`) once the final model is saved; "
+                      "`train_log.json` holds the log history.", ""]
+        atomic_write_text(Path(args.output_dir) / "README.md", "\n".join(lines))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         model = self.model if model is None else model
@@ -154,6 +201,5 @@ class AtomicCheckpointMixin:
             files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
             atomic_write_text(folder / COMPLETE_MARKER, json.dumps(
                 {"global_step": self.state.global_step, "files": files}, indent=1) + "\n")
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+            rotate_own_checkpoints(run_dir, limit, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()

@@ -38,7 +38,8 @@ from trl.models import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generat
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, pad
 
 from .. import latent, prefix_attention
-from ..latent import resolve_latent_mode
+from ..latent import check_decoding_mode, resolve_latent_mode
+from ..limits import check_new_tokens
 from ..generation import generate, row_generators
 from ..image_cache import ImageProcessingCache, VisionFeatureCache
 from ..modeling import LatentTokens, load_model
@@ -113,8 +114,10 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             raise ValueError("MirageGRPOTrainer needs a loaded model (mirage_rl.modeling.load_model), not a path")
         if args is None or not isinstance(args, MirageGRPOConfig):
             raise ValueError("args must be a MirageGRPOConfig")
-        self.latent_mode = resolve_latent_mode(args.latent_mode, model.config,
-                                               where=getattr(model, "name_or_path", "model")).value
+        where = getattr(model, "name_or_path", "model")
+        self.latent_mode = resolve_latent_mode(args.latent_mode, model.config, where=where).value
+        check_decoding_mode(self.latent_mode, model.config, where)  # as eval does: rollouts decode
+        check_new_tokens(model.config, args.max_completion_length, option="max_completion_length")
         if args.use_vllm and self.latent_mode != "none":
             raise ValueError(f"use_vllm: the checkpoint {getattr(model, 'name_or_path', '')} decodes with latent_mode "
                              f"{self.latent_mode!r}, which vLLM cannot run (docs/vllm_latent_rollouts.md); set "
@@ -242,6 +245,7 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
                            latent_mode=self.latent_mode, do_sample=True, temperature=self.temperature,
                            top_p=self.top_p, generator=generators, return_logprobs=True, latent_sigma=sigma,
                            suppress_token_ids=suppress, eos_token_ids=list(self.eos_token_ids),
+                           length_option="max_completion_length",
                            share_prompts=self.args.shared_prefix)
         self._generation_time += time.perf_counter() - t0
         eos = set(self.eos_token_ids) | {self._tokenizer.pad_token_id}

@@ -28,13 +28,24 @@ class LatentFields:
         overwrite_output_dir (``bool``, default ``False``): write into an ``output_dir`` holding entries no mirage-rl
             run wrote (they are kept, never deleted); without it such a folder is refused before any work
             (:mod:`mirage_rl.outputs`).
+        replace_output_dir (``bool``, default ``False``): replace a finished model that another run (another
+            command, or other settings) left in ``output_dir``; without it that folder is refused before any work
+            (:func:`mirage_rl.outputs.check_finished`).
     """
 
     latent_mode: str | None = field(default=None, metadata={
         "help": f"One of {LATENT_MODES}; default: SFT hidden, GRPO the checkpoint's recorded mode."})
     latent_fill: str = field(default="auto", metadata={"help": f"One of {LATENT_FILLS}."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={
+        "help": "Where training starts (README, resuming): unset or auto, the last complete checkpoint-N in output_dir "
+                "if there is one (a killed run restarted with the same command continues); true/last, that checkpoint, "
+                "which must exist; false, from scratch; a path, that checkpoint."})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Write into an output_dir holding entries no mirage-rl run wrote (they are kept, never deleted)."})
+    replace_output_dir: bool = field(default=False, metadata={
+        "help": "Replace the finished output another run left in output_dir (only that output's files are replaced; "
+                "everything else in the folder is kept). Without it such a folder is refused, unless this is the same "
+                "command with the same settings (a resume)."})
 
     def check_latent_fields(self) -> None:
         """Validate the shared fields (call from ``__post_init__``, after TRL's).

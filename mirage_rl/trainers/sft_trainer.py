@@ -22,6 +22,7 @@ from trl import SFTTrainer
 
 from .. import latent
 from ..collator import LatentCollator
+from ..limits import clamp_max_length
 from ..modeling import LatentTokens
 from ..patching import patch_method
 from .checkpointing import AtomicCheckpointMixin
@@ -87,6 +88,7 @@ class LatentSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
                 raise ValueError(f"latent_size={args.latent_size} in the recipe but {tokens.latent_size} in the checkpoint "
                                  f"{getattr(model, 'name_or_path', '')}: set latent_size: {tokens.latent_size}")
         self.latent_tokens = tokens
+        args.max_length = clamp_max_length(model.config, args.max_length)
         collator = kwargs.pop("data_collator", None) or LatentCollator(
             processing_class, tokens, args.latent_mode, stage=self.stage, max_length=args.max_length,
             reference_images=self.stage == 1 and args.latent_target == "residual", helper_as_input=args.helper_as_input)

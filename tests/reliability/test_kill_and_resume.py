@@ -158,7 +158,7 @@ def test_kill_during_the_final_model_save_leaves_the_previous_model(tmp_path):
     out = tmp_path / "model"
     run(["create-model", "--output_dir", str(out), "--seed", "0"])
     before = (out / "model.safetensors").read_bytes()
-    run(["create-model", "--output_dir", str(out), "--seed", "1"], fault=("final-save", 1))
+    run(["create-model", "--output_dir", str(out), "--seed", "1", "--replace_output_dir", "true"], fault=("final-save", 1))
     assert (out / "model.safetensors").read_bytes() == before
     debris = list(tmp_path.glob(".model.tmp-*"))
     assert debris and any(p.name == "model.safetensors" for p in debris[0].iterdir())  # the torn write
@@ -191,7 +191,7 @@ def test_kill_during_a_dataset_build_leaves_the_previous_dataset(vsp_dir, tmp_pa
     base = ["build-data", "--train_jsonl", str(vsp_dir / "mirage_train_maps.jsonl"), "--test_dir",
             str(vsp_dir / "maze_planning"), "--output_dir", str(out), "--num_generated", "0"]
     run(base + ["--max_train_maps", "5"])
-    run(base + ["--max_train_maps", "9"], fault=("dataset", 1))
+    run(base + ["--max_train_maps", "9", "--replace_output_dir", "true"], fault=("dataset", 1))
     assert list(tmp_path.glob(".data.tmp-*"))  # the killed build's files, never renamed into place
     assert len(load_from_disk(str(out))["train"]) == 5
     assert json.loads((out / "build_report.json").read_text())["train"] == 5

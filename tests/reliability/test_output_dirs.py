@@ -41,8 +41,10 @@ def test_a_retrained_stage_keeps_eval_notes_and_checkpoints_beside_the_model(tin
     manifest["entries"]["model-00002-of-00002.safetensors"] = "model"
     (out / MANIFEST).write_text(json.dumps(manifest))
     before = (out / "model.safetensors").read_bytes()
-    assert main(sft_argv(tiny_dir, small_dataset_dir, out, "--learning_rate", "0.01", "--warmup_steps", "0",
-                         "--lr_scheduler_type", "constant")) == 0  # retrained
+    retrain = ("--learning_rate", "0.01", "--warmup_steps", "0", "--lr_scheduler_type", "constant")
+    assert main(sft_argv(tiny_dir, small_dataset_dir, out, *retrain)) == 1  # other settings: refused
+    assert "this run's settings differ (learning_rate: 0.001 saved, 0.01 now" in capsys.readouterr().err
+    assert main(sft_argv(tiny_dir, small_dataset_dir, out, *retrain, "--replace_output_dir", "true")) == 0
     assert (out / "model.safetensors").read_bytes() != before
     assert (out / "eval" / "report.json").is_file() and (out / "checkpoint-7").is_dir()
     assert not (out / "model-00002-of-00002.safetensors").exists()  # mirage-rl's own stale file is replaced

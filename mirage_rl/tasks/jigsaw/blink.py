@@ -47,8 +47,10 @@ def load_blink(path: str, split: str = "val"):
     """
     import datasets
 
+    from ...data.disk import load_dataset_folder
+
     if Path(path).is_dir():
-        ds = datasets.load_from_disk(path)
+        ds = load_dataset_folder(path, what="BLINK folder")
         ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
     else:  # pragma: no cover - needs the hub
         ds = datasets.load_dataset(path.split(":")[0], "Jigsaw", split=split)

@@ -31,6 +31,7 @@ from ...data.messages import LATENT_MARKER, to_messages
 from ..items_file import resolve_items_file
 from . import pieces
 from .prompts import PROMPTS
+from ...data.jsonl import read_text
 
 TEST_FILE = "data/jigsaw_test.jsonl"
 TEST_ITEMS = 150
@@ -105,7 +106,11 @@ def make_items(photos_dir: str, split: str, n: int, seed: int = SPLIT_SEED, dist
                 continue  # same photo: the distractor must not overlap the missing piece
             break
         else:
-            raise ValueError(f"{photos_dir}: no room for a {pw}x{ph} distractor for {p.file}")
+            raise ValueError(f"{photos_dir}: no room for a {pw}x{ph} distractor for {p.file} (its piece is cut at "
+                             f"{frac[0]:g}-{frac[1]:g} of its size, and 100 tries found no other {split} photo "
+                             f"{'' if distractor == 'other_photo' else 'region '}that large); add {split} photos of "
+                             f"at least {pw}x{ph} px, resize {p.file} to the size of the others, or use distractor: "
+                             f"{'same_photo' if distractor == 'other_photo' else 'other_photo'}")
         items.append(JigsawItem(f"{split}-{i}-{Path(p.file).stem}", split, p.file, p.crop, box, d.file, d.crop, dbox,
                                 answers[i], rng.choice("AB"), photos_dir=str(photos_dir)))
     return items
@@ -126,7 +131,7 @@ def load_benchmark(photos_dir: str, levels=None, items_file: str | None = None) 
     path = resolve_items_file(items_file or TEST_FILE)
     split_of = {p.file: p.split for p in pieces.read_manifest(photos_dir)}
     items = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(read_text(path, "one JSON item a line").splitlines(), 1):
         where = f"{path}:{i}"
         try:
             it = JigsawItem(**json.loads(line), photos_dir=str(photos_dir))

@@ -22,6 +22,7 @@ from pathlib import Path
 from PIL import Image
 
 from ...data.images import open_image
+from ...data.jsonl import read_text
 
 BLOCK = 8
 MASK_RGB = (0, 0, 0)
@@ -50,7 +51,7 @@ def read_manifest(photos_dir: str | Path) -> list[Photo]:
         raise FileNotFoundError(f"{path} does not exist: a photos folder needs manifest.jsonl (file, split, "
                                 "crop_margin_px per photo), as ../shared/data/photos has")
     photos = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(read_text(path, "the photos manifest: one JSON object a line").splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -20,9 +20,9 @@ def blind_baselines(dataset_path: str, benchmark_dir: str, levels=None) -> dict:
     "from_levels": ...}}``. A test level with no training map (a transfer level) draws from the training maps of every
     level (``from_levels: "all"``). Raises ``ValueError`` when the training set is empty.
     """
-    from datasets import load_from_disk
+    from ...data.disk import load_dataset_folder
 
-    ds = load_from_disk(dataset_path)
+    ds = load_dataset_folder(dataset_path)
     ds = ds["train"] if hasattr(ds, "keys") else ds
     ds = ds.select_columns(["solution", "map_desc", "level"])
     train_by_level: dict[int, list] = defaultdict(list)

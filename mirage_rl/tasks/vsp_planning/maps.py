@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .scoring import GOAL, HOLE, MOVES, PLAYER, SAFE, find_cell
+from ...data.jsonl import read_text
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,9 @@ def validate_map(map_desc, where: str = "map_desc") -> list[list[int]]:
     Raises:
         ValueError: naming ``where`` and what is wrong.
     """
-    if not isinstance(map_desc, list) or not map_desc or not all(isinstance(r, list) for r in map_desc):
+    if isinstance(map_desc, list) and not map_desc:
+        raise ValueError(f"{where}: no map rows (an empty map); expected 3..8 rows of cells")
+    if not isinstance(map_desc, list) or not all(isinstance(r, list) for r in map_desc):
         raise ValueError(f"{where}: expected a list of rows, got {type(map_desc).__name__}")
     n = len(map_desc)
     if any(len(r) != n for r in map_desc):
@@ -251,7 +254,7 @@ def parse_table(path: Path) -> list[list[int]]:
         ValueError: naming the file, when a row has an unknown symbol or the map is not valid.
     """
     rows = []
-    for line in path.read_text().splitlines():
+    for line in read_text(path, "a VSP table: lines like `| Row 1 | @ | _ | * |`").splitlines():
         cells = [x.strip() for x in line.strip().strip("|").split("|")]
         if not cells or not cells[0].startswith("Row"):
             continue
@@ -259,6 +262,9 @@ def parse_table(path: Path) -> list[list[int]]:
             rows.append([TABLE_SYMBOLS[s] for s in cells[1:]])
         except KeyError as e:
             raise ValueError(f"{path}: unknown cell symbol {e.args[0]!r}; expected one of {sorted(TABLE_SYMBOLS)}") from None
+    if not rows:
+        raise ValueError(f"{path}: no table rows (lines like `| Row 1 | @ | _ | * |`): the file is empty or not a VSP "
+                         "table; restore it from the benchmark")
     return validate_map(rows, where=str(path))
 
 

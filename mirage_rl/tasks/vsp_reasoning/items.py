@@ -31,6 +31,7 @@ from ..items_file import resolve_items_file
 from ..vsp_planning.maps import generate_maps, load_benchmark as load_maps, map_key, render_map
 from .outcomes import HELPERS, LETTERS, WORDS, draw_plan, plan_text, render_helper, walk
 from .prompts import PROMPTS, fill
+from ...data.jsonl import read_text
 
 TEST_FILE = "data/vsp_spatial_reasoning_test.jsonl"
 SPLIT_SEED = 0
@@ -111,7 +112,7 @@ def load_benchmark(root: str, levels=None, items_file: str | None = None) -> lis
     path = resolve_items_file(items_file or TEST_FILE)
     maps = {(m.level, m.map_id): m for m in load_maps(root)}
     items = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(read_text(path, "one JSON item a line").splitlines(), 1):
         where = f"{path}:{i}"
         try:
             r = json.loads(line)
