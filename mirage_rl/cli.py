@@ -263,7 +263,7 @@ def _run(cmd: str, rest: list[str]) -> int:
         (args,) = parse((ExportArguments,), rest)
         if args.dtype not in ("float32", "bfloat16", "float16"):
             raise RecipeError(f"dtype: {args.dtype!r} is not float32, bfloat16 or float16")
-        from .commands.common import weights_identity
+        from .modeling import weights_identity
 
         settings = {"adapter_dir": args.adapter_dir, "adapter": weights_identity(args.adapter_dir), "dtype": args.dtype}
         with output_dir_guard(args.output_dir, "model", args.overwrite_output_dir, producer="export",

@@ -170,11 +170,11 @@ def evaluate(args: EvalArguments, model=None, processor=None) -> dict:
 
 def eval_settings(args: EvalArguments) -> dict:
     """What decides an evaluation's report: its arguments (where it writes, the batch size and resuming aside) and
-    the model's weights (:func:`mirage_rl.commands.common.weights_identity`). A finished evaluation of other
+    the model's weights (:func:`mirage_rl.modeling.weights_identity`). A finished evaluation of other
     settings in ``output_dir`` is never replaced without ``replace_output_dir``."""
     from dataclasses import asdict
 
-    from .commands.common import weights_identity
+    from .modeling import weights_identity
 
     settings = {k: v for k, v in asdict(args).items() if k not in ("batch_size", "resume")}
     return {**settings, "model_weights": weights_identity(args.model)}

@@ -343,15 +343,17 @@ def output_dir_guard(path: str | os.PathLike, group: str, overwrite: bool = Fals
                      command: str | None = None, producer: str | None = None, settings: dict | None = None,
                      replace: bool = False, replace_flag: str = "--replace_output_dir true"):
     """Check ``path`` (:func:`check_output_dir`, and :func:`check_finished` when ``producer``, the sub-command, is
-    given), lock it (:func:`run_lock`) and claim it (:func:`claim`) for the ``with`` block; on rank 0 only (other
-    ranks of a distributed job run inside rank 0's lock). When the block ends without error, ``producer`` and
+    given) on every rank, then, on rank 0 only, lock it (:func:`run_lock`) and claim it (:func:`claim`) for the
+    ``with`` block (the other ranks of a distributed job run inside rank 0's lock). When the block ends without error, ``producer`` and
     ``settings`` are recorded as the folder's finished output of ``group``. ``command``: the command line named in
     the lock's owner record and the manifest's ``started`` (default: this process's)."""
+    # the read-only checks run on every rank, so that each rank of a refused distributed run stops with the same
+    # line (a rank that went on alone would die later in a collective with a connection error)
+    check_output_dir(path, overwrite, what)  # fast refusal before taking the lock
+    check_finished(path, group, producer, settings, replace, what, replace_flag)
     if not is_main_rank():
         yield
         return
-    check_output_dir(path, overwrite, what)  # fast refusal before taking the lock
-    check_finished(path, group, producer, settings, replace, what, replace_flag)
     with run_lock(path, command):
         accepted = check_output_dir(path, overwrite, what)  # again, now that no other run can write there
         if accepted:

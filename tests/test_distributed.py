@@ -215,7 +215,9 @@ def test_zero3_run_resumes_exactly_from_its_checkpoint(tiny_dir, small_dataset_d
     from mirage_rl.trainers.checkpointing import is_complete
 
     assert is_complete(tmp_path / "part" / "checkpoint-2")
-    (resumed, _) = launch("sft", args(tmp_path / "part", 4), tmp_path / "l_part2", "zero3")
+    # the finished 2-step run is trained on to 4 steps: that replaces its finished model, so it is said explicitly
+    (resumed, _) = launch("sft", args(tmp_path / "part", 4) + ["--replace_output_dir", "true"], tmp_path / "l_part2",
+                          "zero3")
     assert full["start_step"] == 0 and resumed["start_step"] == 2  # steps 3-4 only were trained again
     assert len(steps(resumed)) == len(steps(full)) == 4
     for got, ref in zip(steps(resumed), steps(full)):

@@ -193,7 +193,7 @@ def test_arguments_refuse_what_cannot_run():
     with pytest.raises(ValueError, match="one_seed_arms"):
         results.ResultsArguments(arms=["mirage"], one_seed_arms=["direct_sft"])
     with pytest.raises(ValueError, match="mirage_alt_helper needs alt_data_config"):
-        results.ResultsArguments(arms=["mirage_alt_helper"])
+        results.ResultsArguments(arms=["mirage_alt_helper"], alt_data_config=None)
     with pytest.raises(ValueError, match="unknown"):
         results.ResultsArguments(arms=["mirage"], interventions=["zero", "magic"])
 

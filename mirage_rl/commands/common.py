@@ -17,7 +17,7 @@ from trl import ModelConfig
 from ..atomic import atomic_write_text, commit_directory, make_temp_dir, recover_directory, temp_sibling
 from ..errors import is_no_space, no_space_message
 from ..lora import is_adapter_dir, lora_config, write_adapter_info
-from ..modeling import load_model, load_processor
+from ..modeling import load_model, load_processor, weights_identity
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,49 @@ def require_columns(ds, need: list[str], where: str, who: str) -> None:
     if missing:
         raise ValueError(f"{where}: no column(s) {missing} (has {ds.column_names}); {who} needs {need}: "
                          "build the dataset with `mirage-rl build-data`")
+
+
+def check_image_columns(ds, where: str) -> None:
+    """Read the header of every input image (``image`` / ``images``) and helper image of a training split (no image
+    is decoded: about 50 us each) and refuse, naming the row, one that is not an image, is smaller than
+    :data:`~mirage_rl.data.images.MIN_IMAGE_SIDE` on a side or larger than
+    :data:`~mirage_rl.data.images.MAX_IMAGE_PIXELS`, before any step runs (the collator would meet it mid-run).
+
+    Raises:
+        ValueError: naming ``where``, the row (and its ``map_id``), the column and what is wrong.
+    """
+    import io
+    import warnings
+
+    from datasets import Image, Sequence
+    from PIL import Image as PILImage
+
+    from ..data.images import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE
+
+    ids = ds["map_id"] if "map_id" in ds.column_names else [None] * len(ds)
+    for column in ("image", "images", "helper_image"):
+        if column not in ds.column_names:
+            continue
+        raw = ds.cast_column(column, Sequence(Image(decode=False)) if column == "images" else Image(decode=False))
+        for i, cell in enumerate(raw[column]):
+            for j, image in enumerate(cell if column == "images" else [cell]):
+                if image is None or (image.get("bytes") is None and image.get("path") is None):
+                    continue  # a missing helper image is the stage's own check
+                label = f"{where} row {i}" + (f" (map_id={ids[i]})" if ids[i] is not None else "") + \
+                    f" {column}" + (f"[{j}]" if column == "images" else "")
+                src = io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image["path"]
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+                        with PILImage.open(src) as im:
+                            w, h = im.size
+                except Exception as e:  # PIL raises several types for a file that is not an image
+                    raise ValueError(f"{label}: not a readable image ({type(e).__name__}: {e}); rebuild the dataset "
+                                     "with `mirage-rl build-data`") from None
+                if min(w, h) < MIN_IMAGE_SIDE or w * h > MAX_IMAGE_PIXELS:
+                    raise ValueError(f"{label}: image is {w}x{h} pixels; mirage-rl takes images of at least "
+                                     f"{MIN_IMAGE_SIDE} px a side and at most {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels "
+                                     "(data.images): fix the row and rebuild the dataset")
 
 
 def load_train_split(script_args: SFTScriptArguments):
@@ -83,28 +126,6 @@ RUN_KEYS = {"sft": ("stage", "latent_mode", "latent_size", "compress", "latent_t
             "grpo": ("latent_mode", "latent_objective", "max_steps", "num_train_epochs", "learning_rate",
                      "per_device_train_batch_size", "gradient_accumulation_steps", "num_generations", "beta",
                      "reward_weights", "seed")}
-
-
-def weights_identity(path: str | os.PathLike, samples: int = 16, chunk: int = 1 << 16) -> list:
-    """``[[file, bytes, digest], ...]`` of the ``*.safetensors`` (and adapter) files of a local model folder (empty for
-    a hub id). The digest hashes the file's header and ``samples`` chunks spread over the file, so it costs the same
-    for a 7B model as for the tiny one, stays equal when the same weights are written again (``make demo`` re-runs
-    ``create-model``) and changes when training changed them (every tensor moves)."""
-    import hashlib
-
-    p = Path(path)
-    if not p.is_dir():
-        return []
-    out = []
-    for f in sorted(p.glob("*.safetensors")):
-        size = f.stat().st_size
-        h = hashlib.blake2b(digest_size=12)
-        with open(f, "rb") as fh:
-            for i in range(samples + 1):
-                fh.seek(0 if i == 0 else max(0, (size - chunk) * i // samples))
-                h.update(fh.read(chunk))
-        out.append([f.name, size, h.hexdigest()])
-    return out
 
 
 def dataset_identity(script_args: SFTScriptArguments) -> dict:

@@ -16,7 +16,7 @@ from ..outputs import output_dir_guard, record
 from ..trainers import MirageGRPOConfig, MirageGRPOTrainer
 from ..trainers.checkpointing import resolve_resume
 from .common import SFTScriptArguments, load_model_and_processor, load_train_split, peft_config_for, require_columns
-from .common import run_settings, save_final, split_name
+from .common import check_image_columns, run_settings, save_final, split_name
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ def run_grpo(script_args: GRPOScriptArguments, training_args: MirageGRPOConfig, 
                              f"{len(reward_funcs)} reward_funcs {script_args.reward_funcs}")
         train = load_train_split(script_args)
         require_columns(train, ["prompt", "image|images"], split_name(script_args), "GRPO")
+        check_image_columns(train, split_name(script_args))
         train = train.remove_columns([c for c in SFT_ONLY_COLUMNS if c in train.column_names])
         resume = resolve_resume(training_args)
         model, processor = load_model_and_processor(model_args, training_args.trust_remote_code)

@@ -15,6 +15,7 @@ from ..trainers import MirageSFTConfig, Stage1Trainer, Stage2Trainer
 from ..trainers.checkpointing import resolve_resume
 from .common import (
     SFTScriptArguments,
+    check_image_columns,
     load_model_for,
     load_train_split,
     peft_config_for,
@@ -32,7 +33,8 @@ __all__ = ["SFTScriptArguments", "check_helper_size", "check_sft_dataset", "run_
 def check_sft_dataset(ds, args: MirageSFTConfig, where: str, processor=None) -> None:
     """Check a training split before any step runs (text columns, image headers; no image is decoded).
 
-    Checks: the columns the stage needs exist; every ``answer`` is a string; with latent tokens every ``answer``
+    Checks: the columns the stage needs exist; every image's header (:func:`check_image_columns`); every ``answer``
+    is a string; with latent tokens every ``answer``
     holds ``args.latent_blocks`` ``<output_image>`` markers; in stage 1 every row with a latent block has its
     ``helper_image``, and (with ``processor``) every helper image gives at least k = ``args.latent_size`` visual
     tokens after the processor's resize; with ``processor`` and ``args.max_length``, no answer is so long that its
@@ -44,6 +46,7 @@ def check_sft_dataset(ds, args: MirageSFTConfig, where: str, processor=None) -> 
 
     need = ["prompt", "image|images", "answer"] + (["helper_image"] if args.stage == 1 else [])
     require_columns(ds, need, where, f"stage {args.stage}")
+    check_image_columns(ds, where)
     ids = ds["map_id"] if "map_id" in ds.column_names else [None] * len(ds)
 
     def row(i):

@@ -86,6 +86,7 @@ def resolve_resume(args) -> str | None:
         if last is not None:
             logger.warning("resuming from %s (the last complete checkpoint in output_dir; pass "
                            "--resume_from_checkpoint false to start over)", last)
+            _readable(last)
         return last
     path = Path(value)
     if not path.is_dir():
@@ -94,7 +95,18 @@ def resolve_resume(args) -> str | None:
         last = last_complete_checkpoint(path.parent)
         raise ValueError(f"resume_from_checkpoint: {value} is incomplete (no {COMPLETE_MARKER}: its save was "
                          f"interrupted); resume from {last or 'scratch'} instead")
-    return str(path)
+    return _readable(str(path))
+
+
+def _readable(checkpoint: str) -> str:
+    """``checkpoint`` after reading its JSON state (``trainer_state.json``, the marker): a damaged one is named in one
+    line (:func:`mirage_rl.data.jsonl.read_json`) instead of failing inside ``Trainer.train``."""
+    from ..data.jsonl import read_json
+
+    for name in ("trainer_state.json", COMPLETE_MARKER):
+        if (Path(checkpoint) / name).is_file():
+            read_json(Path(checkpoint) / name)
+    return checkpoint
 
 
 def rotate_own_checkpoints(output_dir: str | os.PathLike, limit: int | None, best: str | None = None) -> None:

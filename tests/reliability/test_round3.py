@@ -110,6 +110,25 @@ def test_no_producing_command_replaces_another_commands_finished_model(command, 
     assert (out / "model.safetensors").read_bytes() == before
 
 
+@pytest.mark.distributed
+def test_a_refused_distributed_run_stops_every_rank_with_the_same_line(tiny_dir, small_dataset_dir, tmp_path):
+    import socket
+
+    out = tmp_path / "model"
+    assert main(["create-model", "--output_dir", str(out)]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "ddp.yaml"),
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(port), "-m", "mirage_rl", *sft_argv(tiny_dir, small_dataset_dir, out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("mirage-rl sft: error: ")]
+    assert len(lines) == 2 and "holds a finished model written by `mirage-rl create-model`" in lines[0]
+    assert "Connection closed by peer" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
+
+
 def test_a_user_checkpoint_beside_a_run_is_neither_called_incomplete_nor_outlives_the_runs_own(
         tiny_dir, small_dataset_dir, tmp_path, caplog):
     out = tmp_path / "run"
@@ -249,7 +268,7 @@ def test_a_damaged_json_file_of_a_model_folder_is_named(damaged, stage2_dir, vsp
     assert f"{model / damaged}: not valid JSON" in line and "the file is damaged" in line
 def test_a_truncated_arrow_shard_is_named(tiny_dir, small_dataset_dir, tmp_path, capsys):
     data = copy_tree(small_dataset_dir, tmp_path / "data")
-    shard = sorted((data / "train").glob("*.arrow"))[0]
+    shard = sorted((data / "train").glob("data-*.arrow"))[0]
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size // 3)
     assert main(sft_argv(tiny_dir, data, tmp_path / "out")) == 1
@@ -283,6 +302,39 @@ def test_a_huge_photo_in_a_jigsaw_folder_is_refused_by_its_size(vsp_dir, tmp_pat
                  "--output_dir", str(tmp_path / "data")]) == 1
     line = one_line(capsys)
     assert "huge.png: image is 10000x10000 = 100 megapixels" in line and "resize it offline" in line
+
+
+def test_a_tiny_image_in_a_training_set_is_refused_before_the_first_step(tiny_dir, vsp_dir, tmp_path, capsys):
+    from PIL import Image
+
+    rows = tmp_path / "rows.jsonl"
+    Image.new("RGB", (192, 192), (200, 220, 255)).save(tmp_path / "map.png")
+    Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
+    row = {"text_input": "<image> go", "image_input": "map.png", "image_output": "map.png",
+           "text_output": "Look. <output_image> \\boxed{R}"}
+    rows.write_text(json.dumps(row) + "\n" + json.dumps({**row, "image_input": "dot.png"}) + "\n")
+    assert main(["build-data", "--source", "mirage_jsonl", "--jsonl", str(rows), "--output_dir",
+                 str(tmp_path / "data")]) == 1
+    assert "dot.png: image is 1x1 pixels, smaller than 28 px on a side" in one_line(capsys)
+
+
+def test_a_damaged_image_or_checkpoint_state_in_a_training_folder_is_named(tiny_dir, small_dataset_dir, tmp_path,
+                                                                        capsys):
+    from datasets import load_from_disk
+
+    data = tmp_path / "data"
+    ds = load_from_disk(str(small_dataset_dir))
+    ds["train"] = ds["train"].map(lambda r, i: {"image": {"bytes": b"not a png", "path": None}} if i == 3 else {},
+                                  with_indices=True, keep_in_memory=True)  # no cache file in the shared fixture
+    ds.save_to_disk(str(data))
+    assert main(sft_argv(tiny_dir, data, tmp_path / "s")) == 1
+    assert "row 3" in (line := one_line(capsys)) and "image: not a readable image" in line
+    out = tmp_path / "s2"
+    assert main(sft_argv(tiny_dir, small_dataset_dir, out, "--save_strategy", "steps", "--save_steps", "1")) == 0
+    (out / "checkpoint-1" / "trainer_state.json").write_text('{"global_step": ')
+    assert main(sft_argv(tiny_dir, small_dataset_dir, out, "--save_strategy", "steps", "--save_steps", "1",
+                         "--resume_from_checkpoint", str(out / "checkpoint-1"))) == 1
+    assert f"{out / 'checkpoint-1' / 'trainer_state.json'}: not valid JSON" in one_line(capsys)
 
 
 def test_a_tiny_image_is_refused_below_the_documented_minimum(tiny, tmp_path):
