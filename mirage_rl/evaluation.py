@@ -303,7 +303,7 @@ class Journal:
             if len(done) < len(maps):
                 done = done[: len(done) - len(done) % batch_size]
             if done:
-                logger.warning("eval: resuming from %s: %d of %d maps already done", self.path, len(done), len(maps))
+                logger.info("eval: resuming from %s: %d of %d maps already done", self.path, len(done), len(maps))
         self.resumed_at = len(done)
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in [{"run": self.identity}, *done]))
         self._file = open(self.path, "a")

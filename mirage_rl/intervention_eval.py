@@ -134,7 +134,7 @@ def evaluate_interventions(args, model, processor, task, tokens, items, out_dir:
         cached = _load_pass(folder, {**identity, "intervention": name}) if args.resume else None
         if cached is not None:
             samples, latents = cached
-            logger.warning("eval: intervention %s reused from %s", name, folder)
+            logger.info("eval: intervention %s reused from %s", name, folder)
         else:
             fn = None if name in ("none", "skip") else LatentIntervention(
                 name, k, own=own, levels=levels, oracle=oracle, pad=pad, seed=args.intervention_seed)

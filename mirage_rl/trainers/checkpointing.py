@@ -84,8 +84,8 @@ def resolve_resume(args) -> str | None:
                                     f"(folders {PREFIX_CHECKPOINT_DIR}-N with {COMPLETE_MARKER}); drop the option to "
                                     "start from scratch")
         if last is not None:
-            logger.warning("resuming from %s (the last complete checkpoint in output_dir; pass "
-                           "--resume_from_checkpoint false to start over)", last)
+            logger.info("resuming from %s (the last complete checkpoint in output_dir; pass "
+                        "--resume_from_checkpoint false to start over)", last)
             _readable(last)
         return last
     path = Path(value)
