@@ -86,7 +86,7 @@ def clamp_max_length(config, max_length: int | None, option: str = "max_length")
     limit = position_limit(config)
     if limit is not None and max_length is not None and max_length > limit:
         logger.info("%s=%d is more than the model's max_position_embeddings (%d): a row is capped at %d tokens",
-                       option, max_length, limit, limit)
+                    option, max_length, limit, limit)
         return limit
     return max_length
 

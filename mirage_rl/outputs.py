@@ -253,12 +253,36 @@ def _mark(folder: Path, key: str, group: str, value) -> None:
     write_manifest(folder, out)
 
 
+# ------------------------------------------------------------------------------------------------ checkpoints
+#: a checkpoint counts only once this marker is written, after every file of its save (trainers/checkpointing.py)
+COMPLETE_MARKER = "mirage_checkpoint.json"
+#: ``checkpoint-N``: transformers' ``PREFIX_CHECKPOINT_DIR``, as in ``PATTERNS["model"]`` (a test holds them equal)
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def is_complete(checkpoint: str | os.PathLike) -> bool:
+    """True when ``checkpoint`` holds the completion marker."""
+    return (Path(checkpoint) / COMPLETE_MARKER).is_file()
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> tuple[list[Path], list[Path]]:
+    """``(complete, incomplete)`` ``checkpoint-N`` folders that mirage-rl runs wrote in ``output_dir``, each sorted
+    by step. A ``checkpoint-N`` the user put there (accepted with ``--overwrite_output_dir``: group ``user`` in the
+    manifest) is none of them: never resumed from, rotated away or called incomplete."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return [], []
+    manifest = read_manifest(out)
+    found = sorted((p for p in out.iterdir() if p.is_dir() and _CHECKPOINT.match(p.name)
+                    and group_of(p.name, manifest) != "user"),
+                   key=lambda p: int(_CHECKPOINT.match(p.name).group(1)))
+    return [p for p in found if is_complete(p)], [p for p in found if not is_complete(p)]
+
+
 def interrupted_run_message(folder: str | os.PathLike) -> str | None:
     """For a folder that holds no finished model but a run's checkpoints: ``FOLDER holds no finished model: the run
     `CMD` (started T) was interrupted; its last complete checkpoint is checkpoint-N: resume it by running that command
     again, or use --model FOLDER/checkpoint-N``; None for any other folder."""
-    from .trainers.checkpointing import list_checkpoints
-
     folder = Path(folder)
     if not folder.is_dir():
         return None
@@ -346,13 +370,15 @@ def output_dir_guard(path: str | os.PathLike, group: str, overwrite: bool = Fals
     given) on every rank, then, on rank 0 only, lock it (:func:`run_lock`) and claim it (:func:`claim`) for the
     ``with`` block (the other ranks of a distributed job run inside rank 0's lock). When the block ends without error, ``producer`` and
     ``settings`` are recorded as the folder's finished output of ``group``. ``command``: the command line named in
-    the lock's owner record and the manifest's ``started`` (default: this process's)."""
+    the lock's owner record and the manifest's ``started`` (default: this process's). Yields the finished output
+    of ``group`` already in ``path`` that this run may write over (:func:`check_finished`; None when there is none):
+    with ``producer`` and without ``replace``, one of the same command and settings."""
     # the read-only checks run on every rank, so that each rank of a refused distributed run stops with the same
     # line (a rank that went on alone would die later in a collective with a connection error)
     check_output_dir(path, overwrite, what)  # fast refusal before taking the lock
-    check_finished(path, group, producer, settings, replace, what, replace_flag)
+    previous = check_finished(path, group, producer, settings, replace, what, replace_flag)
     if not is_main_rank():
-        yield
+        yield previous
         return
     with run_lock(path, command):
         accepted = check_output_dir(path, overwrite, what)  # again, now that no other run can write there
@@ -371,7 +397,7 @@ def output_dir_guard(path: str | os.PathLike, group: str, overwrite: bool = Fals
             _mark(folder, "started", group, {"command": command or command_line(),
                                              "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
         try:
-            yield
+            yield previous
             if producer is not None and folder.is_dir():
                 _mark(folder, "finished", group, {"command": producer, "settings": settings,
                                                   "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")})

@@ -139,9 +139,9 @@ def _plugin_frame(exc: BaseException, fn: Callable) -> str:
         own = None
     frames, tb = [], exc.__traceback__
     while tb is not None:
-        frames.append(tb.tb_frame.f_code.co_filename and (tb.tb_frame, tb.tb_lineno))
+        if tb.tb_frame.f_code.co_filename != __file__:
+            frames.append((tb.tb_frame, tb.tb_lineno))
         tb = tb.tb_next
-    frames = [f for f in frames if f and f[0].f_code.co_filename != __file__]
     pick = next((f for f in reversed(frames) if own and f[0].f_code.co_filename == own), frames[-1] if frames else None)
     if pick is None:
         return "?"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,9 +47,8 @@ def require_columns(ds, need: list[str], where: str, who: str) -> None:
 
 def check_image_columns(ds, where: str) -> None:
     """Read the header of every input image (``image`` / ``images``) and helper image of a training split (no image
-    is decoded: about 50 us each) and refuse, naming the row, one that is not an image, is smaller than
-    :data:`~mirage_rl.data.images.MIN_IMAGE_SIDE` on a side or larger than
-    :data:`~mirage_rl.data.images.MAX_IMAGE_PIXELS`, before any step runs (the collator would meet it mid-run).
+    is decoded: about 50 us each) and refuse, naming the row, one that is not an image or whose size
+    :func:`~mirage_rl.data.images.size_problem` refuses, before any step runs (the collator would meet it mid-run).
 
     Raises:
         ValueError: naming ``where``, the row (and its ``map_id``), the column and what is wrong.
@@ -61,7 +59,7 @@ def check_image_columns(ds, where: str) -> None:
     from datasets import Image, Sequence
     from PIL import Image as PILImage
 
-    from ..data.images import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE
+    from ..data.images import size_problem
 
     ids = ds["map_id"] if "map_id" in ds.column_names else [None] * len(ds)
     for column in ("image", "images", "helper_image"):
@@ -83,10 +81,9 @@ def check_image_columns(ds, where: str) -> None:
                 except Exception as e:  # PIL raises several types for a file that is not an image
                     raise ValueError(f"{label}: not a readable image ({type(e).__name__}: {e}); rebuild the dataset "
                                      "with `mirage-rl build-data`") from None
-                if min(w, h) < MIN_IMAGE_SIDE or w * h > MAX_IMAGE_PIXELS:
-                    raise ValueError(f"{label}: image is {w}x{h} pixels; mirage-rl takes images of at least "
-                                     f"{MIN_IMAGE_SIDE} px a side and at most {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels "
-                                     "(data.images): fix the row and rebuild the dataset")
+                problem = size_problem(w, h)
+                if problem is not None:
+                    raise ValueError(f"{label}: {problem}; then rebuild the dataset")
 
 
 def load_train_split(script_args: SFTScriptArguments):

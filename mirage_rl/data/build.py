@@ -178,8 +178,6 @@ def build_dataset(args: BuildDataArguments):
     folder of foreign entries, a running build, or a finished dataset of other settings there fail before any
     rendering). A folder that already holds the dataset of these settings (:func:`build_settings`: arguments, input
     bytes, builder code) is reused, not rendered again; returns ``(DatasetDict or None when reused, counts)``."""
-    from ..outputs import finished_output, settings_differences
-
     from ..limits import check_memory
 
     # every row (map and helper image as PNG, prompt, answer: about 8 KB) is held in memory until the save
@@ -187,11 +185,10 @@ def build_dataset(args: BuildDataArguments):
                  "generate fewer maps (the demo uses 10,000)")
     settings = build_settings(args)
     with output_dir_guard(args.output_dir, "dataset", args.overwrite_output_dir, producer="build-data",
-                          settings=settings, replace=args.replace_output_dir):
-        rec = finished_output(args.output_dir, "dataset")
+                          settings=settings, replace=args.replace_output_dir) as rec:
+        # the guard let a finished dataset through without replace_output_dir only for these very settings
         report = Path(args.output_dir) / "build_report.json"
-        if (rec is not None and not args.replace_output_dir and rec.get("command") == "build-data"
-                and not settings_differences(rec.get("settings"), settings) and report.is_file()):
+        if rec is not None and not args.replace_output_dir and report.is_file():
             counts = read_json(report)
             counts.pop("skip_reasons", None)
             logger.info("build-data: %s already holds the dataset of these settings, inputs and builder code "

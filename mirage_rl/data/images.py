@@ -27,6 +27,21 @@ MAX_IMAGE_PIXELS = 40_000_000
 MIN_IMAGE_SIDE = 28
 
 
+def size_problem(width: int, height: int) -> str | None:
+    """Why an image of ``width`` x ``height`` pixels is refused (over :data:`MAX_IMAGE_PIXELS`, or a side under
+    :data:`MIN_IMAGE_SIDE`), or None: the one size rule of every image mirage-rl reads from a path, a training split
+    or a batch."""
+    if width * height > MAX_IMAGE_PIXELS:
+        return (f"image is {width}x{height} = {width * height / 1e6:.0f} megapixels, more than mirage-rl decodes "
+                f"({MAX_IMAGE_PIXELS / 1e6:.0f}; data.images.MAX_IMAGE_PIXELS); resize it offline (no model here uses "
+                "more than a few megapixels)")
+    if min(width, height) < MIN_IMAGE_SIDE:
+        return (f"image is {width}x{height} pixels, smaller than {MIN_IMAGE_SIDE} px on a side (one merged visual "
+                "token; data.images.MIN_IMAGE_SIDE): the processor would upscale it from almost nothing. Use the real "
+                "image, or remove the row")
+    return None
+
+
 def open_image(path: str | Path, where: str | None = None) -> Image.Image:
     """Open and fully decode the image at ``path``; returns an RGB ``PIL.Image``.
 
@@ -35,8 +50,8 @@ def open_image(path: str | Path, where: str | None = None) -> Image.Image:
         where: what refers to it (``"data.jsonl:12 image_input"``), prefixed to every error.
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file is truncated, not an image, larger than :data:`MAX_IMAGE_PIXELS` or with a side under
-            :data:`MIN_IMAGE_SIDE` (both read from its header, before decoding).
+        ValueError: the file is truncated, not an image, or of a size :func:`size_problem` refuses (read from its
+            header, before decoding).
     """
     p = Path(path)
     label = f"{where}: " if where else ""
@@ -48,28 +63,16 @@ def open_image(path: str | Path, where: str | None = None) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below by its size instead
             im = Image.open(p)
         with im:
-            w, h = im.size
-            if w * h > MAX_IMAGE_PIXELS:
-                raise _RefusedSize(f"{label}{p}: image is {w}x{h} = {w * h / 1e6:.0f} megapixels, more than mirage-rl "
-                                f"decodes ({MAX_IMAGE_PIXELS / 1e6:.0f}; data.images.MAX_IMAGE_PIXELS); resize it "
-                                "offline (no model here uses more than a few megapixels)")
-            if min(w, h) < MIN_IMAGE_SIDE:
-                raise _RefusedSize(f"{label}{p}: image is {w}x{h} pixels, smaller than {MIN_IMAGE_SIDE} px on a side "
-                                "(one merged visual token; data.images.MIN_IMAGE_SIDE): the processor would upscale it "
-                                "from almost nothing. Use the real image, or remove the row")
-            im.load()  # decode now: a truncated file fails here, not inside a training step
-            return im.convert("RGB")
-    except _RefusedSize as e:
-        raise ValueError(str(e)) from None
+            problem = size_problem(*im.size)
+            if problem is None:
+                im.load()  # decode now: a truncated file fails here, not inside a training step
+                return im.convert("RGB")
     except Image.DecompressionBombError as e:
         raise ValueError(f"{label}{p}: image too large to decode safely ({e}); resize it offline") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"{label}{p} is not a readable image ({type(e).__name__}: {e}); the file is truncated or "
                          "not an image: re-export it or remove the row") from None
-
-
-class _RefusedSize(Exception):
-    """An image refused by its header's size (too large or too small), before decoding."""
+    raise ValueError(f"{label}{p}: {problem}")
 
 
 def _pixels(image_processor, name: str, size_key: str) -> int | None:
@@ -91,16 +94,15 @@ def pixel_budget(image_processor) -> int | None:
 
 def check_pixel_budget(image: Image.Image, max_pixels: int | None, where: str) -> None:
     """Refuse an image far larger than the processor's pixel budget (``MAX_DOWNSCALE_AREA`` times ``max_pixels``), or
-    with a side under :data:`MIN_IMAGE_SIDE`.
+    one :func:`size_problem` refuses.
 
     Raises:
         ValueError: naming ``where``, the image size, the budget and the fix.
     """
     w, h = image.size
-    if min(w, h) < MIN_IMAGE_SIDE:
-        raise ValueError(f"{where}: image is {w}x{h} pixels, smaller than {MIN_IMAGE_SIDE} px on a side (one merged "
-                         f"visual token; data.images.MIN_IMAGE_SIDE): the processor would upscale it from almost "
-                         "nothing. Use the real image, or remove the row")
+    problem = size_problem(w, h)
+    if problem is not None:
+        raise ValueError(f"{where}: {problem}")
     if not max_pixels:
         return
     if w * h > MAX_DOWNSCALE_AREA * max_pixels:

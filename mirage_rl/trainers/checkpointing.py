@@ -13,7 +13,6 @@ import errno
 import json
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -21,34 +20,16 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..atomic import apply_umask, atomic_write_text, recover_directory
 from ..errors import is_no_space, no_space_message
+# what a complete checkpoint is, and which checkpoints are a run's own, is a fact of the output folder (outputs.py)
+from ..outputs import COMPLETE_MARKER, is_complete, list_checkpoints
+
+__all__ = ["COMPLETE_MARKER", "AtomicCheckpointMixin", "is_complete", "last_complete_checkpoint", "list_checkpoints",
+           "resolve_resume", "rotate_own_checkpoints"]
 
 logger = logging.getLogger(__name__)
 
-COMPLETE_MARKER = "mirage_checkpoint.json"
-_CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 _FRESH = ("false", "no", "none", "never")
 _LAST = ("true", "yes", "last")
-
-
-def is_complete(checkpoint: str | os.PathLike) -> bool:
-    """True when ``checkpoint`` holds the completion marker."""
-    return (Path(checkpoint) / COMPLETE_MARKER).is_file()
-
-
-def list_checkpoints(output_dir: str | os.PathLike) -> tuple[list[Path], list[Path]]:
-    """``(complete, incomplete)`` ``checkpoint-N`` folders that mirage-rl runs wrote in ``output_dir``, each sorted
-    by step. A ``checkpoint-N`` the user put there (accepted with ``--overwrite_output_dir``: group ``user`` in the
-    manifest, :mod:`mirage_rl.outputs`) is none of them: never resumed from, rotated away or called incomplete."""
-    from ..atomic import group_of, read_manifest
-
-    out = Path(output_dir)
-    if not out.is_dir():
-        return [], []
-    manifest = read_manifest(out)
-    found = sorted((p for p in out.iterdir() if p.is_dir() and _CHECKPOINT.match(p.name)
-                    and group_of(p.name, manifest) != "user"),
-                   key=lambda p: int(_CHECKPOINT.match(p.name).group(1)))
-    return [p for p in found if is_complete(p)], [p for p in found if not is_complete(p)]
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
@@ -154,14 +135,13 @@ class AtomicCheckpointMixin:
                     f"{', dummy latents' if mode == 'dummy' else ''}, latent size k = {args.latent_size})")
         else:
             what = f"GRPO with latent-interleaved rollouts (latent_mode {mode}, {args.num_generations} generations per prompt, beta {args.beta})"
-        dataset = dataset_name
         lines = [f"# {model_name or Path(args.output_dir).name}", "",
                  f"Trained with mirage-rl (latent visual reasoning after Mirage, arXiv 2506.17218): {what}.",
                  "", f"- start model: `{base}`", f"- steps: {self.state.global_step} of {self.state.max_steps}",
                  f"- learning rate: {args.learning_rate}, batch size per device: {args.per_device_train_batch_size}, "
                  f"seed: {args.seed}"]
-        if dataset:
-            lines.append(f"- dataset: {dataset}")
+        if dataset_name:
+            lines.append(f"- dataset: {dataset_name}")
         lines += ["", "The settings are recorded in `mirage_output.json` (`run`) once the final model is saved; "
                       "`train_log.json` holds the log history.", ""]
         atomic_write_text(Path(args.output_dir) / "README.md", "\n".join(lines))

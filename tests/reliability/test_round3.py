@@ -110,6 +110,14 @@ def test_no_producing_command_replaces_another_commands_finished_model(command, 
     assert (out / "model.safetensors").read_bytes() == before
 
 
+def test_the_output_folder_knows_transformers_checkpoint_names():
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    from mirage_rl.outputs import _CHECKPOINT, PATTERNS
+
+    assert _CHECKPOINT.match(f"{PREFIX_CHECKPOINT_DIR}-12") and f"{PREFIX_CHECKPOINT_DIR}-*" in PATTERNS["model"]
+
+
 @pytest.mark.distributed
 def test_a_refused_distributed_run_stops_every_rank_with_the_same_line(tiny_dir, small_dataset_dir, tmp_path):
     import socket
