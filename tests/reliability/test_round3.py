@@ -132,9 +132,14 @@ def test_a_refused_distributed_run_stops_every_rank_with_the_same_line(tiny_dir,
            "--main_process_port", str(port), "-m", "mirage_rl", *sft_argv(tiny_dir, small_dataset_dir, out)]
     proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
+    # each rank that reaches the check stops with the same line (the launcher may stop the other rank first, before
+    # it prints); no rank goes on into training to die in a collective
     lines = [x for x in proc.stderr.splitlines() if x.startswith("mirage-rl sft: error: ")]
-    assert len(lines) == 2 and "holds a finished model written by `mirage-rl create-model`" in lines[0]
-    assert "Connection closed by peer" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
+    assert 1 <= len(lines) <= 2 and len(set(lines)) == 1
+    assert "holds a finished model written by `mirage-rl create-model`" in lines[0]
+    # (the launcher's own ChildFailedError report follows any non-zero rank; no rank prints a traceback of its own)
+    assert "Connection closed by peer" not in proc.stderr
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
 
 
 def test_a_user_checkpoint_beside_a_run_is_neither_called_incomplete_nor_outlives_the_runs_own(
