@@ -72,6 +72,132 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: floa
     return _multinomial(probs, generator)
 
 
+@dataclass
+class LatentStep:
+    """What one decoding step decided for every row (:meth:`LatentDecodeState.step`).
+
+    ``tokens`` ``(B,)`` long: the next token of each row (``<|latent_pad|>`` in a latent slot, ``<|latent_end|>`` when
+    forced, the pad id for a finished row); ``in_latent`` / ``forced`` ``(B,)`` bool: the row fills a latent slot / its
+    token was forced (slot, end, finished); ``fill`` ``(B, H)`` float32 or None: what enters the slot as the next input
+    (``"hidden"`` mode; rows not in a slot ignore it); ``own`` ``(B, H)`` float32 or None: the rows' own latents (the
+    hidden state, before noise and ``latent_fn``); ``gaussian`` ``(B, H)`` or None: the Gaussian latent inputs (zero
+    outside slots); ``logprobs`` ``(B,)`` float32 or None."""
+
+    tokens: torch.Tensor
+    in_latent: torch.Tensor
+    forced: torch.Tensor
+    fill: torch.Tensor | None = None
+    own: torch.Tensor | None = None
+    gaussian: torch.Tensor | None = None
+    logprobs: torch.Tensor | None = None
+
+
+class LatentDecodeState:
+    """The latent state machine of decoding, one row per request: the unit both rollout engines follow (the HF loop
+    of :func:`generate` and the vLLM model runner, :mod:`mirage_rl.engines.vllm_runner`).
+
+    Per row: ``slots_left`` (``k + 1`` right after ``<|latent_start|>``: k slots, then the forced end; 0 outside a
+    block) and ``blocks`` (latent blocks opened). A step takes the logits and the hidden state ``h`` of the last
+    position, samples (image / latent-pad / latent-end ids suppressed; greedy, or temperature + top-p with the row's
+    generator), forces ``<|latent_pad|>`` in a slot and ``<|latent_end|>`` after the k-th, computes what enters a slot
+    (``h``; ``h + sigma * eps`` for Gaussian latents, ``eps`` drawn from the row's generator at every step as the HF
+    loop always did; or ``latent_fn``'s output) and the log-probs (full-vocabulary log-softmax at the temperature,
+    0.0 at forced positions, the Gaussian log-density at Gaussian slots), then advances the state.
+
+    Args:
+        tokens: the checkpoint's :class:`~mirage_rl.modeling.LatentTokens`, or None for plain decoding.
+        mode: ``"hidden"``, ``"dummy"`` or ``"none"``.
+        slots_left / blocks: ``(B,)`` long, from :meth:`initial` (a prompt ending in ``<|latent_start|>`` starts
+            inside a block).
+    """
+
+    def __init__(self, tokens: LatentTokens | None, mode: str, slots_left: torch.Tensor, blocks: torch.Tensor,
+                 suppress_token_ids: list[int] | None = None, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, latent_sigma: float | None = None, latent_fn=None, return_logprobs: bool = False,
+                 pad_token_id: int = 0):
+        self.tokens, self.mode = tokens, mode
+        self.k = tokens.latent_size if tokens is not None else 0
+        self.slots_left, self.blocks = slots_left, blocks
+        suppress = list(suppress_token_ids or []) + ([tokens.pad, tokens.end] if tokens is not None else [])
+        self.suppress = torch.tensor(sorted(set(suppress)), dtype=torch.long, device=slots_left.device)
+        self.do_sample, self.temperature, self.top_p = do_sample, temperature, top_p
+        self.latent_sigma, self.latent_fn, self.return_logprobs = latent_sigma, latent_fn, return_logprobs
+        self.pad_token_id = pad_token_id
+
+    @staticmethod
+    def initial(last_prompt_ids: torch.Tensor, tokens: LatentTokens | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(slots_left, blocks)`` ``(B,)`` long for prompts whose last tokens are ``last_prompt_ids`` ``(B,)``."""
+        slots_left = torch.zeros_like(last_prompt_ids)
+        blocks = torch.zeros_like(last_prompt_ids)
+        if tokens is not None:
+            opened = last_prompt_ids == tokens.start
+            slots_left[opened] = tokens.latent_size + 1
+            blocks[opened] = 1
+        return slots_left, blocks
+
+    def step(self, logits: torch.Tensor, h: torch.Tensor, finished: torch.Tensor, generator) -> LatentStep:
+        """One step for every row (see the class docstring); ``logits`` ``(B, V)``, ``h`` ``(B, H)``, ``finished``
+        ``(B,)`` bool (a finished row gets the pad id), ``generator``: one ``torch.Generator``, a list with one per row,
+        or None. Advances ``slots_left`` and ``blocks``."""
+        lt, k = self.tokens, self.k
+        masked = logits.index_fill(-1, self.suppress, float("-inf")) if len(self.suppress) else logits
+        new = _pick(masked, self.do_sample, self.temperature, self.top_p, generator)
+        in_latent, force_end = self.slots_left > 1, self.slots_left == 1
+        if lt is not None:
+            new = torch.where(in_latent, lt.pad, torch.where(force_end, lt.end, new))
+        new = torch.where(finished, self.pad_token_id, new)
+        forced = in_latent | force_end | finished
+        step = LatentStep(new, in_latent, forced)
+        if self.mode == "hidden":
+            z = h.float()
+            step.own = z
+            if self.latent_sigma is not None:
+                z = z + self.latent_sigma * _randn(tuple(z.shape), generator, z.device)
+                step.gaussian = torch.where(in_latent[:, None], z, 0.0)
+            fill = z
+            if self.latent_fn is not None and bool(in_latent.any()):
+                fill = self.latent_fn(z, (k + 1 - self.slots_left).clamp(0, k - 1),
+                                      (self.blocks - 1).clamp(min=0)).float()
+            step.fill = fill
+        if self.return_logprobs:
+            lp = torch.where(forced, 0.0, _logprob(logits, new, self.temperature))
+            if self.latent_sigma is not None:
+                lp = torch.where(in_latent, latent.gaussian_logprob(step.fill, h, self.latent_sigma), lp)
+            step.logprobs = lp
+        self.slots_left = torch.where(in_latent | force_end, self.slots_left - 1, self.slots_left)
+        if lt is not None:
+            opened = (new == lt.start) & ~finished
+            self.slots_left = torch.where(opened, k + 1, self.slots_left)
+            self.blocks = self.blocks + opened.long()
+        return step
+
+
+def prefill(model, batch: dict, share_prompts: bool = True):
+    """Run the prompts of a left-padded batch once: ``(h, cache, next_position)``, with ``h`` ``(B, H)`` the last
+    position's (post-norm) hidden state, ``cache`` the filled ``DynamicCache`` and ``next_position`` ``(B,)`` long the
+    mRoPE position of the first new token. With ``share_prompts`` each distinct prompt (ids, mask, mm token types,
+    images) runs once and its cache is indexed over the rows that repeat it (a GRPO group; issue 22)."""
+    lm = latent.language_model(model)
+    ids, am = batch["input_ids"], batch["attention_mask"]
+    B = ids.shape[0]
+    pos, nxt = latent.position_ids(model, ids, am, batch.get("mm_token_type_ids"), batch.get("image_grid_thw"))
+    cache = DynamicCache(config=lm.config)
+    groups = (latent.prompt_groups(model, ids, am, ids.shape[1], batch.get("pixel_values"),
+                                   batch.get("image_grid_thw"), batch.get("mm_token_type_ids"))
+              if share_prompts and B > 1 else None)
+    if groups is not None:
+        emb = latent.embed_inputs(model, ids[groups.reps], groups.pixel_values, groups.image_grid_thw)
+        h = lm(inputs_embeds=emb, position_ids=pos[:, groups.reps], attention_mask=am[groups.reps],
+               past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+        cache.batch_select_indices(groups.index)
+        h = h[groups.index]
+    else:
+        emb = latent.embed_inputs(model, ids, batch.get("pixel_values"), batch.get("image_grid_thw"))
+        h = lm(inputs_embeds=emb, position_ids=pos, attention_mask=am, past_key_values=cache,
+               use_cache=True).last_hidden_state[:, -1]
+    return h, cache, nxt
+
+
 @torch.no_grad()
 def generate(model, processor, batch: dict, max_new_tokens: int = 64, latent_mode: str = "hidden",
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
@@ -126,76 +252,35 @@ def generate(model, processor, batch: dict, max_new_tokens: int = 64, latent_mod
     eos = torch.tensor(sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id, *(eos_token_ids or [])}),
                        device=device)
     lt = LatentTokens.from_config(model.config) if latent_mode != "none" else None
-    k = lt.latent_size if lt else 0
     lm, head, embed = latent.language_model(model), model.get_output_embeddings(), model.get_input_embeddings()
 
     ids, am = batch["input_ids"], batch["attention_mask"]
     B = ids.shape[0]
     check_new_tokens(model.config, max_new_tokens, ids.shape[1], B, option=length_option,
                      dtype_bytes=embed.weight.element_size(), device=device)
-    pos, nxt = latent.position_ids(model, ids, am, batch.get("mm_token_type_ids"), batch.get("image_grid_thw"))
-    cache = DynamicCache(config=lm.config)
-    # the prefill runs once per distinct prompt (ids, mask, mm token types, images): a GRPO group repeats its prompt
-    # num_generations times; the cache and the last hidden state are then indexed over the rows (issue 22)
-    groups = (latent.prompt_groups(model, ids, am, ids.shape[1], batch.get("pixel_values"),
-                                   batch.get("image_grid_thw"), batch.get("mm_token_type_ids"))
-              if share_prompts and B > 1 else None)
-    if groups is not None:
-        emb = latent.embed_inputs(model, ids[groups.reps], groups.pixel_values, groups.image_grid_thw)
-        h = lm(inputs_embeds=emb, position_ids=pos[:, groups.reps], attention_mask=am[groups.reps],
-               past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
-        cache.batch_select_indices(groups.index)
-        h = h[groups.index]
-    else:
-        emb = latent.embed_inputs(model, ids, batch.get("pixel_values"), batch.get("image_grid_thw"))
-        h = lm(inputs_embeds=emb, position_ids=pos, attention_mask=am, past_key_values=cache,
-               use_cache=True).last_hidden_state[:, -1]
-    slots_left = torch.zeros(B, dtype=torch.long, device=device)
-    if lt is not None:
-        slots_left[ids[:, -1] == lt.start] = k + 1
+    h, cache, nxt = prefill(model, batch, share_prompts)
+    slots_left, blocks = LatentDecodeState.initial(ids[:, -1], lt)
+    state = LatentDecodeState(lt, latent_mode, slots_left, blocks, suppress_token_ids, do_sample, temperature, top_p,
+                              latent_sigma, latent_fn, return_logprobs, tok.pad_token_id)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    suppress = list(suppress_token_ids or []) + ([lt.pad, lt.end] if lt is not None else [])
-    suppress = torch.tensor(sorted(set(suppress)), dtype=torch.long, device=device)
     out, logps, lat = [], [], []
-    blocks = torch.zeros(B, dtype=torch.long, device=device)  # latent blocks each row has opened
-    if lt is not None:
-        blocks[ids[:, -1] == lt.start] = 1
     own: list[list[torch.Tensor]] = [[] for _ in range(B)]
     fed: list[list[torch.Tensor]] = [[] for _ in range(B)]
     for _ in range(max_new_tokens):
-        logits = head(h)
-        new = _pick(logits.index_fill(-1, suppress, float("-inf")) if len(suppress) else logits,
-                    do_sample, temperature, top_p, generator)
-        in_latent, force_end = slots_left > 1, slots_left == 1
-        if lt is not None:
-            new = torch.where(in_latent, lt.pad, torch.where(force_end, lt.end, new))
-        new = torch.where(finished, tok.pad_token_id, new)
+        step = state.step(head(h), h, finished, generator)
+        new = step.tokens
         out.append(new)
-        forced = in_latent | force_end | finished
         nxt_emb = embed(new)
-        if latent_mode == "hidden":
-            z = h.float()
-            if latent_sigma is not None:
-                z = z + latent_sigma * _randn(tuple(z.shape), generator, z.device)
-                lat.append(torch.where(in_latent[:, None], z, 0.0))
-            fill = z
-            if latent_fn is not None and bool(in_latent.any()):
-                fill = latent_fn(z, (k + 1 - slots_left).clamp(0, k - 1), (blocks - 1).clamp(min=0)).float()
+        if step.fill is not None:
             if record_latents:
-                for i in in_latent.nonzero().flatten().tolist():
-                    own[i].append(z[i].cpu())
-                    fed[i].append(fill[i].cpu())
-            nxt_emb = torch.where(in_latent[:, None], fill.to(nxt_emb.dtype), nxt_emb)
-        if return_logprobs:
-            lp = torch.where(forced, 0.0, _logprob(logits, new, temperature))
-            if latent_sigma is not None:
-                lp = torch.where(in_latent, latent.gaussian_logprob(z, h, latent_sigma), lp)
-            logps.append(lp)
-        slots_left = torch.where(in_latent | force_end, slots_left - 1, slots_left)
-        if lt is not None:
-            opened = (new == lt.start) & ~finished
-            slots_left = torch.where(opened, k + 1, slots_left)
-            blocks = blocks + opened.long()
+                for i in step.in_latent.nonzero().flatten().tolist():
+                    own[i].append(step.own[i].cpu())
+                    fed[i].append(step.fill[i].cpu())
+            nxt_emb = torch.where(step.in_latent[:, None], step.fill.to(nxt_emb.dtype), nxt_emb)
+        if step.gaussian is not None:
+            lat.append(step.gaussian)
+        if step.logprobs is not None:
+            logps.append(step.logprobs)
         finished |= torch.isin(new, eos)
         if bool(finished.all()):
             break

@@ -127,6 +127,17 @@ def slot_masks(input_ids: torch.Tensor, start: int, pad: int, end: int, latent_s
     return window & (input_ids == pad), after & (input_ids == end)
 
 
+def image_features(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
+    """The merged visual tokens of each image: a list with one ``(t*h*w / merge^2, H)`` tensor per row of
+    ``image_grid_thw`` ``(N_images, 3)``, from the flattened patches ``pixel_values`` ``(P, C*T*p*p)``. The vision tower
+    runs without gradients unless it has trainable parameters (``train_vision_tower``; Mirage keeps it frozen). What
+    :func:`embed_inputs` scatters into the image tokens, and what the vLLM engine feeds vLLM as image embeddings."""
+    inner = backbone(model)
+    trainable = torch.is_grad_enabled() and any(p.requires_grad for p in inner.visual.parameters())
+    with torch.set_grad_enabled(trainable):
+        return list(inner.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output)
+
+
 def embed_inputs(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                  image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
     """Token embeddings with the image features scattered into the image-token positions.
@@ -145,10 +156,7 @@ def embed_inputs(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | No
     if pixel_values is None:
         return embeds
     inner = backbone(model)
-    trainable = torch.is_grad_enabled() and any(p.requires_grad for p in inner.visual.parameters())
-    with torch.set_grad_enabled(trainable):
-        feats = inner.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output
-    feats = torch.cat(feats, 0).to(embeds.dtype)
+    feats = torch.cat(image_features(model, pixel_values, image_grid_thw), 0).to(embeds.dtype)
     mask = input_ids == inner.config.image_token_id
     if int(mask.sum()) != feats.shape[0]:
         raise ValueError(f"{int(mask.sum())} image tokens in input_ids but {feats.shape[0]} image features: "

@@ -29,6 +29,10 @@ from .lora import ADAPTER_CONFIG, ADAPTER_INFO, is_adapter_dir
 from .tokens import LATENT_END, LATENT_PAD, LATENT_START, LATENT_TOKENS  # noqa: F401 (the names modeling exports)
 from .data.jsonl import read_json
 
+#: the processor files a saved checkpoint holds besides the tokenizer's (see :meth:`MirageProcessor.save_pretrained`)
+PROCESSOR_CONFIG = "processor_config.json"
+VIDEO_PROCESSOR_CONFIG = "video_preprocessor_config.json"
+
 logger = logging.getLogger(__name__)
 
 # Qwen2.5-VL's chat template (system prompt added when absent, images as vision_start/image_pad/vision_end).
@@ -65,6 +69,26 @@ class MirageProcessor(Qwen2_5_VLProcessor):
         image_processor = AutoImageProcessor.from_pretrained(path, **kwargs)
         template = getattr(tokenizer, "chat_template", None) or QWEN2_5_VL_CHAT_TEMPLATE
         return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As ``Qwen2_5_VLProcessor.save_pretrained``, and the folder reads as a stock Qwen2.5-VL processor: the
+        ``processor_class`` written is ``Qwen2_5_VLProcessor`` and a ``video_preprocessor_config.json`` (the video
+        processor's settings, from the image processor's) is added, so that vLLM (issue 30), which builds the stock
+        processor, can load the checkpoint. This class still loads it (it reads tokenizer and image processor)."""
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        folder = Path(save_directory)
+        config = folder / PROCESSOR_CONFIG
+        data = json.loads(config.read_text()) if config.is_file() else {}
+        data["processor_class"] = "Qwen2_5_VLProcessor"
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        ip = self.image_processor
+        video = {"video_processor_type": "Qwen2VLVideoProcessor", "processor_class": "Qwen2_5_VLProcessor",
+                 "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+                 "image_mean": list(ip.image_mean), "image_std": list(ip.image_std),
+                 "rescale_factor": ip.rescale_factor, "patch_size": ip.patch_size, "merge_size": ip.merge_size,
+                 "temporal_patch_size": ip.temporal_patch_size, "size": dict(ip.size)}
+        (folder / VIDEO_PROCESSOR_CONFIG).write_text(json.dumps(video, indent=2, sort_keys=True) + "\n")
+        return out
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ def score(trainer, out, shared: bool, ids=None, am=None, width=None, rows=None, 
         ids, am, mm = ids[rows], am[rows], mm[rows]
         values = values[rows] if values is not None else None
     trainer.args.shared_prefix = shared
-    trainer._loss_latents = values
+    trainer.rollout_state.loss_latents = values
     tokens = []
     hook = latent.language_model(trainer.model).register_forward_pre_hook(
         lambda m, a, kw: tokens.append(kw["inputs_embeds"].shape[0] * kw["inputs_embeds"].shape[1]), with_kwargs=True)
@@ -54,7 +54,7 @@ def score(trainer, out, shared: bool, ids=None, am=None, width=None, rows=None, 
                 grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
     finally:
         hook.remove()
-        trainer._loss_latents = None
+        trainer.rollout_state.loss_latents = None
     return lp.detach(), grads, sum(tokens)
 
 

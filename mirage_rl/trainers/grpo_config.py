@@ -40,7 +40,8 @@ class MirageGRPOConfig(LatentFields, GRPOConfig):
             the rollout's sampling-time log-probs (cached decode) and the recomputed ones (full forward) differ in
             bf16 (up to 0.14 nats measured on CPU), and the loss is weighted by ``exp(recomputed - sampled)``, clipped
             or masked. ``None`` (default): on when the policy is not fp32 (bf16/fp16 weights, or ``bf16``/``fp16``
-            mixed precision), off in fp32 (where the two agree to ~1e-5). Logged as
+            mixed precision), off in fp32 (where the two agree to ~1e-5); with ``use_vllm``: on (vLLM's kernels are
+            not the trainer's; TRL's default). Logged as
             ``sampling/importance_sampling_ratio/{mean,min,max,clipped_fraction}`` and
             ``sampling/sampling_logp_difference/{mean,max}``.
         nan_reward_patience: stop training when a reward function returns NaN (or None) for every completion of this
@@ -52,11 +53,12 @@ class MirageGRPOConfig(LatentFields, GRPOConfig):
       ``epsilon``/``epsilon_high``, ``importance_sampling_level``, ``mask_truncated_completions``,
       ``top_entropy_quantile``, ``entropy_coef`` (text tokens; latent slots carry no entropy), ``reward_weights``,
       ``scale_rewards``, ``steps_per_generation``, ``num_iterations``, ``sync_ref_model``, ``seed``, ``use_vllm``
-      (``latent_mode: none`` only); ``generation_kwargs`` keys ``eos_token_id`` (extra end-of-completion ids, also
-      in TRL's masks), ``suppress_tokens`` (never sampled) and ``do_sample: true``.
+      with ``vllm_mode: colocate`` (every latent mode: :mod:`mirage_rl.engines.vllm_engine`; ``server`` for
+      ``latent_mode: none`` only), ``vllm_gpu_memory_utilization``, ``vllm_max_model_length``;
+      ``generation_kwargs`` keys ``eos_token_id`` (extra end-of-completion ids, also in TRL's masks), ``suppress_tokens`` (never sampled) and ``do_sample: true``.
     * refused at start-up, with the reason: ``top_k``, ``min_p``, ``repetition_penalty``, any other
       ``generation_kwargs`` key, ``cache_implementation`` (the rollout keeps a ``DynamicCache``),
-      ``use_transformers_continuous_batching``, ``use_vllm`` with a latent mode; with ``latent_objective:
+      ``use_transformers_continuous_batching``, ``vllm_mode: server`` with a latent mode; with ``latent_objective:
       gaussian`` also ``top_entropy_quantile < 1`` (slots would be ranked by a token entropy they do not have),
       ``entropy_coef`` / ``use_adaptive_entropy`` (the bonus would count the slots' token entropy) and
       ``importance_sampling_level: sequence`` (it would average Gaussian log-densities with token log-probs).
@@ -71,16 +73,20 @@ class MirageGRPOConfig(LatentFields, GRPOConfig):
     vllm_importance_sampling_correction: bool | None = field(default=None, metadata={
         "help": "Importance-sampling correction of the rollout's log-probs against the recomputed ones (TRL's option, "
                 "with its vllm_importance_sampling_mode / _clip_min / _clip_max), for latent rollouts too. Default: on "
-                "when the policy is not fp32 (bf16 weights or mixed precision), off in fp32; with use_vllm: TRL's (on)."})
+                "when the policy is not fp32 (bf16 weights or mixed precision), off in fp32; with use_vllm: on."})
     nan_reward_patience: int = field(default=3, metadata={
         "help": "Stop after a reward function returns NaN/None for every completion of this many consecutive "
                 "generation batches (0: never stop, only warn)."})
 
     def __post_init__(self):
-        if self.use_vllm and self.latent_mode not in (None, "none"):  # before TRL's own vLLM checks
-            raise ValueError(f"use_vllm with latent_mode: {self.latent_mode}: vLLM cannot feed hidden states back as "
-                             "inputs, so latent rollouts run in mirage_rl.generation (docs/vllm_latent_rollouts.md); "
-                             "use_vllm is for text-only policies (latent_mode: none)")
+        if self.use_vllm:  # before TRL's own check, whose ImportError names TRL's extra, not ours
+            from ..engines import require_vllm
+
+            require_vllm("use_vllm")
+            if self.vllm_mode == "server" and self.latent_mode not in (None, "none"):
+                raise ValueError(f"vllm_mode: server with latent_mode: {self.latent_mode}: latent decoding runs in a "
+                                 "model runner installed in the vLLM process that decodes, and TRL's vllm-serve starts "
+                                 "stock workers; use vllm_mode: colocate (docs/vllm_latent_rollouts.md)")
         super().__post_init__()
         self.check_latent_fields()
         if self.latent_objective not in LATENT_OBJECTIVES:
@@ -96,7 +102,7 @@ class MirageGRPOConfig(LatentFields, GRPOConfig):
             raise ValueError("use_transformers_continuous_batching: latent rollouts use mirage_rl.generation; unset it")
         if self.nan_reward_patience < 0:
             raise ValueError(f"nan_reward_patience must be >= 0 (0: never stop), got {self.nan_reward_patience}")
-        if not self.use_vllm:
+        if not (self.use_vllm and self.latent_mode == "none"):  # our rollout engines decode (TRL's vLLM path: none)
             if self.cache_implementation is not None:
                 raise ValueError(f"cache_implementation={self.cache_implementation!r}: latent rollouts keep a "
                                  "DynamicCache (the latent fill appends one position at a time); unset it")

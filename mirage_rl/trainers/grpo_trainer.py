@@ -29,6 +29,7 @@ import copy
 import hashlib
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 from accelerate.utils import is_peft_model
@@ -40,7 +41,7 @@ from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, pad
 from .. import latent, prefix_attention
 from ..latent import check_decoding_mode, resolve_latent_mode
 from ..limits import check_new_tokens
-from ..generation import generate, row_generators
+from ..engines import DecodeSettings, HFEngine, RolloutBatch
 from ..image_cache import ImageProcessingCache, VisionFeatureCache
 from ..modeling import LatentTokens, load_model
 from ..patching import is_patched, original, patch_method
@@ -58,8 +59,8 @@ def _latent_backbone_forward(self, input_ids=None, attention_mask=None, pixel_va
     ``prefix_rows`` / ``prefix_len`` / ``prefix_pixel_values`` / ``prefix_image_grid_thw`` when rows share their
     prompt (:func:`mirage_rl.latent.shared_prefix_hidden_states`; ``pixel_values`` is then ``None`` and
     ``image_grid_thw`` every row's, for the positions). Without them it is the original forward. With
-    ``latent_inputs`` the hidden states before each slot are kept in ``self._latent_slot_hidden`` ``(N, H)`` for
-    the Gaussian log-density."""
+    ``latent_inputs`` the hidden states before each slot are kept in the trainer's ``RolloutState.slot_hidden``
+    ``(N, H)`` (the backbone's ``_rollout_state``) for the Gaussian log-density."""
     if prefix_rows is not None:
         hidden = latent.shared_prefix_hidden_states(self, input_ids, attention_mask, image_grid_thw, mm_token_type_ids,
                                                     latent_mask, latent_inputs, prefix_rows, prefix_len,
@@ -71,8 +72,9 @@ def _latent_backbone_forward(self, input_ids=None, attention_mask=None, pixel_va
     else:
         hidden = latent.latent_hidden_states(self, input_ids, attention_mask, pixel_values, image_grid_thw,
                                              mm_token_type_ids, latent_mask, latent_inputs, latent_fill_method)
-    if latent_inputs is not None:
-        self._latent_slot_hidden = hidden[:, :-1][latent_mask[:, 1:]]
+    state = getattr(self, "_rollout_state", None)  # the trainer's RolloutState (set by MirageGRPOTrainer)
+    if latent_inputs is not None and state is not None:
+        state.slot_hidden = hidden[:, :-1][latent_mask[:, 1:]]
     return BaseModelOutputWithPast(last_hidden_state=hidden)
 
 
@@ -81,6 +83,56 @@ def install_latent_forward(model) -> None:
     bb = latent.backbone(model)
     if not is_patched(bb, "forward"):
         patch_method(bb, "forward", _latent_backbone_forward)
+
+
+@dataclass
+class RolloutState:
+    """The per-batch rollout state that crosses TRL's hooks, owned by the trainer (``trainer.rollout_state``).
+
+    * ``latents`` ``(B, S, H)``: the Gaussian latents of the generation batch being scored. Set by
+      :meth:`MirageGRPOTrainer._generate_single_turn`, read by the old/reference log-prob calls inside TRL's
+      ``_generate_and_score_completions``, cleared when that method returns (the batch then carries them as
+      ``latent_values``).
+    * ``loss_latents``: the micro-batch's ``latent_values`` during ``_compute_loss`` (set on entry, cleared on exit),
+      read by ``_get_per_token_logps_and_entropies``.
+    * ``slot_hidden`` ``(N, H)``: the hidden states before the Gaussian slots of the last latent forward, set by the
+      installed backbone forward and read right after it (TRL's fused LM head returns only log-probs and entropies).
+    * ``generation_time``: seconds of rollout decoding in the current generation batch (``time/generation``).
+    """
+
+    latents: torch.Tensor | None = None
+    loss_latents: torch.Tensor | None = None
+    slot_hidden: torch.Tensor | None = None
+    generation_time: float = 0.0
+
+
+@contextlib.contextmanager
+def _latent_vllm(colocate: bool, latent_decoding: bool, dtype: torch.dtype):
+    """While TRL builds its colocated ``vllm.LLM`` (``VLLMGeneration._init_vllm``, TRL 1.16): build it with the latent
+    worker (:data:`mirage_rl.engines.vllm_engine.WORKER`: the latent runner, plain linear layers so TRL's in-place
+    weight sync reaches the weights), the policy's ``dtype`` (vLLM's ``auto`` turns a float32 checkpoint into 16-bit
+    weights: 5e-3 nats of drift measured), eager mode, image embeddings as inputs, and prefix caching off for latent
+    decoding. TRL gives ``LLM(...)`` no hook for these; the name is swapped in TRL's module for the call only."""
+    if not colocate:
+        yield
+        return
+    from trl.generation import vllm_generation
+
+    from ..engines.vllm_engine import WORKER
+
+    stock = vllm_generation.LLM
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def build(**kwargs):
+        kwargs.update(worker_cls=WORKER[device], enforce_eager=True, enable_mm_embeds=True,
+                      enable_prefix_caching=not latent_decoding, dtype=str(dtype).removeprefix("torch."))
+        return stock(**kwargs)
+
+    vllm_generation.LLM = build
+    try:
+        yield
+    finally:
+        vllm_generation.LLM = stock
 
 
 class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
@@ -92,18 +144,11 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         ValueError: a model given as a path, a missing processor, a latent mode the checkpoint cannot run, or
             Gaussian latents without ``latent_mode: hidden``; tools at rollout time.
 
-    State that crosses TRL's hooks (TRL's signatures leave no other way), and its lifecycle:
-
-    * ``_rollout_latents`` ``(B, S, H)``: the Gaussian latents of the generation batch being scored. Set by
-      :meth:`_generate_single_turn`, read by the old/reference log-prob calls inside TRL's
-      ``_generate_and_score_completions``, cleared when that method returns (the batch then carries them as
-      ``latent_values``).
-    * ``_loss_latents``: the micro-batch's ``latent_values`` during :meth:`_compute_loss` (set on entry, cleared on exit),
-      read by :meth:`_get_per_token_logps_and_entropies`.
-    * ``backbone._latent_slot_hidden`` ``(N, H)``: the hidden states before the Gaussian slots of the last latent forward,
-      set by the installed backbone forward and read right after it in :meth:`_get_per_token_logps_and_entropies`
-      (TRL's fused LM head returns only log-probs and entropies).
-    * ``_generation_time``: seconds of latent decoding in the current generation batch (logged as ``time/generation``).
+    State that crosses TRL's hooks (TRL's signatures leave no other way) travels as one object the trainer owns,
+    ``self.rollout_state`` (:class:`RolloutState`, which documents each field's lifecycle); the installed backbone
+    forward holds a reference to it. Rollouts go through the rollout-engine interface (:mod:`mirage_rl.engines`):
+    ``self.hf_engine`` (the HF loop on the unwrapped policy), or with ``use_vllm`` a
+    :class:`~mirage_rl.engines.vllm_engine.VLLMEngine` around TRL's colocated ``LLM``, built with the latent worker.
     """
 
     _tag_names = ["trl", "grpo", "mirage-rl"]
@@ -118,10 +163,13 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         self.latent_mode = resolve_latent_mode(args.latent_mode, model.config, where=where).value
         check_decoding_mode(self.latent_mode, model.config, where)  # as eval does: rollouts decode
         check_new_tokens(model.config, args.max_completion_length, option="max_completion_length")
-        if args.use_vllm and self.latent_mode != "none":
-            raise ValueError(f"use_vllm: the checkpoint {getattr(model, 'name_or_path', '')} decodes with latent_mode "
-                             f"{self.latent_mode!r}, which vLLM cannot run (docs/vllm_latent_rollouts.md); set "
-                             "latent_mode: none for a text-only policy or unset use_vllm")
+        if args.use_vllm:
+            from ..engines.vllm_engine import checkpoint_problem
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            why = checkpoint_problem(getattr(model, "name_or_path", ""), device)
+            if why is not None:
+                raise ValueError(f"use_vllm: vLLM cannot load the policy's checkpoint: {why}")
         self.latent_tokens = None if self.latent_mode == "none" else LatentTokens.for_model(
             model, processing_class, where=getattr(model, "name_or_path", "model"))
         self.latent_objective = args.latent_objective
@@ -139,9 +187,10 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         if own_ref:
             args.beta, args.sync_ref_model = 0.0, False
         try:
-            super().__init__(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
-                             eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
-                             optimizers=optimizers, peft_config=peft_config)
+            with _latent_vllm(args.use_vllm and args.vllm_mode == "colocate", self.latent_mode != "none", model.dtype):
+                super().__init__(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
+                                 eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
+                                 optimizers=optimizers, peft_config=peft_config)
         finally:
             args.beta, args.sync_ref_model = beta, sync
         self.beta = beta
@@ -158,23 +207,29 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             if self.ref_model is not None:
                 self.vision_cache.install(self.accelerator.unwrap_model(self.ref_model))
         requested = args.vllm_importance_sampling_correction
-        if self.use_vllm:  # TRL's own correction of vLLM rollouts, with TRL's default (on)
+        if self.use_vllm and self.latent_mode == "none":  # TRL's own correction of its vLLM rollouts (default on)
             self.vllm_importance_sampling_correction = True if requested is None else bool(requested)
             self.rollout_is_correction = False
+        elif self.use_vllm:  # latent rollouts in vLLM: ours, over the positions in the loss (default on)
+            self.vllm_importance_sampling_correction = False
+            self.rollout_is_correction = True if requested is None else bool(requested)
         else:
             not_fp32 = any(p.dtype != torch.float32 for p in self.model.parameters() if p.is_floating_point())
             self.rollout_is_correction = bool(not_fp32 or args.bf16 or args.fp16) if requested is None else bool(requested)
-        extra = dict(args.generation_kwargs or {}) if not args.use_vllm else {}
+        extra = dict(args.generation_kwargs or {}) if not (args.use_vllm and self.latent_mode == "none") else {}
         eos = extra.get("eos_token_id")
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         # an extra end-of-completion id ends rollouts and TRL's completion masks alike
         self.eos_token_ids = list(self.eos_token_ids) + [i for i in eos if i not in self.eos_token_ids]
         self._suppress_extra = list(extra.get("suppress_tokens") or [])
         self._nan_reward_streak = [0] * len(self.reward_funcs)  # consecutive all-NaN generation batches per function
-        self._rollout_latents = None  # Gaussian latents of the generation batch being scored
-        self._loss_latents = None  # Gaussian latents of the micro-batch in _compute_loss
+        self.rollout_state = RolloutState()
+        for m in (self.model, self.ref_model):
+            if m is not None:
+                latent.backbone(self.accelerator.unwrap_model(m))._rollout_state = self.rollout_state
         self._prefix_skips: set[str] = set()  # reasons shared_prefix could not run, logged once each
-        self._generation_time = 0.0  # seconds of latent decoding in the current generation batch
+        self.hf_engine = HFEngine(None, self.processing_class)
+        self._vllm_engine = None  # built on the first rollout, around TRL's colocated LLM
 
     @staticmethod
     def _reference_copy(model, args):
@@ -209,9 +264,10 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         own generator seeded by :func:`rollout_seed` (``args.seed``, train/eval, global step, i), so rollouts do not
         depend on the number of processes or on a row's batch mates, and a resumed run samples what it would have. Returns ``(completion_ids, logprobs)``: per row the
         ids up to and including the first end-of-sequence token, and the sampling-time log-probs (0.0 at forced
-        positions; the Gaussian log-density at latent slots with ``latent_objective: gaussian``). With ``use_vllm``
-        (only allowed for ``latent_mode: none``) TRL's vLLM generation runs instead."""
-        if self.use_vllm:  # a text-only policy (latent_mode: none): TRL's vLLM rollouts, unchanged
+        positions; the Gaussian log-density at latent slots with ``latent_objective: gaussian``). The rollout goes
+        through the engine interface: the HF engine, or with ``use_vllm`` the vLLM engine (:meth:`_vllm_rollout`);
+        a text-only policy (``latent_mode: none``) with ``use_vllm`` runs TRL's own vLLM generation."""
+        if self.use_vllm and self.latent_mode == "none":  # a text-only policy: TRL's vLLM rollouts, unchanged
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
         if self.tools or has_tool_images:
             raise ValueError("MirageGRPOTrainer does not support tools")
@@ -230,24 +286,30 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         suppress = [i for i in (getattr(self.model.config, "image_token_id", None),
                                 getattr(self.model.config, "video_token_id", None)) if i is not None]
         suppress += self._suppress_extra
-        sigma = self.args.latent_sigma if self.latent_objective == "gaussian" else None
         # one random stream per row of the global generation batch: N ranks sample what one process samples
         mode = "train" if self.model.training else "eval"
         first = self.accelerator.process_index * len(prompt_ids)
-        generators = row_generators([rollout_seed(self.args.seed, mode, self.state.global_step, first + i)
-                                     for i in range(len(prompt_ids))], device)
+        settings = DecodeSettings(
+            max_new_tokens=self.max_completion_length, latent_mode=self.latent_mode, do_sample=True,
+            temperature=self.temperature, top_p=self.top_p, return_logprobs=True,
+            seeds=[rollout_seed(self.args.seed, mode, self.state.global_step, first + i) for i in range(len(prompt_ids))],
+            latent_sigma=self.args.latent_sigma if self.latent_objective == "gaussian" else None,
+            suppress_token_ids=suppress, eos_token_ids=list(self.eos_token_ids), length_option="max_completion_length",
+            share_prompts=self.args.shared_prefix)
         t0 = time.perf_counter()
-        with (unwrap_model_for_generation(self.model_wrapped, self.accelerator,
-                                          gather_deepspeed3_params=self.args.ds3_gather_for_generation,
-                                          gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs)
-              as unwrapped, torch.no_grad()):
-            out = generate(unwrapped, self.processing_class, batch, max_new_tokens=self.max_completion_length,
-                           latent_mode=self.latent_mode, do_sample=True, temperature=self.temperature,
-                           top_p=self.top_p, generator=generators, return_logprobs=True, latent_sigma=sigma,
-                           suppress_token_ids=suppress, eos_token_ids=list(self.eos_token_ids),
-                           length_option="max_completion_length",
-                           share_prompts=self.args.shared_prefix)
-        self._generation_time += time.perf_counter() - t0
+        if self.use_vllm:
+            out = self._vllm_rollout(RolloutBatch(batch), settings)
+        else:
+            with (unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                              gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                                              gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs)
+                  as unwrapped, torch.no_grad()):
+                self.hf_engine.model = unwrapped
+                try:
+                    out = self.hf_engine.rollout(RolloutBatch(batch), settings)
+                finally:
+                    self.hf_engine.model = None
+        self.rollout_state.generation_time += time.perf_counter() - t0
         eos = set(self.eos_token_ids) | {self._tokenizer.pad_token_id}
         seqs, logps = out.sequences.tolist(), out.logprobs.tolist()
         slots = self._completion_slot_masks(batch["input_ids"], out.sequences)[0] if out.latents is not None else None
@@ -258,8 +320,29 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             logprobs.append(logps[i][:n])
             if slots is not None:
                 latents.append(out.latents[i, :n][slots[i, :n]])
-        self._rollout_latents = _pad_latents(latents) if out.latents is not None else None
+        self.rollout_state.latents = _pad_latents(latents) if out.latents is not None else None
         return completion_ids, logprobs
+
+    def _vllm_rollout(self, batch: RolloutBatch, settings: DecodeSettings):
+        """A latent rollout on TRL's colocated ``LLM`` (built with the latent worker by :func:`_latent_vllm`): the
+        policy's weights are synced into it first whenever the global step moved (TRL's ``sync_weights``, as TRL's own
+        vLLM path does); image prompts enter as the policy's own image features."""
+        from ..engines.vllm_engine import VLLMEngine
+
+        if self.state.global_step != self._last_loaded_step:
+            self.vllm_generation.sync_weights()
+            self._last_loaded_step = self.state.global_step
+        if self._vllm_engine is None:
+            policy = self.accelerator.unwrap_model(self.model)
+            self._vllm_engine = VLLMEngine(self.vllm_generation.llm, self.processing_class, self.latent_tokens,
+                                           image_features=lambda pv, grid: latent.image_features(policy, pv, grid))
+        out = self._vllm_engine.rollout(batch, settings)
+        device = self.accelerator.device
+        for name in ("sequences", "logprobs", "latents"):
+            value = getattr(out, name)
+            if value is not None:
+                setattr(out, name, value.to(device))
+        return out
 
     def _generate(self, prompts):
         """TRL hook (``GRPOTrainer._generate``): as TRL, then the completions handed to the reward functions are
@@ -299,18 +382,18 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         generation batch (``cache_prompt_images``). Logs ``time/generation`` (latent
         decoding) and ``time/scoring`` (the rest: image processing, old/reference log-probs, rewards, advantages)
         in seconds, and ``latent/blocks_per_completion``."""
-        self._rollout_latents = None
+        self.rollout_state.latents = None
         if self.vision_cache is not None:  # a new generation batch: the last one's images are done
             self.vision_cache.clear()
         processing = (self.processing_cache.active(self.processing_class.image_processor)
                       if self.processing_cache is not None else contextlib.nullcontext())
-        self._generation_time, t0 = 0.0, time.perf_counter()
+        self.rollout_state.generation_time, t0 = 0.0, time.perf_counter()
         try:
             with processing:
                 output = super()._generate_and_score_completions(inputs)
             mode = "train" if self.model.training else "eval"
-            self._metrics[mode]["time/generation"].append(self._generation_time)
-            self._metrics[mode]["time/scoring"].append(time.perf_counter() - t0 - self._generation_time)
+            self._metrics[mode]["time/generation"].append(self.rollout_state.generation_time)
+            self._metrics[mode]["time/scoring"].append(time.perf_counter() - t0 - self.rollout_state.generation_time)
             slots, forced_end = self._completion_slot_masks(output["prompt_ids"], output["completion_ids"])
             keep = ~forced_end if self.latent_objective == "gaussian" else ~(slots | forced_end)
             tool_mask = output.get("tool_mask")
@@ -321,13 +404,13 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
                 blocks = ((output["completion_ids"] == self.latent_tokens.start).sum(1)
                           + (output["prompt_ids"][:, -1] == self.latent_tokens.start)).float()
                 self._metrics[mode]["latent/blocks_per_completion"].append(self.accelerator.gather(blocks).mean().item())
-            if self._rollout_latents is not None:
-                output["latent_values"] = self._rollout_latents
+            if self.rollout_state.latents is not None:
+                output["latent_values"] = self.rollout_state.latents
             if self.rollout_is_correction and output.get("sampling_per_token_logps") is not None:
                 self._rollout_importance_sampling(output, mode)
             return output
         finally:
-            self._rollout_latents = None
+            self.rollout_state.latents = None
 
     def _rollout_importance_sampling(self, output: dict, mode: str) -> None:
         """TRL's vLLM importance-sampling correction (``GRPOTrainer._generate_and_score_completions``, TRL 1.16),
@@ -409,7 +492,7 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         """TRL hook (``GRPOTrainer._compute_loss``): as TRL, with the micro-batch's Gaussian latents visible to
         ``_get_per_token_logps_and_entropies``, and the rollout importance-sampling ratio applied (when on) as TRL
         applies it to vLLM rollouts."""
-        self._loss_latents = inputs.get("latent_values")
+        self.rollout_state.loss_latents = inputs.get("latent_values")
         # TRL 1.16 multiplies the per-token loss by inputs["importance_sampling_ratio"] only under use_vllm (the one
         # use of use_vllm in _compute_loss; tests/test_grpo.py pins that line): raised for the call when latent
         # rollouts carry the correction
@@ -420,7 +503,7 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         try:
             return super()._compute_loss(model, inputs)
         finally:
-            self._loss_latents = None
+            self.rollout_state.loss_latents = None
             self.use_vllm, self.vllm_importance_sampling_correction = use_vllm, correction
 
     # ----------------------------------------------------------------------------------------- scoring
@@ -446,7 +529,7 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         batch_size = batch_size or input_ids.size(0)  # TRL 1.16
         slots, _ = self._slot_masks(input_ids)
         slots[:, : input_ids.size(1) - logits_to_keep] = False  # only the completion holds rollout latents
-        values = self._loss_latents if self._loss_latents is not None else self._rollout_latents
+        values = self.rollout_state.loss_latents if self.rollout_state.loss_latents is not None else self.rollout_state.latents
         gaussian = self.latent_objective == "gaussian"
         if gaussian and bool(slots.any()) and values is None:
             raise RuntimeError("Gaussian latents of this batch are missing (internal error: latent_values not passed)")
@@ -483,7 +566,7 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
                 outputs = model(**inputs, labels=labels, fused_lm_head=True)  # TRL 1.16
             logps = outputs.log_probs[:, -logits_to_keep:]  # TRL 1.16
             if gaussian and has_slots:
-                h = latent.backbone(unwrapped)._latent_slot_hidden
+                h = self.rollout_state.slot_hidden
                 lp = latent.gaussian_logprob(inputs["latent_inputs"], h, self.args.latent_sigma)
                 logps = logps.masked_scatter(chunk_slots[:, -logits_to_keep:], lp.to(logps.dtype))
             all_logps.append(logps)  # TRL 1.16

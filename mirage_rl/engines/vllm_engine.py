@@ -1,0 +1,231 @@
+"""The vLLM rollout engine (issue 30): latent decoding on vLLM's V1 model runner (:mod:`.vllm_runner`).
+
+``VLLMEngine.load(path)`` starts ``vllm.LLM`` on a checkpoint with the latent worker (``worker_cls``), eager mode,
+prefix caching off for latent decoding (:mod:`.vllm_runner`), in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``);
+``VLLMEngine(llm, ...)`` wraps an ``LLM`` someone else built with that worker (GRPO colocate: TRL's).
+:meth:`VLLMEngine.rollout` sends each row as one request (its unpadded prompt ids and its images) with the latent
+settings in ``SamplingParams.extra_args`` and returns the HF engine's :class:`~mirage_rl.generation.GenerationOutput`.
+
+Not supported (refused in one line): ``latent_fn`` (the latent interventions ``zero``, ``noise``, ``mean``, ``swap``,
+``oracle``: they index rows of the HF loop's batch), sampling without per-row seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import torch
+
+from ..generation import GenerationOutput
+from ..modeling import PROCESSOR_CONFIG, VIDEO_PROCESSOR_CONFIG, LatentTokens
+from . import DecodeSettings, RolloutBatch, RolloutEngine, require_vllm, stack_logprobs
+
+WORKER = {"cpu": "mirage_rl.engines.vllm_runner.LatentCPUWorker",
+          "cuda": "mirage_rl.engines.vllm_runner.LatentGPUWorker"}
+STOCK_PROCESSORS = ("Qwen2_5_VLProcessor",)
+MIN_CPU_HEAD_DIM = 32  # vLLM's CPU attention (v1/attention/backends/cpu_attn.py)
+
+
+def checkpoint_problem(path: str | Path, device: str = "cpu") -> str | None:
+    """Why vLLM cannot load the checkpoint folder ``path`` (one line), or None. Checks: a full model (not a LoRA
+    adapter folder), a Qwen2.5-VL config, a stock ``processor_class`` and ``video_preprocessor_config.json`` (vLLM
+    builds the stock processor), and on CPU a head dimension of at least 32."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return None  # a hub id: vLLM resolves it
+    if (folder / "adapter_config.json").is_file():
+        return (f"{folder} is a LoRA adapter folder: merge it into a full checkpoint first (mirage-rl export "
+                f"--adapter_dir {folder} --output_dir DIR)")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return f"{folder} has no config.json"
+    config = json.loads(config_file.read_text())
+    if config.get("model_type") != "qwen2_5_vl":
+        return f"{config_file}: model_type {config.get('model_type')!r}; the vLLM engine runs Qwen2.5-VL (qwen2_5_vl)"
+    proc = folder / PROCESSOR_CONFIG
+    cls = json.loads(proc.read_text()).get("processor_class") if proc.is_file() else None
+    if cls is not None and cls not in STOCK_PROCESSORS:
+        return (f"{proc}: processor_class {cls!r} is not a stock class, which vLLM needs; re-save the processor with "
+                f"this mirage-rl (MirageProcessor.save_pretrained writes Qwen2_5_VLProcessor)")
+    if not (folder / VIDEO_PROCESSOR_CONFIG).is_file():
+        return (f"{folder} has no {VIDEO_PROCESSOR_CONFIG}, which vLLM's Qwen2.5-VL processor reads; re-save the "
+                f"processor with this mirage-rl (MirageProcessor.save_pretrained writes it)")
+    text = config.get("text_config", config)
+    heads, hidden = text.get("num_attention_heads"), text.get("hidden_size")
+    head_dim = text.get("head_dim") or (hidden // heads if heads and hidden else None)
+    if device == "cpu" and head_dim is not None and head_dim < MIN_CPU_HEAD_DIM:
+        return (f"{config_file}: head dimension {head_dim} < {MIN_CPU_HEAD_DIM}, which vLLM's CPU attention needs; "
+                f"use a model with hidden_size / num_attention_heads >= {MIN_CPU_HEAD_DIM}")
+    return None
+
+
+def llm_kwargs(model_path: str, latent: bool, device: str, dtype: str = "float32", seed: int = 0,
+               max_model_len: int | None = None, max_num_seqs: int = 256, images_per_prompt: int = 4) -> dict:
+    """``vllm.LLM`` arguments of the latent engine: the latent worker, eager mode, prefix caching off for latent
+    decoding (KV after a latent slot depends on the latent, which vLLM's token-id block hash cannot see)."""
+    kw = dict(model=model_path, dtype=dtype, seed=seed, enforce_eager=True, worker_cls=WORKER[device],
+              enable_prefix_caching=not latent, max_num_seqs=max_num_seqs,
+              limit_mm_per_prompt={"image": images_per_prompt, "video": 0})
+    if max_model_len is not None:
+        kw["max_model_len"] = max_model_len
+    return kw
+
+
+def collapse_image_tokens(ids: list[int], image_token: int | None) -> list[int]:
+    """``ids`` with each run of image tokens cut to one: vLLM expands one ``<|image_pad|>`` per image itself (from the
+    image's grid), and a prompt already expanded would be expanded again."""
+    if image_token is None:
+        return ids
+    return [t for j, t in enumerate(ids) if t != image_token or j == 0 or ids[j - 1] != image_token]
+
+
+class VLLMEngine(RolloutEngine):
+    """Latent rollouts on vLLM (module docstring). ``llm``: a ``vllm.LLM`` built with the latent worker;
+    ``processor``: the checkpoint's processor (its tokenizer decodes the texts); ``latent_tokens``: the checkpoint's
+    :class:`~mirage_rl.modeling.LatentTokens` (None: a checkpoint without them, ``latent_mode: none`` only)."""
+
+    name = "vllm"
+
+    def __init__(self, llm, processor, latent_tokens: LatentTokens | None, image_features=None, owns: bool = False):
+        self.llm, self.processor, self.latent_tokens, self.owns = llm, processor, latent_tokens, owns
+        self.image_features = image_features
+
+    @classmethod
+    def load(cls, model_path: str | Path, processor, latent_tokens: LatentTokens | None, image_features=None,
+             latent: bool = True,
+             dtype: str = "float32", seed: int = 0, max_model_len: int | None = None, max_num_seqs: int = 256,
+             images_per_prompt: int = 4, option: str = "--engine vllm") -> "VLLMEngine":
+        """Start vLLM on ``model_path`` in this process.
+
+        Raises:
+            ImportError: vLLM is not installed (names the extra).
+            ValueError: a checkpoint vLLM cannot load (:func:`checkpoint_problem`, one line).
+        """
+        require_vllm(option)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        why = checkpoint_problem(model_path, device)
+        if why is not None:
+            raise ValueError(f"{option}: vLLM cannot load the checkpoint: {why}")
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        from .vllm_runner import check_version
+
+        check_version()
+        llm = LLM(enable_mm_embeds=True, **llm_kwargs(str(model_path), latent, device, dtype, seed, max_model_len, max_num_seqs,
+                               images_per_prompt))
+        return cls(llm, processor, latent_tokens, image_features, owns=True)
+
+    def rollout(self, batch: RolloutBatch, settings: DecodeSettings) -> GenerationOutput:
+        from vllm import SamplingParams
+
+        from .vllm_runner import request_args
+
+        if settings.latent_fn is not None:
+            raise ValueError("the vLLM engine does not run latent_fn (the latent interventions zero, noise, mean, "
+                             "swap, oracle): use --engine hf for them")
+        if settings.do_sample and settings.seeds is None:
+            raise ValueError("the vLLM engine samples with one seed per row: pass DecodeSettings.seeds")
+        tok = self.processor.tokenizer
+        ids, am = batch.tensors["input_ids"].cpu(), batch.tensors["attention_mask"].cpu().bool()
+        B = ids.shape[0]
+        tokens = self.latent_tokens if settings.latent_mode != "none" else None
+        if settings.latent_mode != "none" and tokens is None:
+            raise ValueError(f"latent_mode {settings.latent_mode!r} needs a checkpoint with latent tokens")
+        eos = sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id, *settings.eos_token_ids})
+        prompts, params, uids = [], [], []
+        run = uuid.uuid4().hex[:12]
+        features = self._row_image_features(batch)
+        image_token = getattr(self.llm.llm_engine.model_config.hf_config, "image_token_id", None)
+        for i in range(B):
+            row = {"prompt_token_ids": collapse_image_tokens(ids[i][am[i]].tolist(), image_token)}
+            if features[i] is not None:
+                row["multi_modal_data"] = {"image": features[i]}
+            prompts.append(row)
+            uid = f"{run}-{i}"
+            uids.append(uid)
+            extra = request_args(uid, settings.latent_mode, tokens,
+                                 seed=settings.seeds[i] if settings.seeds is not None else None,
+                                 do_sample=settings.do_sample, temperature=settings.temperature, top_p=settings.top_p,
+                                 latent_sigma=settings.latent_sigma, suppress_token_ids=settings.suppress_token_ids,
+                                 return_logprobs=settings.return_logprobs, record_latents=settings.record_latents)
+            params.append(SamplingParams(max_tokens=settings.max_new_tokens, temperature=1.0, stop_token_ids=eos,
+                                         detokenize=False, extra_args=extra))
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        records = self.llm.collective_rpc("mirage_collect", args=(uids,))[0]
+        completions = [list(o.outputs[0].token_ids) for o in outputs]
+        width = max([len(c) for c in completions] + [0])
+        seqs = torch.full((B, width), tok.pad_token_id, dtype=torch.long)
+        for i, c in enumerate(completions):
+            seqs[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+        missing = [u for u in uids if u not in records]
+        if missing:
+            raise RuntimeError(f"vLLM returned no latent record for {len(missing)} of {B} requests (internal error)")
+        logprobs = (stack_logprobs([records[u]["logprobs"] for u in uids], width)
+                    if settings.return_logprobs else None)
+        latents = None
+        if settings.latent_sigma is not None:
+            H = self.hidden_size(records)
+            latents = torch.zeros(B, width, H)
+            for i, u in enumerate(uids):
+                for t, vec in records[u]["gaussian"]:
+                    if t < width:
+                        latents[i, t] = vec
+        texts = []
+        for c in completions:
+            cut = next((j for j, t in enumerate(c) if t in eos), len(c))
+            texts.append(tok.decode(c[:cut], skip_special_tokens=False))
+        own = fed = None
+        if settings.record_latents:
+            H = self.hidden_size(records)
+            own = [records[u]["own"] if records[u]["own"] is not None else torch.zeros(0, H) for u in uids]
+            fed = [records[u]["fed"] if records[u]["fed"] is not None else torch.zeros(0, H) for u in uids]
+        return GenerationOutput(seqs, texts, logprobs, latents, own, fed)
+
+    def _row_image_features(self, batch: RolloutBatch) -> list:
+        """Per row, vLLM's image-embedding input (``{"image_embeds": (n, H), "image_grid_thw": (m, 3)}``) or None.
+
+        The merged visual tokens come from ``image_features`` (the policy's own vision tower through
+        :func:`mirage_rl.latent.image_features`) on the batch's ``pixel_values``: the pixels and features the HF engine
+        and the trainer's scoring use. vLLM's own vision path is not used: its image processor resizes with torchvision
+        (other pixels than the collator's PIL path) and its vision tower gave features 0.3 apart from transformers' on
+        the tiny model (measured; a real difference on that config, whatever its cause), which breaks parity."""
+        t = batch.tensors
+        B = t["input_ids"].shape[0]
+        if t.get("pixel_values") is None:
+            return [None] * B
+        if self.image_features is None:
+            raise ValueError("the vLLM engine needs image_features (the policy's vision tower) for image prompts")
+        grid = t["image_grid_thw"].cpu()
+        with torch.no_grad():
+            feats = [f.detach().float().cpu() for f in self.image_features(t["pixel_values"], t["image_grid_thw"])]
+        mm = t.get("mm_token_type_ids")
+        if mm is None:
+            raise ValueError("image prompts need mm_token_type_ids (which tokens are image tokens)")
+        tokens = ((mm.cpu() == 1) & t["attention_mask"].cpu().bool()).sum(1).tolist()
+        out, j = [], 0
+        for i in range(B):  # rows hold their images in order: consume features until the row's image tokens are met
+            first, left = j, tokens[i]
+            while left > 0 and j < len(feats):
+                left -= feats[j].shape[0]
+                j += 1
+            if left != 0:
+                raise ValueError(f"row {i}: its image tokens do not match its images' features (a truncated prompt?)")
+            out.append({"image_embeds": torch.cat(feats[first:j], 0), "image_grid_thw": grid[first:j]}
+                       if j > first else None)
+        return out
+
+    def hidden_size(self, records: dict | None = None) -> int:
+        config = self.llm.llm_engine.model_config.hf_config
+        return getattr(getattr(config, "text_config", config), "hidden_size")
+
+    def close(self) -> None:
+        if self.owns and self.llm is not None:
+            import gc
+
+            del self.llm
+            self.llm = None
+            gc.collect()
