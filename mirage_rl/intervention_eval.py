@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import latent
 from .atomic import atomic_save_figure, atomic_write_text
 from .collator import LatentCollator
-from .generation import generate
+from .engines import DecodeSettings, HFEngine, RolloutBatch
 from .interventions import LatentIntervention, derangement, geometry, paired
 from .data.jsonl import read_json
 
@@ -62,17 +62,18 @@ def oracle_targets(model, processor, task, items, helper: str | None, k: int, co
     return out
 
 
-def _run_pass(args, model, processor, task, tokens, items, name: str, fn) -> tuple[list[dict], list[torch.Tensor]]:
+def _run_pass(args, engine, processor, task, tokens, items, name: str, fn) -> tuple[list[dict], list[torch.Tensor]]:
     from .evaluation import prompt_rows
 
     collator = LatentCollator(processor, tokens, latent_mode="hidden", with_answer=False)
     samples, own = [], []
     for i in tqdm(range(0, len(items), args.batch_size), desc=f"eval {Path(args.model).name} [{name}]"):
         chunk = items[i : i + args.batch_size]
-        out = generate(model, processor, collator(prompt_rows(task, chunk, args)), max_new_tokens=args.max_new_tokens,
-                       latent_mode="hidden",
-                       latent_fn=fn.for_items(range(i, i + len(chunk))) if fn is not None else None,
-                       record_latents=name == "none", suppress_token_ids=[tokens.start] if name == "skip" else None)
+        settings = DecodeSettings(max_new_tokens=args.max_new_tokens, latent_mode="hidden",
+                                  latent_fn=fn.for_items(range(i, i + len(chunk))) if fn is not None else None,
+                                  record_latents=name == "none",
+                                  suppress_token_ids=[tokens.start] if name == "skip" else [])
+        out = engine.rollout(RolloutBatch(collator(prompt_rows(task, chunk, args))), settings)
         for m, text in zip(chunk, out.texts):
             samples.append({"prompt_id": m.prompt_id, "level": m.level, "intervention": name, "completion": text,
                             **task.score(m, text)})
@@ -107,9 +108,10 @@ def _save_pass(folder: Path, identity: dict, samples: list[dict], own: list[torc
     atomic_write_text(folder / "pass.json", json.dumps({"run": identity}, indent=1) + "\n")  # last: the pass is done
 
 
-def evaluate_interventions(args, model, processor, task, tokens, items, out_dir: Path) -> dict:
+def evaluate_interventions(args, model, processor, task, tokens, items, out_dir: Path, engine=None) -> dict:
     """Every pass of ``args.latent_intervention`` (``none`` first), the paired statistics, the geometry; writes the
-    outputs of the module docstring and returns the report.
+    outputs of the module docstring and returns the report. ``engine``: the rollout engine that decodes (default: the
+    HF engine on ``model``).
 
     Raises:
         ValueError: ``oracle`` on a task (or items) without helper images; ``mean`` when the ``none`` pass opened no
@@ -138,7 +140,8 @@ def evaluate_interventions(args, model, processor, task, tokens, items, out_dir:
         else:
             fn = None if name in ("none", "skip") else LatentIntervention(
                 name, k, own=own, levels=levels, oracle=oracle, pad=pad, seed=args.intervention_seed)
-            samples, latents = _run_pass(args, model, processor, task, tokens, items, name, fn)
+            samples, latents = _run_pass(args, engine or HFEngine(model, processor), processor, task, tokens, items,
+                                         name, fn)
             _save_pass(folder, {**identity, "intervention": name}, samples, latents if name == "none" else None)
         if name == "none":
             own = latents

@@ -19,7 +19,6 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB per engine (vLLM's C
 
 from conftest import scramble  # noqa: E402
 from mirage_rl.collator import LatentCollator  # noqa: E402
-from mirage_rl.data.messages import row_images  # noqa: E402
 from mirage_rl.engines import DecodeSettings, HFEngine, RolloutBatch  # noqa: E402
 from mirage_rl.modeling import LatentTokens, load_model, load_processor, save_pretrained  # noqa: E402
 
@@ -66,7 +65,6 @@ def mixed_batch(processor, lt, small_rows, n=8):
     collator = LatentCollator(processor, lt, "hidden", with_answer=False)
     rows = [small_rows[i] for i in range(n // 2)]
     enc = [collator.encode(r, i) for i, r in enumerate(rows)]
-    images = [row_images(r) for r in rows]
     for j, e in enumerate(enc):
         if j % 2 == 0:
             e["input_ids"] = torch.cat([e["input_ids"], torch.tensor([lt.start])])
@@ -92,7 +90,7 @@ def mixed_batch(processor, lt, small_rows, n=8):
             mm[i, width - len(x):] = row_mm
     tensors = {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": mm,
                "pixel_values": image_batch["pixel_values"], "image_grid_thw": image_batch["image_grid_thw"]}
-    return RolloutBatch(tensors, images + [[] for _ in text_ids])
+    return RolloutBatch(tensors)
 
 
 def per_slot_gap(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -223,3 +221,41 @@ def test_grpo_colocate_trains_and_syncs_weights(grpo_dir, grpo_rows, tmp_path, l
 
 def engine_tokens(trainer):
     return trainer.latent_tokens or LatentTokens.from_config(trainer.model.config)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def test_eval_with_the_vllm_engine_gives_the_hf_report(grpo_dir, vsp_dir, tmp_path):
+    """40 VSP maps, greedy, with latent blocks: the same samples and report from both engines."""
+    import json
+
+    from mirage_rl.evaluation import EvalArguments, evaluate
+
+    reports, samples = {}, {}
+    for name in ("hf", "vllm"):
+        out = tmp_path / name
+        reports[name] = evaluate(EvalArguments(model=str(grpo_dir), benchmark_dir=str(vsp_dir / "maze_planning"),
+                                               output_dir=str(out), limit=40, max_new_tokens=24, batch_size=20,
+                                               engine=name))
+        samples[name] = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples["hf"]) == 40
+    assert samples["hf"] == samples["vllm"]
+    assert sum("<|latent_start|>" in s["completion"] for s in samples["hf"]) >= 5
+    drop = ("engine", "resumed_at")
+    assert {k: v for k, v in reports["hf"].items() if k not in drop} == \
+        {k: v for k, v in reports["vllm"].items() if k not in drop}
+    assert reports["vllm"]["engine"] == "vllm"
+
+
+def test_eval_refusals_name_the_fix(grpo_dir, vsp_dir, tmp_path):
+    from mirage_rl.evaluation import EvalArguments
+
+    with pytest.raises(ValueError, match="--latent_intervention zero noise with --engine vllm.*use --engine hf"):
+        EvalArguments(model=str(grpo_dir), engine="vllm", latent_intervention=["zero", "noise", "skip"])
+    from mirage_rl.engines.vllm_engine import checkpoint_problem
+
+    assert checkpoint_problem(grpo_dir) is None
+    (tmp_path / "old").mkdir()
+    for f in grpo_dir.iterdir():
+        if f.name != "video_preprocessor_config.json":
+            (tmp_path / "old" / f.name).write_bytes(f.read_bytes())
+    assert "video_preprocessor_config.json" in checkpoint_problem(tmp_path / "old")

@@ -1,8 +1,8 @@
 """Rollout engines: one interface, two engines (issue 30).
 
 GRPO's rollouts, ``mirage-rl eval`` and the latent interventions call :meth:`RolloutEngine.rollout`, never an engine
-directly. An engine takes a prompt batch (:class:`RolloutBatch`: the left-padded tensors the HF loop reads and, per
-row, the PIL images an engine that processes images itself reads) and the decoding settings
+directly. An engine takes a prompt batch (:class:`RolloutBatch`: the left-padded tensors, pixel values included) and
+the decoding settings
 (:class:`DecodeSettings`: sampling, latent mode, Gaussian latents, per-row seeds) and returns a
 :class:`mirage_rl.generation.GenerationOutput`: completion ids, sampling-time log-probs and the latents record.
 
@@ -29,11 +29,10 @@ ENGINES = ("hf", "vllm")
 @dataclass
 class RolloutBatch:
     """``tensors``: ``input_ids`` / ``attention_mask`` ``(B, L)`` left-padded, ``mm_token_type_ids``,
-    ``pixel_values``, ``image_grid_thw`` (``LatentCollator(with_answer=False)`` or TRL's tokenized prompts);
-    ``images``: per row the list of PIL images of its prompt (None: no row has images)."""
+    ``pixel_values``, ``image_grid_thw`` (``LatentCollator(with_answer=False)`` or TRL's tokenized prompts). Both
+    engines read the same pixels: the vLLM engine feeds vLLM the images' features, not the images."""
 
     tensors: dict
-    images: list[list] | None = None
 
 
 @dataclass
@@ -96,6 +95,31 @@ class HFEngine(RolloutEngine):
                         suppress_token_ids=settings.suppress_token_ids, eos_token_ids=settings.eos_token_ids,
                         latent_fn=settings.latent_fn, record_latents=settings.record_latents,
                         share_prompts=settings.share_prompts, length_option=settings.length_option)
+
+
+#: latent interventions that replace what enters the slots (a ``latent_fn``): the HF engine only
+HF_ONLY_INTERVENTIONS = ("zero", "noise", "mean", "swap", "oracle", "pad")
+
+
+def build_engine(name: str, model, processor, latent_tokens, model_path, latent: bool, max_num_seqs: int = 256,
+                 option: str = "--engine") -> RolloutEngine:
+    """The engine ``name`` (``hf`` or ``vllm``) for the loaded ``model`` saved at ``model_path``. The vLLM engine loads
+    ``model_path`` in vLLM, in the model's dtype, and feeds it the model's own image features.
+
+    Raises:
+        ValueError: an unknown name; ImportError: ``vllm`` without vLLM installed (names the extra).
+    """
+    if name == "hf":
+        return HFEngine(model, processor)
+    if name != "vllm":
+        raise ValueError(f"{option}: unknown engine {name!r}; one of {list(ENGINES)}")
+    from .. import latent as latent_core
+    from .vllm_engine import VLLMEngine
+
+    return VLLMEngine.load(model_path, processor, latent_tokens,
+                           image_features=lambda pv, grid: latent_core.image_features(model, pv, grid), latent=latent,
+                           dtype=str(model.dtype).removeprefix("torch."), max_num_seqs=max_num_seqs,
+                           option=f"{option} vllm")
 
 
 def vllm_available() -> bool:
