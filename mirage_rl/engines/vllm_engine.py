@@ -97,8 +97,9 @@ class VLLMEngine(RolloutEngine):
     def load(cls, model_path: str | Path, processor, latent_tokens: LatentTokens | None, image_features=None,
              latent: bool = True,
              dtype: str = "float32", seed: int = 0, max_model_len: int | None = None, max_num_seqs: int = 256,
-             images_per_prompt: int = 4, option: str = "--engine vllm") -> "VLLMEngine":
-        """Start vLLM on ``model_path`` in this process.
+             images_per_prompt: int = 4, option: str = "--engine vllm", **llm_options) -> "VLLMEngine":
+        """Start vLLM on ``model_path`` in this process; ``llm_options`` go to ``vllm.LLM`` as they are (e.g.
+        ``max_num_batched_tokens``, ``num_gpu_blocks_override``).
 
         Raises:
             ImportError: vLLM is not installed (names the extra).
@@ -115,8 +116,9 @@ class VLLMEngine(RolloutEngine):
         from .vllm_runner import check_version
 
         check_version()
-        llm = LLM(enable_mm_embeds=True, **llm_kwargs(str(model_path), latent, device, dtype, seed, max_model_len, max_num_seqs,
-                               images_per_prompt))
+        kwargs = llm_kwargs(str(model_path), latent, device, dtype, seed, max_model_len, max_num_seqs,
+                            images_per_prompt)
+        llm = LLM(enable_mm_embeds=True, **{**kwargs, **llm_options})
         return cls(llm, processor, latent_tokens, image_features, owns=True)
 
     def rollout(self, batch: RolloutBatch, settings: DecodeSettings) -> GenerationOutput:

@@ -73,6 +73,7 @@ class _Request:
     generator: torch.Generator | None
     decided: int = 0  # tokens decided so far (the next one sits at absolute position prompt_len + decided)
     fed: dict = field(default_factory=dict)  # absolute position -> the vector that enters that latent slot
+    written: set = field(default_factory=set)  # positions whose latent input went into a forward at least once
     logprobs: list = field(default_factory=list)
     gaussian: list = field(default_factory=list)  # (completion position, Gaussian latent input), slot order
     own: list = field(default_factory=list)
@@ -87,6 +88,8 @@ class LatentRunnerMixin:
             self._mirage_requests: dict[str, _Request] = {}
             self._mirage_done: dict[str, dict] = {}
             self._mirage_hidden = None
+            self._mirage_resumed = 0  # latent requests resumed after preemption (their prompt and output recomputed)
+            self._mirage_replayed = 0  # latent inputs written again (a recompute after preemption replays them)
 
     def _mirage_state(self, req_id: str) -> _Request | None:
         self._mirage_init()
@@ -110,6 +113,8 @@ class LatentRunnerMixin:
     def _update_states(self, scheduler_output):
         """vLLM hook: finished requests' records move to ``_mirage_done`` (read by :meth:`mirage_collect`)."""
         self._mirage_init()
+        resumed = scheduler_output.scheduled_cached_reqs.resumed_req_ids
+        self._mirage_resumed += sum(1 for r in resumed if r in self._mirage_requests)
         for req_id in scheduler_output.finished_req_ids:
             st = self._mirage_requests.pop(req_id, None)
             if st is not None:
@@ -135,6 +140,8 @@ class LatentRunnerMixin:
             for pos, vec in st.fed.items():
                 if first <= pos < first + n:
                     inputs_embeds[int(starts[i]) + pos - first] = vec.to(inputs_embeds.dtype)
+                    self._mirage_replayed += pos in st.written
+                    st.written.add(pos)
         return out
 
     def sample_tokens(self, grammar_output):
@@ -213,10 +220,11 @@ class LatentRunnerMixin:
                 self._mirage_done[st.args["uid"]] = self._record(self._mirage_requests.pop(req_id))
         return {u: self._mirage_done.pop(u) for u in uids if u in self._mirage_done}
 
-    def mirage_pending(self) -> int:
-        """Latent requests still held (0 after a complete ``LLM.generate``)."""
+    def mirage_stats(self) -> dict:
+        """``resumed``: latent requests resumed after preemption so far; ``replayed``: latent inputs written into a
+        forward again (by position, in the recompute of a resumed request)."""
         self._mirage_init()
-        return len(self._mirage_requests)
+        return {"resumed": self._mirage_resumed, "replayed": self._mirage_replayed}
 
 
 @contextlib.contextmanager
@@ -259,8 +267,8 @@ class _WorkerCalls:
     def mirage_collect(self, uids: list[str]) -> dict[str, dict]:
         return self.model_runner.mirage_collect(uids)
 
-    def mirage_pending(self) -> int:
-        return self.model_runner.mirage_pending()
+    def mirage_stats(self) -> dict:
+        return self.model_runner.mirage_stats()
 
 
 class LatentCPUWorker(_WorkerCalls, _cpu_worker.CPUWorker):

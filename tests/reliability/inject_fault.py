@@ -74,19 +74,19 @@ def main():
                 die()
 
         Dataset.save_to_disk = save_to_disk
-    elif fault == "eval-batch":
-        import mirage_rl.evaluation as evaluation
+    elif fault == "eval-batch":  # the n-th decoded batch of an evaluation, whatever the engine
+        from mirage_rl.engines import HFEngine
 
-        original = evaluation.generate
+        original = HFEngine.rollout
         calls = [0]
 
-        def generate(*args, **kwargs):
+        def rollout(self, *args, **kwargs):
             calls[0] += 1
             if calls[0] == n:
                 die()
-            return original(*args, **kwargs)
+            return original(self, *args, **kwargs)
 
-        evaluation.generate = generate
+        HFEngine.rollout = rollout
     else:
         raise SystemExit(f"unknown fault {fault!r}")
     from mirage_rl.cli import main as cli
