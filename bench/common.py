@@ -61,7 +61,7 @@ def shaped_config(size: str, tiny_config):
     for key in ("latent_size", "latent_token_ids", "latent_mode"):
         if hasattr(tiny_config, key):
             setattr(config, key, getattr(tiny_config, key))
-    config.eos_token_id, config.pad_token_id = tiny_config.eos_token_id, tiny_config.pad_token_id
+    config.eos_token_id, config.pad_token_id = tiny_text.eos_token_id, tiny_text.pad_token_id
     return config
 
 

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 for d in /.whl/ /.gpudata/; do grep -qx "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude; done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-  transformers==5.23.0 trl==1.16.0 datasets==5.2.0 peft==0.21.2 dill==0.4.1 multiprocess==0.70.19
+  transformers==5.17.0 trl==1.16.0 datasets==5.2.0 peft==0.21.2 dill==0.4.1 multiprocess==0.70.19
 shared="${MIRAGE_SHARED_DATA:-../shared/data}"
 [ -d "$shared/vsp" ] || { echo "gpu_wheels.sh: no VSP data at $shared/vsp; set MIRAGE_SHARED_DATA to the shared/data folder" >&2; exit 1; }
 mkdir -p .gpudata && rm -rf .gpudata/vsp.tmp && cp -r "$shared/vsp" .gpudata/vsp.tmp

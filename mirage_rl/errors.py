@@ -4,7 +4,7 @@
 (``--debug`` or ``MIRAGE_RL_DEBUG=1`` shows it); any other exception is an internal error and keeps its traceback.
 A user error is:
 
-* a :class:`UserError` (``RecipeError``, ``OutputDirError``, ... subclass it);
+* a :class:`UserError` (``RecipeError``, ``OutputDirError``, ``MissingExtraError``, ... subclass it);
 * a ``ValueError`` / ``FileNotFoundError`` / ``NotADirectoryError`` / ``IsADirectoryError`` / ``FileExistsError``
   raised by mirage-rl's own code (``mirage_rl``, ``rewards``): by this project's convention those messages name the
   file, row or key and say how to fix it;
@@ -23,6 +23,10 @@ _USER_TYPES = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryEr
 
 class UserError(Exception):
     """A mistake in the user's input; the message says what, where and how to fix it."""
+
+
+class MissingExtraError(UserError, ImportError):
+    """An option needs an optional dependency that is not installed; the message names the option and the extra."""
 
 
 def raised_in_project(exc: BaseException) -> bool:

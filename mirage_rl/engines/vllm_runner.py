@@ -205,8 +205,8 @@ class LatentRunnerMixin:
 
     @staticmethod
     def _record(st: _Request) -> dict:
-        return {"logprobs": st.logprobs, "gaussian": st.gaussian,
-                "own": torch.stack(st.own) if st.own else None, "fed": torch.stack(st.fed_list) if st.fed_list else None}
+        return {"logprobs": st.logprobs, "gaussian": st.gaussian, "own": torch.stack(st.own) if st.own else None,
+                "fed": torch.stack(st.fed_list) if st.fed_list else None}
 
     # ------------------------------------------------------------------------------------------ engine calls
     def mirage_collect(self, uids: list[str]) -> dict[str, dict]:
@@ -255,12 +255,6 @@ def _runner_class(base):
     return type(f"Latent{base.__name__}", (LatentRunnerMixin, base), {})
 
 
-from vllm.v1.worker.cpu_model_runner import CPUModelRunner  # noqa: E402
-from vllm.v1.worker import cpu_worker as _cpu_worker  # noqa: E402
-
-LatentCPUModelRunner = _runner_class(CPUModelRunner)
-
-
 class _WorkerCalls:
     """The runner's engine calls, reachable through ``LLM.collective_rpc`` (which calls worker methods)."""
 
@@ -271,19 +265,27 @@ class _WorkerCalls:
         return self.model_runner.mirage_stats()
 
 
-class LatentCPUWorker(_WorkerCalls, _cpu_worker.CPUWorker):
-    """vLLM's CPU worker with :class:`LatentCPUModelRunner` (V1 runner; V2 needs Triton) and plain linear layers."""
+def _cpu_worker_class():
+    from vllm.v1.worker import cpu_worker
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
-    def init_device(self):
-        check_version()
-        if getattr(self, "use_v2_model_runner", False):
-            raise RuntimeError("latent decoding runs on vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER")
-        with _swap(_cpu_worker, "CPUModelRunner", LatentCPUModelRunner):
-            return super().init_device()
+    runner = _runner_class(CPUModelRunner)
 
-    def load_model(self, *args, **kwargs):
-        with plain_cpu_linear():
-            return super().load_model(*args, **kwargs)
+    class LatentCPUWorker(_WorkerCalls, cpu_worker.CPUWorker):
+        """vLLM's CPU worker with the latent V1 runner (V2 needs Triton) and plain linear layers."""
+
+        def init_device(self):
+            check_version()
+            if getattr(self, "use_v2_model_runner", False):
+                raise RuntimeError("latent decoding runs on vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER")
+            with _swap(cpu_worker, "CPUModelRunner", runner):
+                return super().init_device()
+
+        def load_model(self, *args, **kwargs):
+            with plain_cpu_linear():
+                return super().load_model(*args, **kwargs)
+
+    return LatentCPUWorker
 
 
 def _gpu_worker_class():
@@ -304,7 +306,15 @@ def _gpu_worker_class():
     return LatentGPUWorker
 
 
-def __getattr__(name):  # the GPU worker is built on first use: its module imports CUDA-only code
-    if name == "LatentGPUWorker":
-        return _gpu_worker_class()
-    raise AttributeError(name)
+_WORKERS = {"LatentCPUWorker": _cpu_worker_class, "LatentGPUWorker": _gpu_worker_class}
+_BUILT: dict = {}
+
+
+def __getattr__(name):
+    """``LatentCPUWorker`` / ``LatentGPUWorker`` (what ``worker_cls`` names), each built on first use: a module of
+    one device's worker may not import on the other's vLLM build."""
+    if name in _WORKERS:
+        if name not in _BUILT:
+            _BUILT[name] = _WORKERS[name]()
+        return _BUILT[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

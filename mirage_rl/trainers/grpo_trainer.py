@@ -118,8 +118,9 @@ def _latent_vllm(colocate: bool, latent_decoding: bool, dtype: torch.dtype):
         return
     from trl.generation import vllm_generation
 
-    from ..engines.vllm_engine import WORKER
+    from ..engines.vllm_engine import WORKER, prepare_environment
 
+    prepare_environment()
     stock = vllm_generation.LLM
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -292,7 +293,8 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         settings = DecodeSettings(
             max_new_tokens=self.max_completion_length, latent_mode=self.latent_mode, do_sample=True,
             temperature=self.temperature, top_p=self.top_p, return_logprobs=True,
-            seeds=[rollout_seed(self.args.seed, mode, self.state.global_step, first + i) for i in range(len(prompt_ids))],
+            seeds=[rollout_seed(self.args.seed, mode, self.state.global_step, first + i)
+                   for i in range(len(prompt_ids))],
             latent_sigma=self.args.latent_sigma if self.latent_objective == "gaussian" else None,
             suppress_token_ids=suppress, eos_token_ids=list(self.eos_token_ids), length_option="max_completion_length",
             share_prompts=self.args.shared_prefix)
