@@ -133,7 +133,9 @@ def main() -> dict:
     from mirage_rl.modeling import LatentTokens
 
     work = Path(tempfile.mkdtemp(prefix="bench-generate-"))
-    rows = build_rows(max(args.batch_sizes), work / "data", "bench/generate.py")
+    # distinct prompts: up to 64 (the vLLM section's larger batches cycle them, as GRPO groups repeat a prompt)
+    wanted = args.batch_sizes + ([min(64, max(args.vllm_batch_sizes))] if args.vllm else [])
+    rows = build_rows(max(wanted), work / "data", "bench/generate.py")
     results, t_start = [], time.perf_counter()
     for k in args.ks:
         model, processor = load_bench_model(args.size, bench_model_dir(args.size, k, work), args.device)

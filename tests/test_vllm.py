@@ -296,3 +296,15 @@ def test_eval_refusals_name_the_fix(grpo_dir, vsp_dir, tmp_path):
     assert "video_preprocessor_config.json" in checkpoint_problem(tmp_path / "old")
 
 
+
+
+def test_the_trl_names_the_colocate_path_relies_on_still_exist():
+    """GRPO colocate builds TRL's LLM with the latent worker by swapping the name ``LLM`` in TRL's module while TRL's
+    ``_init_vllm`` calls it, then syncs with ``sync_weights`` and reads ``llm`` (TRL 1.16)."""
+    import inspect
+
+    from trl.generation import vllm_generation
+
+    assert vllm_generation.LLM is vllm.LLM
+    assert "self.llm = LLM(" in inspect.getsource(vllm_generation.VLLMGeneration._init_vllm)
+    assert list(inspect.signature(vllm_generation.VLLMGeneration.sync_weights).parameters) == ["self"]

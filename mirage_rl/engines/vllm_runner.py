@@ -255,8 +255,20 @@ def _runner_class(base):
     return type(f"Latent{base.__name__}", (LatentRunnerMixin, base), {})
 
 
-class _WorkerCalls:
-    """The runner's engine calls, reachable through ``LLM.collective_rpc`` (which calls worker methods)."""
+class _LatentWorker:
+    """What both latent workers add to vLLM's: the latent runner installed (``_runner_slot``: the module-level name the
+    stock worker builds its runner from, swapped while ``init_device`` runs), the version check, and the runner's
+    engine calls reachable through ``LLM.collective_rpc`` (which calls worker methods)."""
+
+    _runner_slot: tuple = ()  # (module, name, runner class)
+
+    def init_device(self):
+        check_version()
+        if getattr(self, "use_v2_model_runner", False):
+            raise RuntimeError("latent decoding runs on vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER")
+        module, name, runner = self._runner_slot
+        with _swap(module, name, runner):
+            return super().init_device()
 
     def mirage_collect(self, uids: list[str]) -> dict[str, dict]:
         return self.model_runner.mirage_collect(uids)
@@ -269,17 +281,10 @@ def _cpu_worker_class():
     from vllm.v1.worker import cpu_worker
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
-    runner = _runner_class(CPUModelRunner)
-
-    class LatentCPUWorker(_WorkerCalls, cpu_worker.CPUWorker):
+    class LatentCPUWorker(_LatentWorker, cpu_worker.CPUWorker):
         """vLLM's CPU worker with the latent V1 runner (V2 needs Triton) and plain linear layers."""
 
-        def init_device(self):
-            check_version()
-            if getattr(self, "use_v2_model_runner", False):
-                raise RuntimeError("latent decoding runs on vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER")
-            with _swap(cpu_worker, "CPUModelRunner", runner):
-                return super().init_device()
+        _runner_slot = (cpu_worker, "CPUModelRunner", _runner_class(CPUModelRunner))
 
         def load_model(self, *args, **kwargs):
             with plain_cpu_linear():
@@ -291,17 +296,10 @@ def _cpu_worker_class():
 def _gpu_worker_class():
     from vllm.v1.worker import gpu_model_runner, gpu_worker
 
-    runner = _runner_class(gpu_model_runner.GPUModelRunner)
-
-    class LatentGPUWorker(_WorkerCalls, gpu_worker.Worker):
+    class LatentGPUWorker(_LatentWorker, gpu_worker.Worker):
         """vLLM's GPU worker with the latent V1 runner (not run on a GPU yet: see docs/vllm_latent_rollouts.md)."""
 
-        def init_device(self):
-            check_version()
-            if getattr(self, "use_v2_model_runner", False):
-                raise RuntimeError("latent decoding runs on vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER")
-            with _swap(gpu_model_runner, "GPUModelRunner", runner):
-                return super().init_device()
+        _runner_slot = (gpu_model_runner, "GPUModelRunner", _runner_class(gpu_model_runner.GPUModelRunner))
 
     return LatentGPUWorker
 
