@@ -308,3 +308,12 @@ def test_the_trl_names_the_colocate_path_relies_on_still_exist():
     assert vllm_generation.LLM is vllm.LLM
     assert "self.llm = LLM(" in inspect.getsource(vllm_generation.VLLMGeneration._init_vllm)
     assert list(inspect.signature(vllm_generation.VLLMGeneration.sync_weights).parameters) == ["self"]
+
+
+def test_the_cpu_setup_leaves_an_environment_that_imports_and_checks_clean():
+    """After ``make install-vllm``: torchvision, torchaudio, torchcodec, transformers' image processor and vLLM import in
+    a fresh interpreter, and ``pip check`` reports nothing but the one known upstream line."""
+    from mirage_rl.vllm_cpu_setup import KNOWN_PIP_CHECK, pip_check, probe
+
+    assert probe() is None
+    assert pip_check() == [], f"pip check reports more than {KNOWN_PIP_CHECK!r}"
