@@ -231,17 +231,11 @@ def vllm_section(args, rows, work: Path) -> dict:
         setattr(runner, name, timed)
     n = args.new_tokens
 
-    def stock(batch):
+    def stock(batch):  # the engine's prompts (the same ids and image features), without latent settings
         from vllm import SamplingParams
 
-        from mirage_rl.engines.vllm_engine import collapse_image_tokens
-
-        feats = vl._row_image_features(batch)
-        ids, am = batch.tensors["input_ids"].cpu(), batch.tensors["attention_mask"].cpu().bool()
-        prompts = [{"prompt_token_ids": collapse_image_tokens(ids[i][am[i]].tolist(), model.config.image_token_id),
-                    "multi_modal_data": {"image": feats[i]}} for i in range(ids.shape[0])]
         params = SamplingParams(max_tokens=n, min_tokens=n, ignore_eos=True, temperature=0.0, detokenize=False)
-        return vl.llm.generate(prompts, params, use_tqdm=False)
+        return vl.llm.generate(vl.prompts(batch), params, use_tqdm=False)
 
     out = {"k": k, "new_tokens": n, "results": []}
     for batch_size in args.vllm_batch_sizes:

@@ -19,8 +19,6 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 
-import torch
-
 from ..generation import GenerationOutput, generate, row_generators
 
 ENGINES = ("hf", "vllm")
@@ -141,10 +139,3 @@ def require_vllm(option: str) -> None:
     if not vllm_available():
         raise MissingExtraError(f"{option}: {VLLM_MISSING}")
 
-
-def stack_logprobs(rows: list[list[float]], width: int) -> torch.Tensor:
-    """Per-row log-prob lists -> ``(B, width)`` float32, 0.0 past a row's end."""
-    out = torch.zeros(len(rows), width)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r[:width], dtype=torch.float32)
-    return out

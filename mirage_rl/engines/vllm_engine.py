@@ -2,26 +2,28 @@
 
 ``VLLMEngine.load(path)`` starts ``vllm.LLM`` on a checkpoint with the latent worker (``worker_cls``), eager mode,
 prefix caching off for latent decoding (:mod:`.vllm_runner`), in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``);
-``VLLMEngine(llm, ...)`` wraps an ``LLM`` someone else built with that worker (GRPO colocate: TRL's).
-:meth:`VLLMEngine.rollout` sends each row as one request (its unpadded prompt ids and its images) with the latent
-settings in ``SamplingParams.extra_args`` and returns the HF engine's :class:`~mirage_rl.generation.GenerationOutput`.
+``VLLMEngine(llm, ...)`` wraps an ``LLM`` someone else built with :func:`latent_llm_options` (GRPO colocate: TRL's).
+:meth:`VLLMEngine.rollout` sends each row as one request (:meth:`VLLMEngine.prompts`: its unpadded prompt ids and
+its images' features) with the latent settings in ``SamplingParams.extra_args`` and returns the HF engine's
+:class:`~mirage_rl.generation.GenerationOutput`.
 
-Not supported (refused in one line): ``latent_fn`` (the latent interventions ``zero``, ``noise``, ``mean``, ``swap``,
-``oracle``: they index rows of the HF loop's batch), sampling without per-row seeds.
+Not supported (refused in one line): ``latent_fn`` (the latent interventions of
+:data:`mirage_rl.engines.HF_ONLY_INTERVENTIONS`: they index rows of the HF loop's batch), sampling without per-row
+seeds.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from pathlib import Path
 
 import torch
 
+from ..data.jsonl import read_json
 from ..generation import GenerationOutput
 from ..modeling import PROCESSOR_CONFIG, VIDEO_PROCESSOR_CONFIG, LatentTokens
-from . import DecodeSettings, RolloutBatch, RolloutEngine, require_vllm, stack_logprobs
+from . import HF_ONLY_INTERVENTIONS, DecodeSettings, RolloutBatch, RolloutEngine, require_vllm
 
 WORKER = {"cpu": "mirage_rl.engines.vllm_runner.LatentCPUWorker",
           "cuda": "mirage_rl.engines.vllm_runner.LatentGPUWorker"}
@@ -42,11 +44,11 @@ def checkpoint_problem(path: str | Path, device: str = "cpu") -> str | None:
     config_file = folder / "config.json"
     if not config_file.is_file():
         return f"{folder} has no config.json"
-    config = json.loads(config_file.read_text())
+    config = read_json(config_file)
     if config.get("model_type") != "qwen2_5_vl":
         return f"{config_file}: model_type {config.get('model_type')!r}; the vLLM engine runs Qwen2.5-VL (qwen2_5_vl)"
     proc = folder / PROCESSOR_CONFIG
-    cls = json.loads(proc.read_text()).get("processor_class") if proc.is_file() else None
+    cls = read_json(proc).get("processor_class") if proc.is_file() else None
     if cls is not None and cls not in STOCK_PROCESSORS:
         return (f"{proc}: processor_class {cls!r} is not a stock class, which vLLM needs; re-save the processor with "
                 f"this mirage-rl (MirageProcessor.save_pretrained writes Qwen2_5_VLProcessor)")
@@ -69,16 +71,37 @@ def prepare_environment() -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
-def llm_kwargs(model_path: str, latent: bool, device: str, dtype: str = "float32", seed: int = 0,
+def vllm_device() -> str:
+    """``cuda`` where torch sees a GPU, else ``cpu``: the device vLLM runs on, which picks the worker and the checks."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def latent_llm_options(latent: bool, dtype: str) -> dict:
+    """The ``vllm.LLM`` arguments every latent engine needs, whoever builds it (:meth:`VLLMEngine.load`, GRPO's
+    colocated ``LLM``): the latent worker of :func:`vllm_device`, eager mode, image embeddings as inputs (the engine
+    feeds the policy's own image features), the policy's ``dtype`` (vLLM's ``auto`` turns a float32 checkpoint into
+    16-bit weights: 5e-3 nats of drift measured against the trainer) and prefix caching off for latent decoding (KV
+    after a latent slot depends on the latent, which vLLM's token-id block hash cannot see)."""
+    return dict(worker_cls=WORKER[vllm_device()], enforce_eager=True, enable_mm_embeds=True,
+                enable_prefix_caching=not latent, dtype=dtype)
+
+
+def llm_kwargs(model_path: str, latent: bool, dtype: str = "float32", seed: int = 0,
                max_model_len: int | None = None, max_num_seqs: int = 256, images_per_prompt: int = 4) -> dict:
-    """``vllm.LLM`` arguments of the latent engine: the latent worker, eager mode, prefix caching off for latent
-    decoding (KV after a latent slot depends on the latent, which vLLM's token-id block hash cannot see)."""
-    kw = dict(model=model_path, dtype=dtype, seed=seed, enforce_eager=True, worker_cls=WORKER[device],
-              enable_prefix_caching=not latent, max_num_seqs=max_num_seqs,
-              limit_mm_per_prompt={"image": images_per_prompt, "video": 0})
+    """``vllm.LLM`` arguments of :meth:`VLLMEngine.load`: :func:`latent_llm_options` and the engine's own."""
+    kw = dict(model=model_path, seed=seed, max_num_seqs=max_num_seqs,
+              limit_mm_per_prompt={"image": images_per_prompt, "video": 0}, **latent_llm_options(latent, dtype))
     if max_model_len is not None:
         kw["max_model_len"] = max_model_len
     return kw
+
+
+def stack_logprobs(rows: list[list[float]], width: int) -> torch.Tensor:
+    """Per-row log-prob lists -> ``(B, width)`` float32, 0.0 past a row's end."""
+    out = torch.zeros(len(rows), width)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r[:width], dtype=torch.float32)
+    return out
 
 
 def collapse_image_tokens(ids: list[int], image_token: int | None) -> list[int]:
@@ -113,8 +136,7 @@ class VLLMEngine(RolloutEngine):
             ValueError: a checkpoint vLLM cannot load (:func:`checkpoint_problem`, one line).
         """
         require_vllm(option)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        why = checkpoint_problem(model_path, device)
+        why = checkpoint_problem(model_path, vllm_device())
         if why is not None:
             raise ValueError(f"{option}: vLLM cannot load the checkpoint: {why}")
         prepare_environment()
@@ -123,9 +145,8 @@ class VLLMEngine(RolloutEngine):
         from .vllm_runner import check_version
 
         check_version()
-        kwargs = llm_kwargs(str(model_path), latent, device, dtype, seed, max_model_len, max_num_seqs,
-                            images_per_prompt)
-        llm = LLM(enable_mm_embeds=True, **{**kwargs, **llm_options})
+        kwargs = llm_kwargs(str(model_path), latent, dtype, seed, max_model_len, max_num_seqs, images_per_prompt)
+        llm = LLM(**{**kwargs, **llm_options})
         return cls(llm, processor, latent_tokens, image_features, owns=True)
 
     def rollout(self, batch: RolloutBatch, settings: DecodeSettings) -> GenerationOutput:
@@ -134,13 +155,13 @@ class VLLMEngine(RolloutEngine):
         from .vllm_runner import request_args
 
         if settings.latent_fn is not None:
-            raise ValueError("the vLLM engine does not run latent_fn (the latent interventions zero, noise, mean, "
-                             "swap, oracle): use --engine hf for them")
+            raise ValueError(f"the vLLM engine does not run latent_fn (the latent interventions "
+                             f"{', '.join(HF_ONLY_INTERVENTIONS)}): use --engine hf for them")
         if settings.do_sample and settings.seeds is None:
             raise ValueError("the vLLM engine samples with one seed per row: pass DecodeSettings.seeds")
         tok = self.processor.tokenizer
-        ids, am = batch.tensors["input_ids"].cpu(), batch.tensors["attention_mask"].cpu().bool()
-        B = ids.shape[0]
+        am = batch.tensors["attention_mask"].cpu().bool()
+        B = am.shape[0]
         tokens = self.latent_tokens if settings.latent_mode != "none" else None
         if settings.latent_mode != "none" and tokens is None:
             raise ValueError(f"latent_mode {settings.latent_mode!r} needs a checkpoint with latent tokens")
@@ -151,15 +172,9 @@ class VLLMEngine(RolloutEngine):
                              f"{settings.length_option} or start vLLM with a larger max_model_len "
                              "(GRPO: vllm_max_model_length)")
         eos = sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id, *settings.eos_token_ids})
-        prompts, params, uids = [], [], []
+        prompts, params, uids = self.prompts(batch), [], []
         run = uuid.uuid4().hex[:12]
-        features = self._row_image_features(batch)
-        image_token = getattr(self.llm.llm_engine.model_config.hf_config, "image_token_id", None)
         for i in range(B):
-            row = {"prompt_token_ids": collapse_image_tokens(ids[i][am[i]].tolist(), image_token)}
-            if features[i] is not None:
-                row["multi_modal_data"] = {"image": features[i]}
-            prompts.append(row)
             uid = f"{run}-{i}"
             uids.append(uid)
             extra = request_args(uid, settings.latent_mode, tokens,
@@ -199,6 +214,19 @@ class VLLMEngine(RolloutEngine):
             own = [records[u]["own"] if records[u]["own"] is not None else torch.zeros(0, H) for u in uids]
             fed = [records[u]["fed"] if records[u]["fed"] is not None else torch.zeros(0, H) for u in uids]
         return GenerationOutput(seqs, texts, logprobs, latents, own, fed)
+
+    def prompts(self, batch: RolloutBatch) -> list[dict]:
+        """vLLM's prompt of each row: its unpadded ids, each run of image tokens cut to one
+        (:func:`collapse_image_tokens`), and its images' features (:meth:`_row_image_features`)."""
+        ids, am = batch.tensors["input_ids"].cpu(), batch.tensors["attention_mask"].cpu().bool()
+        image_token = getattr(self.llm.llm_engine.model_config.hf_config, "image_token_id", None)
+        out = []
+        for i, features in enumerate(self._row_image_features(batch)):
+            row = {"prompt_token_ids": collapse_image_tokens(ids[i][am[i]].tolist(), image_token)}
+            if features is not None:
+                row["multi_modal_data"] = {"image": features}
+            out.append(row)
+        return out
 
     def _row_image_features(self, batch: RolloutBatch) -> list:
         """Per row, vLLM's image-embedding input (``{"image_embeds": (n, H), "image_grid_thw": (m, 3)}``) or None.

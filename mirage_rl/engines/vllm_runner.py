@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from unittest import mock
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import vllm
@@ -228,16 +228,6 @@ class LatentRunnerMixin:
 
 
 @contextlib.contextmanager
-def _swap(module, name: str, value):
-    saved = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, saved)
-
-
-@contextlib.contextmanager
 def plain_cpu_linear():
     """While vLLM loads a model on CPU: every linear layer (and the tied LM head) keeps its weight and runs
     ``F.linear`` (module docstring)."""
@@ -247,7 +237,7 @@ def plain_cpu_linear():
         layer.cpu_linear = lambda x, weight, bias: F.linear(x, weight, bias)
 
     # linear.py and vocab_parallel_embedding.py import it from utils inside process_weights_after_loading
-    with _swap(utils, "dispatch_cpu_unquantized_gemm", plain):
+    with mock.patch.object(utils, "dispatch_cpu_unquantized_gemm", plain):
         yield
 
 
@@ -267,7 +257,7 @@ class _LatentWorker:
         if getattr(self, "use_v2_model_runner", False):
             raise RuntimeError("latent decoding runs on vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER")
         module, name, runner = self._runner_slot
-        with _swap(module, name, runner):
+        with mock.patch.object(module, name, runner):
             return super().init_device()
 
     def mirage_collect(self, uids: list[str]) -> dict[str, dict]:

@@ -55,7 +55,8 @@ class MirageGRPOConfig(LatentFields, GRPOConfig):
       ``scale_rewards``, ``steps_per_generation``, ``num_iterations``, ``sync_ref_model``, ``seed``, ``use_vllm``
       with ``vllm_mode: colocate`` (every latent mode: :mod:`mirage_rl.engines.vllm_engine`; ``server`` for
       ``latent_mode: none`` only), ``vllm_gpu_memory_utilization``, ``vllm_max_model_length``;
-      ``generation_kwargs`` keys ``eos_token_id`` (extra end-of-completion ids, also in TRL's masks), ``suppress_tokens`` (never sampled) and ``do_sample: true``.
+      ``generation_kwargs`` keys ``eos_token_id`` (extra end-of-completion ids, also in TRL's masks),
+      ``suppress_tokens`` (never sampled) and ``do_sample: true``.
     * refused at start-up, with the reason: ``top_k``, ``min_p``, ``repetition_penalty``, any other
       ``generation_kwargs`` key, ``cache_implementation`` (the rollout keeps a ``DynamicCache``),
       ``use_transformers_continuous_batching``, ``vllm_mode: server`` with a latent mode; with ``latent_objective:

@@ -108,32 +108,25 @@ class RolloutState:
 
 @contextlib.contextmanager
 def _latent_vllm(colocate: bool, latent_decoding: bool, dtype: torch.dtype):
-    """While TRL builds its colocated ``vllm.LLM`` (``VLLMGeneration._init_vllm``, TRL 1.16): build it with the latent
-    worker (:data:`mirage_rl.engines.vllm_engine.WORKER`: the latent runner, plain linear layers so TRL's in-place
-    weight sync reaches the weights), the policy's ``dtype`` (vLLM's ``auto`` turns a float32 checkpoint into 16-bit
-    weights: 5e-3 nats of drift measured), eager mode, image embeddings as inputs, and prefix caching off for latent
-    decoding. TRL gives ``LLM(...)`` no hook for these; the name is swapped in TRL's module for the call only."""
+    """While TRL builds its colocated ``vllm.LLM`` (``VLLMGeneration._init_vllm``, TRL 1.16): build it with
+    :func:`mirage_rl.engines.vllm_engine.latent_llm_options` (the latent worker, whose plain linear layers let TRL's
+    in-place weight sync reach the weights; the policy's dtype; eager mode; image embeddings as inputs; prefix caching
+    off for latent decoding). TRL gives ``LLM(...)`` no hook for these; the name is swapped in TRL's module for the
+    call only."""
     if not colocate:
         yield
         return
+    from unittest import mock
+
     from trl.generation import vllm_generation
 
-    from ..engines.vllm_engine import WORKER, prepare_environment
+    from ..engines.vllm_engine import latent_llm_options, prepare_environment
 
     prepare_environment()
     stock = vllm_generation.LLM
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-
-    def build(**kwargs):
-        kwargs.update(worker_cls=WORKER[device], enforce_eager=True, enable_mm_embeds=True,
-                      enable_prefix_caching=not latent_decoding, dtype=str(dtype).removeprefix("torch."))
-        return stock(**kwargs)
-
-    vllm_generation.LLM = build
-    try:
+    options = latent_llm_options(latent_decoding, str(dtype).removeprefix("torch."))
+    with mock.patch.object(vllm_generation, "LLM", lambda **kwargs: stock(**{**kwargs, **options})):
         yield
-    finally:
-        vllm_generation.LLM = stock
 
 
 class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
@@ -165,10 +158,9 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         check_decoding_mode(self.latent_mode, model.config, where)  # as eval does: rollouts decode
         check_new_tokens(model.config, args.max_completion_length, option="max_completion_length")
         if args.use_vllm:
-            from ..engines.vllm_engine import checkpoint_problem
+            from ..engines.vllm_engine import checkpoint_problem, vllm_device
 
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            why = checkpoint_problem(getattr(model, "name_or_path", ""), device)
+            why = checkpoint_problem(getattr(model, "name_or_path", ""), vllm_device())
             if why is not None:
                 raise ValueError(f"use_vllm: vLLM cannot load the policy's checkpoint: {why}")
         self.latent_tokens = None if self.latent_mode == "none" else LatentTokens.for_model(
