@@ -26,6 +26,10 @@ limit still leaves what it measured; progress goes to stderr with the elapsed se
   4 x 8 ran out of the H100's 80 GB at 3B shapes in the 2026-11-26 runs, in which the bench left checkpointing
   off), and ``shared_over_unshared_step``: the step with each group's prompt shared over the step with every
   rollout running its own (``shared_prefix``; ``gradient_checkpointing`` says whether the decoder checkpointed).
+* ``profile`` (issue 31): one profiled step of plain SFT, stage 2 and stage 2 with fused one-column steps: on CUDA
+  the kernels run, the launch calls made and the top 15 kernels by GPU time; on CPU the leaf ``aten`` operators and
+  the top 15 by self CPU time. The fused variant is CUDA graphs on CUDA, ``torch.compile`` on CPU (not with
+  ``--quick``), also timed in ``speed.sft`` (``stage2_fused_*_over_plain``).
 * ``vllm``: the vLLM engine (issue 30) against the HF engine at batch 8, greedy, latent: whether the tokens are equal,
   the largest gap between the latents each fed, and tokens/s of each; ``skipped`` where vLLM does not import (the lent
   GPU machine has no vLLM: there it is not measured).
@@ -129,6 +133,8 @@ def markdown(data: dict) -> str:
         lines += [f"## {name}", "", "| key | value |", "|---|---|"]
         for k, v in flatten(body):
             shown = f"{v:.4g}" if isinstance(v, float) else str(v)
+            if isinstance(v, list) and v and all(isinstance(x, dict) and "ms" in x for x in v):  # a profile's top 15
+                shown = "; ".join(f"{x['name']} x{x['count']} {x['ms']:.3g} ms" for x in v)
             lines.append(f"| {k} | {shown.replace('|', '/')} |")
         lines.append("")
     return "\n".join(lines)
@@ -406,25 +412,95 @@ def grpo_speed(body: dict, mem: dict, args, setup, rows) -> None:
                  "gradient_checkpointing": bool(lm.gradient_checkpointing)})
 
 
-def sft_speed(body: dict, mem: dict, args, model, model_dir: Path, rows) -> None:
+def fused_variant(args) -> str | None:
+    """The stage-2 variant with fused one-column steps (issue 31) this check times: CUDA graphs on CUDA; on CPU
+    ``torch.compile`` (Inductor's C++ backend), not with ``--quick`` (compiling takes a minute there)."""
+    if args.device.startswith("cuda"):
+        return "stage2_fused_cudagraphs"
+    return None if args.quick else "stage2_fused_compile"
+
+
+def sft_speed(body: dict, mem: dict, args, model, model_dir: Path, rows) -> dict:
+    """Stage 1 / plain and stage 2 / plain step ratios at batch 8, k = 4, and stage 2 with fused one-column steps
+    (:func:`fused_variant`); returns the trainers (``variant -> (trainer, inputs, tokens)``) for the profile."""
     import sft_step
 
     first = None
     trainers = {}
-    for variant in ("plain", "stage1", "stage2"):
+    fused = fused_variant(args)
+    for variant in ("plain", "stage1", "stage2", *([fused] if fused else [])):
         trainers[variant] = sft_step.make_trainer(variant, args.size, model_dir, rows, 8, args.device, False,
                                                   share=first, model=model if first is None else None)
         first = first or trainers[variant][0]
     times = {v: [] for v in trainers}
     with peak(args.device, mem, "sft_step_peak_gib"):
-        for i in range(1 + (1 if args.quick else 3)):
-            for variant, (trainer, inputs, _) in trainers.items():
-                t = sft_step.step(trainer, inputs, args.device)
-                if i:
+        for i in range(2 + (1 if args.quick else 3)):  # two warm-up rounds: the fused variant compiles in its first
+            for variant, (trainer, inputs, _) in list(trainers.items()):
+                try:
+                    t = sft_step.step(trainer, inputs, args.device)
+                except Exception as e:  # the opt-in fused path failing is a finding; the other variants go on
+                    if variant != fused:
+                        raise
+                    traceback.print_exc()
+                    body["stage2_fused_error"] = f"{type(e).__name__}: {e}"[:600]
+                    del trainers[variant], times[variant]
+                    continue
+                if i >= 2:
                     times[variant].append(t)
     ms = {v: 1000 * statistics.median(t) for v, t in times.items()}
     body.update({"batch": 8, "latent_size": 4, **{f"{v}_step_ms": t for v, t in ms.items()},
                  "stage1_over_plain": ms["stage1"] / ms["plain"], "stage2_over_plain": ms["stage2"] / ms["plain"]})
+    if fused in ms:
+        body[f"{fused}_over_plain"] = ms[fused] / ms["plain"]
+    elif not fused:
+        body["stage2_fused_skipped"] = "--quick on CPU: compiling the fused steps takes a minute; not measured"
+    return trainers
+
+
+#: CUDA runtime / driver calls that launch work on the GPU (one per kernel, one per replayed CUDA graph)
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch",
+                "cudaMemcpyAsync", "cudaMemsetAsync")
+
+
+def profile_section(body: dict, args, trainers: dict) -> None:
+    """One profiled training step of each SFT variant (``torch.profiler``; issue 31): on CUDA the kernels run and the
+    launch calls made, and the top 15 kernels by GPU time; on CPU the leaf ``aten`` operators run and the top 15 by
+    self CPU time (there is no kernel launch on CPU). Each variant steps once untimed first."""
+    import sft_step
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = args.device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    for variant, (trainer, inputs, _) in trainers.items():
+        if variant == "stage1":
+            continue
+        sft_step.step(trainer, inputs, args.device)
+        with profile(activities=activities) as prof:
+            sft_step.step(trainer, inputs, args.device)
+        events = prof.events()
+        if cuda:
+            work = [e for e in events if e.device_type == DeviceType.CUDA]
+            entry = {"kernels": len(work), "launch_calls": sum(e.name in LAUNCH_CALLS for e in events),
+                     "graph_launches": sum(e.name == "cudaGraphLaunch" for e in events)}
+        else:
+            work = [e for e in events if e.device_type == DeviceType.CPU and e.name.startswith("aten::")
+                    and not e.cpu_children]
+            entry = {"leaf_aten_ops": len(work)}
+        totals: dict[str, list[float]] = {}
+        for e in work:
+            t = totals.setdefault(e.name, [0, 0.0])
+            t[0] += 1
+            t[1] += e.time_range.elapsed_us() / 1000 if cuda else e.self_cpu_time_total / 1000
+        entry["total_ms"] = sum(t for _, t in totals.values())
+        entry["top15"] = [{"name": n[:120], "count": c, "ms": t}
+                          for n, (c, t) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:15]]
+        body[variant] = entry
+    if "plain" in body and "stage2" in body:
+        key = "kernels" if cuda else "leaf_aten_ops"
+        for variant in body:
+            if variant != "plain" and isinstance(body[variant], dict):
+                body[variant][f"{key}_over_plain"] = body[variant][key] / body["plain"][key]
 
 
 def seven_b_fits(body: dict, args, model_dir: Path, rows) -> None:
@@ -524,6 +600,7 @@ def main() -> dict:
         torch.cuda.empty_cache()
 
     mem: dict = {}  # peaks measured in the speed section, reported under "memory"
+    trainers: dict = {}  # the SFT variants, profiled after the speed section
     with report.section("speed") as body:
         body["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
         with report.part(body, "decode"):
@@ -557,7 +634,13 @@ def main() -> dict:
         del setup
         model.gradient_checkpointing_disable()  # the SFT steps are timed without it, as bench/sft_step.py does
         with report.part(body, "sft"):
-            sft_speed(body["sft"], mem, args, model, model_dir, rows)
+            trainers = sft_speed(body["sft"], mem, args, model, model_dir, rows)
+    with report.section("profile") as body:
+        if trainers:
+            profile_section(body, args, trainers)
+        else:
+            body["skipped"] = "the SFT speed part failed: nothing to profile"
+        del trainers
 
     with report.section("vllm") as body:
         vllm_section(body, args, model, processor, lt, model_dir, rows)

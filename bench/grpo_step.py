@@ -18,8 +18,10 @@ Phases are timed by wrapping the trainer's methods on the instance:
 
 Variants, run interleaved step by step: ``shared`` (the default trainer: ``shared_prefix`` on, prompt-image caches
 on), ``unshared`` (``shared_prefix: false``: every rollout runs its prompt, as TRL does) and, on request,
-``uncached`` (``unshared`` without the prompt-image caches either: TRL's behaviour). After the timed steps, one
-more step per variant measures the peak memory of the loss forward and backward (from the end of
+``uncached`` (``unshared`` without the prompt-image caches either: TRL's behaviour) and ``unshared_multipass``
+(``unshared`` with ``latent_fill: multipass``, what the unshared scoring ran under checkpointing before issue 31).
+After the timed steps, one more step per variant measures the peak memory of the loss forward and backward (from the
+end of
 ``_prepare_inputs`` to the end of the backward; CPU: live malloc'd memory sampled by a thread, CUDA:
 ``max_memory_allocated``; ``common.PeakMemory``), untimed because the sampler costs CPU.
 
@@ -84,12 +86,13 @@ class PhaseTimer:
         setattr(obj, name, timed)
 
 
-#: variant -> (prompt-image caches, shared_prefix)
-VARIANTS = {"shared": (True, True), "unshared": (True, False), "uncached": (False, False)}
+#: variant -> (prompt-image caches, shared_prefix, latent_fill)
+VARIANTS = {"shared": (True, True, "auto"), "unshared": (True, False, "auto"), "uncached": (False, False, "auto"),
+            "unshared_multipass": (True, False, "multipass")}
 
 
 def make_trainer(model_dir: Path, size: str, rows, args, device: str, cache: bool, out: Path, model=None,
-                 shared_prefix: bool = True):
+                 shared_prefix: bool = True, latent_fill: str = "auto"):
     """A prepared GRPO trainer (its ``<|latent_start|>`` head row biased so that rollouts open latent blocks), its
     phase timer and image counters. ``model``: an already built model (``bench/gpu_check.py``); ``cache``:
     ``cache_prompt_images``; ``shared_prefix``: the config field."""
@@ -114,7 +117,7 @@ def make_trainer(model_dir: Path, size: str, rows, args, device: str, cache: boo
         per_device_train_batch_size=args.batch, num_generations=args.num_generations,
         max_completion_length=args.max_completion_length, beta=args.beta, num_iterations=args.num_iterations,
         loss_type="dapo", learning_rate=1e-5, report_to="none", save_strategy="no", seed=0,
-        latent_mode="hidden", cache_prompt_images=cache, shared_prefix=shared_prefix,
+        latent_mode="hidden", cache_prompt_images=cache, shared_prefix=shared_prefix, latent_fill=latent_fill,
         **getattr(args, "config_overrides", {}))
     funcs = rewards.load_reward_funcs(["plan_success_reward", "format_reward"],
                                       {"format_reward": {"latent_blocks_expected": 1}})
@@ -227,7 +230,8 @@ def main() -> dict:
             args.batch, args.num_generations = prompts * gens, gens
             generation_batch = [rows[i] for i in range(prompts) for _ in range(gens)]
             setups = {name: make_trainer(model_dir, args.size, rows, args, args.device, VARIANTS[name][0], work / name,
-                                         shared_prefix=VARIANTS[name][1]) for name in args.variants}
+                                         shared_prefix=VARIANTS[name][1], latent_fill=VARIANTS[name][2])
+                      for name in args.variants}
             steps = {name: [] for name in setups}
             for i in range(args.warmup + args.repeats):
                 for name, (trainer, timer, images) in setups.items():

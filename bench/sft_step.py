@@ -6,8 +6,10 @@
 One step = the trainer's ``training_step`` (forward + backward through the installed latent forward, the path
 ``Trainer.train`` runs) + optimizer step + ``zero_grad``, on one fixed collated batch per variant. Variants are
 interleaved (plain, stage 1, stage 2, plain, ...) so that machine noise hits them alike; medians and the
-interquartile spread are reported. Prints one JSON object; the headline keys at batch 8, k = 4 are
-``stage1_over_plain`` and ``stage2_over_plain`` (median step time ratios).
+interquartile spread are reported. ``--stage2_variants multipass fused_compile ...`` adds stage 2 with another
+``latent_fill`` / ``latent_fused_steps`` (``STAGE2_VARIANTS``; ``stage2`` itself runs the defaults, ``auto`` /
+``off``). Prints one JSON object; the headline keys at batch 8, k = 4 are ``stage1_over_plain`` and
+``stage2_over_plain`` (median step time ratios).
 
 Memory: a step's peak memory above weights, gradients and optimizer state is measured in a fresh process per case
 (CPU: live malloc'd memory sampled during the step, ``common.PeakMemory``; CUDA: ``max_memory_allocated``) for plain
@@ -45,6 +47,10 @@ from common import (
 )
 
 VARIANTS = {"plain": (2, "none"), "stage1": (1, "hidden"), "stage2": (2, "hidden")}
+#: extra stage-2 variants (``--stage2_variants``): (latent_fill, latent_fused_steps); ``stage2`` itself is auto / off
+STAGE2_VARIANTS = {"multipass": ("multipass", "off"), "keystore": ("keystore", "off"), "cached": ("cached", "off"),
+                   "fused_compile": ("auto", "compile"),
+                   "fused_cudagraphs": ("auto", "cudagraphs")}
 
 
 def make_trainer(variant: str, size: str, model_dir: Path, rows, batch: int, device: str, gradient_checkpointing: bool,
@@ -61,8 +67,10 @@ def make_trainer(variant: str, size: str, model_dir: Path, rows, batch: int, dev
         model, processor = load_bench_model(size, model_dir, device)
     else:
         model, processor = share.accelerator.unwrap_model(share.model), load_processor(model_dir)
-    stage, mode = VARIANTS[variant]
-    args = MirageSFTConfig(output_dir=tempfile.mkdtemp(), stage=stage, latent_mode=mode,
+    stage, mode = VARIANTS.get(variant, (2, "hidden"))
+    fill, fused = STAGE2_VARIANTS.get(variant.removeprefix("stage2_"), ("auto", "off"))
+    args = MirageSFTConfig(output_dir=tempfile.mkdtemp(), stage=stage, latent_mode=mode, latent_fill=fill,
+                           latent_fused_steps=fused,
                            latent_size=model.config.latent_size, per_device_train_batch_size=batch,
                            use_cpu=device == "cpu", bf16=device.startswith("cuda"), report_to="none",
                            save_strategy="no", gradient_checkpointing=gradient_checkpointing,
@@ -139,6 +147,8 @@ def main() -> dict:
     parser.add_argument("--repeats", type=int, default=7, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--stage2_variants", nargs="*", default=[], choices=sorted(STAGE2_VARIANTS),
+                        help="stage 2 also with these fills (reported as stage2_<name>_over_plain)")
     parser.add_argument("--memory_batch_sizes", type=int, nargs="*", default=[8],
                         help="batch sizes of the step-memory table (none: skip it)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -159,7 +169,7 @@ def main() -> dict:
         model_dir = bench_model_dir(args.size, k, work)
         for batch in args.batch_sizes:
             setups = {}
-            for v in VARIANTS:
+            for v in [*VARIANTS, *(f"stage2_{name}" for name in args.stage2_variants)]:
                 first = next(iter(setups.values()))[0] if setups and args.share_model else None
                 setups[v] = make_trainer(v, args.size, model_dir, rows, batch, args.device, args.gradient_checkpointing,
                                          share=first)
@@ -173,11 +183,12 @@ def main() -> dict:
             for v, (_, _, n_tokens) in setups.items():
                 s = summary(times[v])
                 row[v] = {**s, "tokens": n_tokens, "tokens_per_s": n_tokens / s["median_s"]}
-            for v in ("stage1", "stage2"):
-                row[f"{v}_over_plain"] = row[v]["median_s"] / row["plain"]["median_s"]
+            for v in setups:
+                if v != "plain":
+                    row[f"{v}_over_plain"] = row[v]["median_s"] / row["plain"]["median_s"]
             results.append(row)
-            print(f"k={k} batch={batch}: plain {row['plain']['median_s']:.4f}s  stage1 x{row['stage1_over_plain']:.3f}"
-                  f"  stage2 x{row['stage2_over_plain']:.3f}", file=sys.stderr)
+            print(f"k={k} batch={batch}: plain {row['plain']['median_s']:.4f}s  "
+                  + "  ".join(f"{v} x{row[f'{v}_over_plain']:.3f}" for v in setups if v != "plain"), file=sys.stderr)
             del setups
     memory = memory_table(args, work, work / "data", args.memory_batch_sizes) if args.memory_batch_sizes else []
     head = next((r for r in results if r["k"] == 4 and r["batch"] == 8), results[0])
@@ -187,6 +198,7 @@ def main() -> dict:
         fits[str(batch)] = m[("stage2", True)] / m[("plain", False)]
     return {**header("sft_step", args.size, args.device), "headline_at": {"k": head["k"], "batch": head["batch"]},
             "stage1_over_plain": head["stage1_over_plain"], "stage2_over_plain": head["stage2_over_plain"],
+            **{f"stage2_{n}_over_plain": head[f"stage2_{n}_over_plain"] for n in args.stage2_variants},
             "stage2_gc_over_plain_step_memory": fits, "peak_memory_mb": peak_memory_mb(args.device),
             "gradient_checkpointing": args.gradient_checkpointing, "wall_s": time.perf_counter() - t_start,
             "results": results, "memory": memory}

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from . import fused_steps as fused
 from . import latent
 from .limits import check_new_tokens
 from .modeling import LatentTokens
@@ -204,7 +205,8 @@ def generate(model, processor, batch: dict, max_new_tokens: int = 64, latent_mod
              generator: torch.Generator | list[torch.Generator] | None = None, return_logprobs: bool = False,
              latent_sigma: float | None = None, suppress_token_ids: list[int] | None = None,
              eos_token_ids: list[int] | None = None, latent_fn=None, record_latents: bool = False,
-             share_prompts: bool = True, length_option: str = "max_new_tokens") -> GenerationOutput:
+             share_prompts: bool = True, length_option: str = "max_new_tokens",
+             fused_steps: str = "off") -> GenerationOutput:
     """Decode a left-padded prompt batch (``LatentCollator(with_answer=False)`` or TRL's tokenized prompts).
 
     Args:
@@ -234,6 +236,8 @@ def generate(model, processor, batch: dict, max_new_tokens: int = 64, latent_mod
             over the rows that repeat it (a GRPO group); the same tokens as without (tested). ``False``: one prefill
             row per row.
         length_option: the setting ``max_new_tokens`` came from, named when it cannot fit.
+        fused_steps: ``latent_fused_steps`` (:func:`mirage_rl.fused_steps.decode_step`): ``"off"`` (default), or
+            ``"compile"`` / ``"cudagraphs"``: every step after the prefill runs as one compiled step function.
     Raises:
         ValueError: an unknown ``latent_mode`` (:class:`mirage_rl.latent.LatentMode`); ``latent_mode`` is not
             ``"none"`` and the checkpoint has no latent tokens; ``latent_sigma`` without ``latent_mode="hidden"``; or
@@ -241,6 +245,8 @@ def generate(model, processor, batch: dict, max_new_tokens: int = 64, latent_mod
             (:func:`mirage_rl.limits.check_new_tokens`).
     """
     latent_mode = latent.parse_latent_mode(latent_mode).value
+    if fused_steps not in fused.FUSED_MODES:
+        raise ValueError(f"latent_fused_steps must be one of {fused.FUSED_MODES}, got {fused_steps!r}")
     if latent_sigma is not None and latent_mode != "hidden":
         raise ValueError(f"latent_sigma (Gaussian latents) needs latent_mode='hidden', got {latent_mode!r}")
     if latent_fn is not None and (latent_mode != "hidden" or latent_sigma is not None):
@@ -287,8 +293,11 @@ def generate(model, processor, batch: dict, max_new_tokens: int = 64, latent_mod
         am = torch.cat([am, am.new_ones(B, 1)], 1)
         step_pos = nxt.view(1, B, 1).expand(3, B, 1)
         nxt = nxt + 1
-        h = lm(inputs_embeds=nxt_emb[:, None], position_ids=step_pos, attention_mask=am, past_key_values=cache,
-               use_cache=True).last_hidden_state[:, -1]
+        if fused_steps == "off":
+            h = lm(inputs_embeds=nxt_emb[:, None], position_ids=step_pos, attention_mask=am, past_key_values=cache,
+                   use_cache=True).last_hidden_state[:, -1]
+        else:
+            h = fused.decode_step(lm, cache, nxt_emb[:, None], step_pos, am, fused_steps)[:, -1]
     seqs = torch.stack(out, 1) if out else ids.new_zeros(B, 0)
     logprobs = (torch.stack(logps, 1) if logps else torch.zeros(B, 0, device=device)) if return_logprobs else None
     latents = torch.stack(lat, 1) if lat else None

@@ -11,6 +11,7 @@ hidden state of the previous position (Coconut-style recurrence, arXiv 2412.0676
 from __future__ import annotations
 
 import enum
+import logging
 import math
 from typing import NamedTuple
 
@@ -21,8 +22,10 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
 
-from . import prefix_attention
-from .prefix_attention import SharedPrefix, use_prefix_attention
+from . import fused_steps, prefix_attention
+from .prefix_attention import KeyStore, SharedPrefix, use_prefix_attention
+
+logger = logging.getLogger(__name__)
 
 COMPRESS_MODES = ("average", "grid")
 
@@ -219,10 +222,11 @@ def helper_targets(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tens
     return torch.stack(out)
 
 
-def _lm_forward(lm, embeds, pos, attention_mask, cache=None, prefix: SharedPrefix | None = None):
-    """The text decoder's last hidden states. With ``prefix`` (a prompt shared by groups of rows), ``embeds`` are
-    completion columns ``E - q..E-1`` after it, ``attention_mask`` ``(B, E)`` the completion's columns so far, and
-    no ``cache``: the prompt's and the earlier columns' keys are in ``prefix`` (:mod:`mirage_rl.prefix_attention`)."""
+def _lm_forward(lm, embeds, pos, attention_mask, cache=None, prefix: KeyStore | None = None):
+    """The text decoder's last hidden states. With ``prefix`` (a key store, or a prompt shared by groups of rows),
+    ``embeds`` are columns ``E - q..E-1`` after the ones it holds, ``attention_mask`` ``(B, E)`` the columns so far
+    (after the shared prompt, if any), and no ``cache``: the earlier columns' keys are in ``prefix``
+    (:mod:`mirage_rl.prefix_attention`)."""
     if prefix is None:
         return lm(inputs_embeds=embeds, position_ids=pos, attention_mask=attention_mask, past_key_values=cache,
                   use_cache=cache is not None).last_hidden_state
@@ -232,8 +236,57 @@ def _lm_forward(lm, embeds, pos, attention_mask, cache=None, prefix: SharedPrefi
                   use_cache=False).last_hidden_state
 
 
+#: the latent fill methods (:func:`latent_fill`); ``auto`` picks one (:func:`resolve_fill`)
+FILL_METHODS = ("auto", "cached", "keystore", "multipass")
+
+_fills_logged: set[tuple[str, str]] = set()
+
+
+def resolve_fill(lm, method: str = "auto", fused: str = "off") -> tuple[str, str]:
+    """The fill method that runs for the text decoder ``lm`` now, and why (issue 31).
+
+    ``auto`` picks the fastest exact method (``bench/sft_step.py``): ``cached`` when the decoder keeps a KV cache (no
+    gradient checkpointing in training); under gradient checkpointing ``keystore`` (the same chunked fill with the
+    keys in a :class:`~mirage_rl.prefix_attention.KeyStore`, its one-column steps not checkpointed), which needs
+    non-reentrant checkpointing when gradients flow (:func:`mirage_rl.prefix_attention.unsupported`); else
+    ``multipass`` (reentrant checkpointing, which sends no gradient through a key store: the documented fallback).
+    With ``fused`` (a :data:`mirage_rl.fused_steps.FUSED_MODES` other than ``off``) ``auto`` picks ``keystore``
+    wherever it can run (the fused steps continue a key store).
+
+    Returns:
+        ``(method, reason)``, ``method`` one of ``cached``, ``keystore``, ``multipass``.
+    Raises:
+        ValueError: an unknown method; ``cached`` under gradient checkpointing in training (transformers drops the
+            cache there, so the slots would read nothing); ``keystore`` where the decoder cannot keep its keys (the
+            reason named).
+    """
+    if method not in FILL_METHODS:
+        raise ValueError(f"latent fill method must be one of {FILL_METHODS}, got {method!r}")
+    if fused not in fused_steps.FUSED_MODES:
+        raise ValueError(f"latent_fused_steps must be one of {fused_steps.FUSED_MODES}, got {fused!r}")
+    if fused != "off" and method in ("cached", "multipass"):
+        raise ValueError(f"latent_fused_steps: {fused} runs on the key store; latent_fill: {method} has none (use "
+                         "latent_fill: auto or keystore, or latent_fused_steps: off)")
+    checkpointing = bool(getattr(lm, "gradient_checkpointing", False) and lm.training)
+    why = prefix_attention.unsupported(lm, backward=torch.is_grad_enabled())
+    if method == "cached" and checkpointing:
+        raise ValueError("latent_fill: cached cannot run under gradient checkpointing in training (the checkpointed "
+                         "layers get no KV cache); use latent_fill: auto or keystore")
+    if method == "keystore" and why is not None:
+        raise ValueError(f"latent_fill: keystore cannot run here: {why}; use latent_fill: auto or multipass")
+    if method != "auto":
+        return method, "requested"
+    if fused != "off" and why is None:
+        return "keystore", f"latent_fused_steps: {fused} (fused one-column steps on a key store)"
+    if not checkpointing:
+        return "cached", "no gradient checkpointing: a KV cache"
+    if why is None:
+        return "keystore", "gradient checkpointing: the chunked fill with its keys in a key store"
+    return "multipass", f"gradient checkpointing where the key store cannot run ({why})"
+
+
 def latent_fill(model, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-                latent_mask: torch.Tensor, method: str = "auto") -> torch.Tensor:
+                latent_mask: torch.Tensor, method: str = "auto", fused: str = "off") -> torch.Tensor:
     """Run the decoder where every latent slot's input is the last hidden state of the previous position.
 
     Args:
@@ -242,39 +295,61 @@ def latent_fill(model, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, 
         latent_mask: ``(B, L)`` bool, True at latent slots. A slot may not sit in column 0.
         method: ``"cached"`` (a KV cache; the sequence is cut at every column that holds a slot in any
             row, so aligned batches cost k single-column steps; misaligned rows, e.g. rollouts that opened their
-            blocks at different steps, are first realigned by :func:`aligned_columns`), ``"multipass"`` (no cache: full forwards
-            repeated until every slot is exact; cost ~ (slots per row + 1) forwards; needed under gradient
-            checkpointing, which drops the cache) or ``"auto"`` (multipass when gradient checkpointing is on
-            in training, else cached). Both give the same values and gradients (tested).
+            blocks at different steps, are first realigned by :func:`aligned_columns`), ``"keystore"`` (the same
+            chunks with the keys in a :class:`~mirage_rl.prefix_attention.KeyStore` instead of a cache: runs under
+            non-reentrant gradient checkpointing, which drops the cache), ``"multipass"`` (no cache: full forwards
+            repeated until every slot is exact; cost ~ (slots per row + 1) forwards; runs under any checkpointing) or
+            ``"auto"`` (:func:`resolve_fill`; the pick is logged once per process). All give the same values and
+            gradients (tested).
+        fused: ``latent_fused_steps`` (:mod:`mirage_rl.fused_steps`): how the key store's one-column steps run:
+            ``"off"`` (default) as they are, ``"compile"`` / ``"cudagraphs"`` compiled.
     Returns:
         ``(B, L, H)`` last-layer hidden states (after the final norm), differentiable.
+    Raises:
+        ValueError: a slot in column 0; a method that cannot run here (:func:`resolve_fill`).
     """
     lm = language_model(model)
     if not bool(latent_mask.any()):
         return _lm_forward(lm, inputs_embeds, position_ids, attention_mask)
     if bool(latent_mask[:, 0].any()):
         raise ValueError("a latent slot sits in column 0: it has no previous hidden state")
-    if method == "auto":
-        method = "multipass" if (lm.gradient_checkpointing and lm.training) else "cached"
-    if method == "cached":
-        cols = aligned_columns(latent_mask)
-        if cols is None:
-            return _fill_cached(lm, inputs_embeds, position_ids, attention_mask, latent_mask)
-        return _fill_cached_aligned(lm, inputs_embeds, position_ids, attention_mask, latent_mask, cols)
+    requested = method
+    method, reason = resolve_fill(lm, method, fused)
+    if requested == "auto" and (method, reason) not in _fills_logged:
+        _fills_logged.add((method, reason))
+        logger.info("latent_fill auto: %s (%s)", method, reason)
     if method == "multipass":
         return _fill_multipass(lm, inputs_embeds, position_ids, attention_mask, latent_mask)
-    raise ValueError(f"latent fill method must be 'auto', 'cached' or 'multipass', got {method!r}")
+    store = KeyStore.for_layers(len(lm.layers)) if method == "keystore" else None
+    cols = aligned_columns(latent_mask)
+    if cols is None:
+        return _fill_cached(lm, inputs_embeds, position_ids, attention_mask, latent_mask, store, fused)
+    return _fill_cached_aligned(lm, inputs_embeds, position_ids, attention_mask, latent_mask, cols, store, fused)
 
 
-def _fill_cached(lm, embeds, pos, attention_mask, latent_mask, prefix: SharedPrefix | None = None):
-    """The cached fill; with ``prefix`` (a prompt shared by groups of rows) the columns here continue it."""
+def _fill_cached(lm, embeds, pos, attention_mask, latent_mask, prefix: KeyStore | None = None, fused: str = "off"):
+    """The chunked fill: with a KV cache, or with ``prefix`` its keys kept in a store (a
+    :class:`~mirage_rl.prefix_attention.KeyStore`; a :class:`SharedPrefix`: a prompt shared by groups of rows, which
+    the columns here continue). With a per-row key store each run of consecutive one-column chunks goes through
+    :func:`mirage_rl.fused_steps.run_columns`, compiled as ``fused`` says."""
     L = embeds.shape[1]
     cols = latent_mask.any(0).nonzero().flatten().tolist()
-    starts, ends = [0] + cols, cols + [L]
+    chunks = [(s, e) for s, e in zip([0] + cols, cols + [L]) if e > s]
+    if type(prefix) is KeyStore:  # runs of one-column chunks go through the step function as one item
+        merged: list[tuple[int, int, bool]] = []
+        for s, e in chunks:
+            if e - s == 1 and s > 0 and merged and merged[-1][2] and merged[-1][1] == s:
+                merged[-1] = (merged[-1][0], e, True)
+            else:
+                merged.append((s, e, e - s == 1 and s > 0))
+    else:
+        merged = [(s, e, False) for s, e in chunks]
     cache = DynamicCache(config=lm.config) if prefix is None else None
     outs: list[torch.Tensor] = []
-    for s, e in zip(starts, ends):
-        if e <= s:
+    for s, e, run in merged:
+        if run:
+            outs.append(fused_steps.run_columns(lm, prefix, embeds[:, s:e], outs[-1][:, -1], latent_mask[:, s:e],
+                                                pos[..., s:e], attention_mask[:, :e], fused))
             continue
         chunk = embeds[:, s:e]
         if s > 0 and s in cols:  # this chunk starts at a latent column: feed the previous hidden state there
@@ -333,7 +408,8 @@ def aligned_columns(latent_mask: torch.Tensor) -> torch.Tensor | None:
     return (torch.arange(L)[None] + offset).to(latent_mask.device)
 
 
-def _fill_cached_aligned(lm, embeds, pos, attention_mask, latent_mask, cols, prefix: SharedPrefix | None = None):
+def _fill_cached_aligned(lm, embeds, pos, attention_mask, latent_mask, cols, prefix: KeyStore | None = None,
+                         fused: str = "off"):
     """:func:`_fill_cached` on the layout of :func:`aligned_columns`, mapped back to the original columns (gap
     columns go after a given ``prefix``, never into it)."""
     B, L, H = embeds.shape
@@ -347,7 +423,7 @@ def _fill_cached_aligned(lm, embeds, pos, attention_mask, latent_mask, cols, pre
     am[rows, cols] = attention_mask
     lmask = latent_mask.new_zeros(B, width)
     lmask[rows, cols] = latent_mask
-    hidden = _fill_cached(lm, e, p, am, lmask, prefix)
+    hidden = _fill_cached(lm, e, p, am, lmask, prefix, fused)
     return hidden.gather(1, cols[..., None].expand(B, L, hidden.shape[-1]))
 
 
@@ -366,7 +442,8 @@ def _fill_multipass(lm, embeds, pos, attention_mask, latent_mask):
 def latent_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
                          mm_token_type_ids: torch.Tensor | None = None, latent_mask: torch.Tensor | None = None,
-                         latent_inputs: torch.Tensor | None = None, method: str = "auto") -> torch.Tensor:
+                         latent_inputs: torch.Tensor | None = None, method: str = "auto",
+                         fused: str = "off") -> torch.Tensor:
     """Last hidden states of a whole latent sequence, the way decoding produced it (scoring a rollout).
 
     Args:
@@ -376,6 +453,7 @@ def latent_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.T
             position's hidden state (``latent_fill``, differentiable through the recurrence).
         latent_inputs: ``(N, H)`` float, the inputs the slots received at sampling time, row-major (Gaussian latents);
             fed as they are, so the sequence costs one forward.
+        method / fused: the fill (:func:`latent_fill`).
     Returns:
         ``(B, L, H)`` hidden states after the final norm.
     Raises:
@@ -389,7 +467,7 @@ def latent_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.T
         return _lm_forward(language_model(model), teacher_forced(emb, latent_mask, latent_inputs), pos, attention_mask)
     if latent_mask is None:
         return _lm_forward(language_model(model), emb, pos, attention_mask)
-    return latent_fill(model, emb, pos, attention_mask, latent_mask, method)
+    return latent_fill(model, emb, pos, attention_mask, latent_mask, method, fused)
 
 
 def prefix_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_len: int,

@@ -1,4 +1,6 @@
-"""Attention over a prompt shared by a group of rows, read once per group (issue 22; ours).
+"""Key stores that replace a KV cache, so that gradient checkpointing may recompute (ours): :class:`KeyStore`, the
+chunks of each row (the latent fill under checkpointing, issue 31), and :class:`SharedPrefix`, also a prompt shared
+by a group of rows, read once per group (issue 22).
 
 A GRPO group holds ``G`` rollouts of one prompt. :func:`mirage_rl.latent.shared_prefix_hidden_states` runs the
 prompt once per group; the rows' completions then attend to it. Expanding the prompt's keys and values over the rows
@@ -28,13 +30,78 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 #: the attention implementation name registered with transformers
 ATTENTION_NAME = "mirage_shared_prefix"
 
 
 @dataclass
-class SharedPrefix:
+class KeyStore:
+    """Per decoder layer, the keys and values of the chunks of a sequence run so far (the chunked latent fill's KV
+    cache under gradient checkpointing, issue 31).
+
+    The latent fill runs a sequence in chunks, cut at its latent slots. With a KV cache (``DynamicCache``) it cannot
+    run under gradient checkpointing: a checkpointed layer gets no cache (transformers drops it), and a recomputed
+    call would append its keys twice. Here the attention function keeps each chunk's keys and values itself, and a
+    recomputed call reads what the first call stored and stores nothing new; the stored tensors keep their autograd
+    history, so a later chunk's gradient reaches the layers of the chunk that made them (non-reentrant checkpointing
+    recomputes them on demand). Every row is its own sequence: attention is SDPA over the concatenated keys
+    (``transformers.integrations.sdpa_attention.sdpa_attention_forward``, whatever the model's own implementation).
+
+    Attributes:
+        completion_keys / completion_values: per decoder layer, the chunks' ``(B, kv heads, q_i, d)``, in order.
+        chunks: the chunks begun so far.
+    """
+
+    completion_keys: list[list[torch.Tensor]]
+    completion_values: list[list[torch.Tensor]]
+    chunks: int = 0
+
+    @classmethod
+    def for_layers(cls, num_layers: int) -> "KeyStore":
+        """An empty store for ``num_layers`` decoder layers."""
+        return cls([[] for _ in range(num_layers)], [[] for _ in range(num_layers)])
+
+    def mask(self, attention_mask: torch.Tensor, start: int) -> "PrefixAttentionMask":
+        """The mask of the next decoder call on columns ``start..E-1`` (calls go left to right): ``attention_mask``
+        ``(B, E)``, the columns ``0..E-1`` so far (keys are causal; a shared prompt, if any, is seen whole)."""
+        E = attention_mask.shape[1]
+        cols = torch.arange(E, device=attention_mask.device)
+        causal = cols[None, :] <= torch.arange(start, E, device=attention_mask.device)[:, None]  # (q, E)
+        self.chunks += 1
+        return PrefixAttentionMask(self, attention_mask.bool()[:, None, :] & causal[None], self.chunks - 1)
+
+    def keys_so_far(self, layer: int, chunk: int, key: torch.Tensor, value: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store chunk ``chunk``'s ``key`` / ``value`` of ``layer`` (first call only) and return the keys and values
+        of chunks ``0..chunk``: earlier chunks as stored, this one as computed now (equal values when recomputed).
+
+        Raises:
+            RuntimeError: a chunk runs before an earlier one has (the chunks must go left to right)."""
+        past_k, past_v = self.completion_keys[layer], self.completion_values[layer]
+        if len(past_k) == chunk:
+            past_k.append(key)
+            past_v.append(value)
+        elif len(past_k) < chunk:
+            raise RuntimeError(f"chunk {chunk} of layer {layer} runs before chunk {len(past_k)}")
+        if not chunk:
+            return key, value
+        return torch.cat([*past_k[:chunk], key], 2), torch.cat([*past_v[:chunk], value], 2)
+
+    def append_chunk(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Add the next chunk's keys and values of every layer, computed outside the decoder's layers (the fused slot
+        steps, :mod:`mirage_rl.fused_steps`)."""
+        for layer, (key, value) in enumerate(zip(keys, values)):
+            if len(self.completion_keys[layer]) != self.chunks:
+                raise RuntimeError(f"layer {layer} holds {len(self.completion_keys[layer])} chunks, not {self.chunks}")
+            self.completion_keys[layer].append(key)
+            self.completion_values[layer].append(value)
+        self.chunks += 1
+
+
+@dataclass
+class SharedPrefix(KeyStore):
     """The prompt's keys and values, once per group, which rows read them, and the completion's keys so far.
 
     Filled as the decoder runs (no KV cache object, so gradient checkpointing may recompute any layer call: a
@@ -46,20 +113,17 @@ class SharedPrefix:
         slots: ``(G, n)`` long, the rows of each group, padded with the group's first row (``n`` = the largest group).
         slot_of_row: ``(B,)`` long, each row's index in ``slots.flatten()``.
         completion_keys / completion_values: per decoder layer, the completion's ``(B, kv heads, q_i, d)`` chunk by
-            chunk (the latent fill runs the completion in chunks).
+            chunk (the latent fill runs the completion in chunks; :class:`KeyStore`).
         chunks: the completion chunks begun so far.
         wide: per decoder layer, ``keys`` and ``values`` in float32 when they are half precision (made once, read
             by every chunk).
     """
 
-    keys: list[torch.Tensor | None]
-    values: list[torch.Tensor | None]
-    key_mask: torch.Tensor
-    slots: torch.Tensor
-    slot_of_row: torch.Tensor
-    completion_keys: list[list[torch.Tensor]]
-    completion_values: list[list[torch.Tensor]]
-    chunks: int = 0
+    keys: list[torch.Tensor | None] = field(default_factory=list)
+    values: list[torch.Tensor | None] = field(default_factory=list)
+    key_mask: torch.Tensor | None = None
+    slots: torch.Tensor | None = None
+    slot_of_row: torch.Tensor | None = None
     wide: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
@@ -73,23 +137,13 @@ class SharedPrefix:
         slot_of_row = torch.empty_like(group_of_row)
         for g, m in enumerate(members):
             slot_of_row[m] = g * n + torch.arange(len(m), device=m.device)
-        return cls([None] * num_layers, [None] * num_layers, key_mask.bool(), slots, slot_of_row,
-                   [[] for _ in range(num_layers)], [[] for _ in range(num_layers)])
+        return cls([[] for _ in range(num_layers)], [[] for _ in range(num_layers)], keys=[None] * num_layers,
+                   values=[None] * num_layers, key_mask=key_mask.bool(), slots=slots, slot_of_row=slot_of_row)
 
     def prompt_mask(self, mask, implementation) -> "PromptMask":
         """The mask of the prompt's decoder call: ``mask`` as ``transformers.masking_utils.create_causal_mask`` built
         it for the model's own attention ``implementation`` (the function), which computes the prompt's attention."""
         return PromptMask(self, mask, implementation)
-
-    def mask(self, attention_mask: torch.Tensor, start: int) -> "PrefixAttentionMask":
-        """The mask of the next decoder call on completion columns ``start..E-1`` (calls go left to right):
-        ``attention_mask`` ``(B, E)``, the completion's columns ``0..E-1`` (keys are causal within the completion and
-        see the whole real prompt)."""
-        E = attention_mask.shape[1]
-        cols = torch.arange(E, device=attention_mask.device)
-        causal = cols[None, :] <= torch.arange(start, E, device=attention_mask.device)[:, None]  # (q, E)
-        self.chunks += 1
-        return PrefixAttentionMask(self, attention_mask.bool()[:, None, :] & causal[None], self.chunks - 1)
 
 
 @dataclass
@@ -104,11 +158,11 @@ class PromptMask:
 
 @dataclass
 class PrefixAttentionMask:
-    """What the decoder layers pass to :func:`shared_prefix_attention` as their attention mask in a completion chunk:
-    the shared prompt, ``completion`` ``(B, q, E)`` bool (which completion keys each query may read) and the chunk's
-    index."""
+    """What the decoder layers pass to :func:`shared_prefix_attention` as their attention mask in a chunk: the store
+    (a :class:`SharedPrefix`, or a :class:`KeyStore` without a shared prompt), ``completion`` ``(B, q, E)`` bool
+    (which of the store's keys each query may read) and the chunk's index."""
 
-    prefix: SharedPrefix
+    prefix: KeyStore
     completion: torch.Tensor
     chunk: int
 
@@ -165,15 +219,11 @@ def shared_prefix_attention(module, query: torch.Tensor, key: torch.Tensor, valu
         raise ValueError(f"{ATTENTION_NAME} attention does not support attention dropout ({dropout}): set the model's "
                          "attention_dropout to 0 or shared_prefix: false")
     prefix, i = attention_mask.prefix, attention_mask.chunk
+    key, value = prefix.keys_so_far(layer, i, key, value)
+    if not isinstance(prefix, SharedPrefix):  # every row its own sequence: SDPA over the concatenated keys
+        return sdpa_attention_forward(module, query, key, value, attention_mask.completion[:, None], scaling=scaling,
+                                      is_causal=False)
     kp, vp = prefix.keys[layer], prefix.values[layer]
-    past_k, past_v = prefix.completion_keys[layer], prefix.completion_values[layer]
-    if len(past_k) == i:
-        past_k.append(key)
-        past_v.append(value)
-    elif len(past_k) < i:
-        raise RuntimeError(f"completion chunk {i} of layer {layer} runs before chunk {len(past_k)}")
-    if i:  # earlier chunks as they were stored; this chunk as computed now (equal values when recomputed)
-        key, value = torch.cat([*past_k[:i], key], 2), torch.cat([*past_v[:i], value], 2)
     B, heads, q, d = query.shape
     kv = key.shape[1]
     r = heads // kv * q  # query rows per kv head and row
@@ -219,13 +269,15 @@ def use_prefix_attention(lm):
     previous implementation is restored on exit, also on errors. Under gradient checkpointing each layer's
     recomputation in the backward (after the block) runs under the same switch, through the non-reentrant
     checkpoint's ``context_fn`` (https://pytorch.org/docs/stable/checkpoint.html); without checkpointing the
-    backward looks nothing up."""
+    backward looks nothing up. (Reentrant checkpointing, or one with a ``context_fn`` of its own, is left as it is:
+    :func:`unsupported` refuses it where a backward follows.)"""
     config = lm.config
     patched = []
     if lm.training:
         for layer in lm.layers:
             fn = getattr(layer, "_gradient_checkpointing_func", None)
-            if getattr(layer, "gradient_checkpointing", False) and isinstance(fn, functools.partial):
+            if (getattr(layer, "gradient_checkpointing", False) and isinstance(fn, functools.partial)
+                    and fn.keywords.get("use_reentrant") is False and "context_fn" not in fn.keywords):
                 patched.append((layer, vars(layer).get("_gradient_checkpointing_func")))
                 layer._gradient_checkpointing_func = functools.partial(
                     fn, context_fn=lambda: (contextlib.nullcontext(), _implementation(config, ATTENTION_NAME)))
@@ -240,8 +292,9 @@ def use_prefix_attention(lm):
                 layer._gradient_checkpointing_func = fn
 
 
-def unsupported(lm) -> str | None:
-    """Why the text decoder ``lm`` cannot share prompts in training now, or ``None`` when it can.
+def unsupported(lm, backward: bool = True) -> str | None:
+    """Why the text decoder ``lm`` cannot keep its keys in a store (share prompts, or run the key-store latent fill)
+    now, or ``None`` when it can; ``backward``: gradients will flow (without them checkpointing plays no part).
 
     Sliding-window layers are not supported. Under gradient checkpointing the checkpoint must be non-reentrant
     (``gradient_checkpointing_kwargs: {"use_reentrant": false}``, transformers' default since 5.0): the prompt's keys
@@ -250,7 +303,7 @@ def unsupported(lm) -> str | None:
     (:func:`use_prefix_attention` sets one)."""
     if any(t != "full_attention" for t in getattr(lm.config, "layer_types", None) or ()):
         return "the decoder has sliding-window layers"
-    if lm.training:
+    if lm.training and backward:
         for layer in lm.layers:
             fn = getattr(layer, "_gradient_checkpointing_func", None)
             if not getattr(layer, "gradient_checkpointing", False):

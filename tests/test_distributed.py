@@ -132,6 +132,19 @@ def test_two_ranks_match_one_process(launcher, stage, single, tiny_dir, small_da
 
 @pytest.mark.deepspeed
 @requires_deepspeed
+def test_zero3_stage2_under_gradient_checkpointing(single, tiny_dir, small_dataset_dir, tmp_path):
+    """Stage 2 as the 7B recipes train it: ZeRO-3 and (non-reentrant) gradient checkpointing, under which the latent
+    fill keeps its keys in a key store and runs its one-column steps outside the checkpointed layers (issue 31). Its
+    losses and gradient norms are those of one process without checkpointing."""
+    reference, _ = single(2)
+    records = launch("sft", sft_args(2, tiny_dir, small_dataset_dir, tmp_path / "out", 2) +
+                     ["--gradient_checkpointing", "true"], tmp_path / "logs", "zero3")
+    assert all(r["zero_stage"] == 3 for r in records)
+    assert_same_steps(records, reference)
+
+
+@pytest.mark.deepspeed
+@requires_deepspeed
 def test_zero3_stage1_from_a_stock_checkpoint(stock_dir, small_dataset_dir, tmp_path):
     """The 7B entry path: stage 1 adds the latent tokens (resize + mean rows) to a model loaded sharded by ZeRO-3;
     losses, gradient norms and the saved weights equal one process's."""

@@ -34,6 +34,8 @@ REQUIRED = {
               *[f"grpo.{p}_ms" for p in ("step", "generation", "reward", "log_prob", "optimisation", "image_processing",
                                           "other")], "grpo.generation_share", "grpo.shared_over_unshared_step",
               "grpo.unshared_step_ms"],
+    "profile": ["plain.leaf_aten_ops", "plain.total_ms", "stage2.leaf_aten_ops", "stage2.leaf_aten_ops_over_plain",
+                "stage2.top15"],
     "memory": ["decode_batch8_peak_gib", "decode_batch64_peak_gib", "grpo_step_peak_gib", "sft_step_peak_gib",
                "seven_b_stage2_gc_batch2.skipped"],
 }
@@ -65,7 +67,7 @@ def test_the_cpu_form_reports_every_section_and_key_finite(vsp_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
     assert json.loads(proc.stdout) == report  # the one JSON object on stdout is the file
-    assert list(report) == ["env", "parity", "speed", "vllm", "memory"]
+    assert list(report) == ["env", "parity", "speed", "profile", "vllm", "memory"]
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None:  # the lent GPU machine's case: said, not measured
@@ -91,6 +93,10 @@ def test_the_cpu_form_reports_every_section_and_key_finite(vsp_dir, tmp_path):
     assert report["speed"]["grpo"]["generations"] == 4 and "error" not in report["speed"]["sft"]
     fp32 = parity["grpo_logprobs"]["fp32_start_bias_15"]  # the fp32 repeat: no mixed precision, the same rollout
     assert fp32["dtype"] == "float32" and fp32["max_abs_logprob_diff_nats"] < 1e-3
+    profile = report["profile"]  # stage 2's extra one-column steps run more operators than plain SFT
+    assert profile["stage2"]["leaf_aten_ops"] > profile["plain"]["leaf_aten_ops"] > 0
+    assert len(profile["stage2"]["top15"]) == 15 and all(e["count"] > 0 for e in profile["stage2"]["top15"])
+    assert "not measured" in report["speed"]["sft"]["stage2_fused_skipped"]
     md = (out / "gpu_check.md").read_text()
     assert all(f"## {s}" in md for s in REQUIRED) and "stage2_over_plain" in md
     assert "[" in proc.stderr and "parity: done" in proc.stderr  # progress, so a cut-off run shows how far it got

@@ -93,21 +93,6 @@ def test_cached_fill_gradients_equal_multipass(tiny, small_rows):
         assert (g - ref).abs().max() <= 1e-6 * ref.abs().max().clamp(min=1e-12), n
 
 
-def test_gradient_checkpointing_uses_the_cache_free_fill(tiny, small_rows):
-    model, processor = tiny
-    scramble(model, seed=3, std=0.1)
-    b, emb, pos = _batch(model, processor, [small_rows[i] for i in range(3)])
-    model.eval()
-    with torch.no_grad():
-        ref = latent.latent_fill(model, emb, pos, b["attention_mask"], b["latent_mask"], "cached")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    h = latent.latent_fill(model, emb, pos, b["attention_mask"], b["latent_mask"], "auto")
-    h.sum().backward()
-    assert (h.detach() - ref).abs().max() < 1e-5
-    assert model.model.language_model.layers[0].self_attn.q_proj.weight.grad is not None
-
-
 def test_helper_targets_average_and_grid(tiny, small_rows):
     model, processor = tiny
     scramble(model, seed=4)

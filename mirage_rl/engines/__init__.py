@@ -55,6 +55,7 @@ class DecodeSettings:
     record_latents: bool = False
     share_prompts: bool = True
     length_option: str = "max_new_tokens"
+    fused_steps: str = "off"
 
 
 class RolloutEngine(abc.ABC):
@@ -92,7 +93,8 @@ class HFEngine(RolloutEngine):
                         return_logprobs=settings.return_logprobs, latent_sigma=settings.latent_sigma,
                         suppress_token_ids=settings.suppress_token_ids, eos_token_ids=settings.eos_token_ids,
                         latent_fn=settings.latent_fn, record_latents=settings.record_latents,
-                        share_prompts=settings.share_prompts, length_option=settings.length_option)
+                        share_prompts=settings.share_prompts, length_option=settings.length_option,
+                        fused_steps=settings.fused_steps)
 
 
 #: latent interventions that replace what enters the slots (a ``latent_fn``): the HF engine only

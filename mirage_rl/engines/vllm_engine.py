@@ -14,6 +14,7 @@ seeds.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -29,6 +30,8 @@ WORKER = {"cpu": "mirage_rl.engines.vllm_runner.LatentCPUWorker",
           "cuda": "mirage_rl.engines.vllm_runner.LatentGPUWorker"}
 STOCK_PROCESSORS = ("Qwen2_5_VLProcessor",)
 MIN_CPU_HEAD_DIM = 32  # vLLM's CPU attention (v1/attention/backends/cpu_attn.py)
+
+logger = logging.getLogger(__name__)
 
 
 def checkpoint_problem(path: str | Path, device: str = "cpu") -> str | None:
@@ -122,6 +125,7 @@ class VLLMEngine(RolloutEngine):
     def __init__(self, llm, processor, latent_tokens: LatentTokens | None, image_features=None, owns: bool = False):
         self.llm, self.processor, self.latent_tokens, self.owns = llm, processor, latent_tokens, owns
         self.image_features = image_features
+        self._said_fused = False
 
     @classmethod
     def load(cls, model_path: str | Path, processor, latent_tokens: LatentTokens | None, image_features=None,
@@ -159,6 +163,10 @@ class VLLMEngine(RolloutEngine):
                              f"{', '.join(HF_ONLY_INTERVENTIONS)}): use --engine hf for them")
         if settings.do_sample and settings.seeds is None:
             raise ValueError("the vLLM engine samples with one seed per row: pass DecodeSettings.seeds")
+        if settings.fused_steps != "off" and not self._said_fused:
+            self._said_fused = True
+            logger.info("latent_fused_steps: %s fuses the HF engine's decoding steps and the training fill; the vLLM "
+                        "engine decodes with its own model runner (eager)", settings.fused_steps)
         tok = self.processor.tokenizer
         am = batch.tensors["attention_mask"].cpu().bool()
         B = am.shape[0]

@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 def _latent_backbone_forward(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
                              mm_token_type_ids=None, latent_mask=None, latent_inputs=None, latent_fill_method="auto",
+                             latent_fused_steps="off",
                              prefix_rows=None, prefix_len=None, prefix_pixel_values=None, prefix_image_grid_thw=None,
                              **kwargs):
     """``Qwen2_5_VLModel.forward`` with latent slots: installed on the backbone instance, called by TRL's fused
@@ -71,7 +72,8 @@ def _latent_backbone_forward(self, input_ids=None, attention_mask=None, pixel_va
                                              mm_token_type_ids=mm_token_type_ids, **kwargs)
     else:
         hidden = latent.latent_hidden_states(self, input_ids, attention_mask, pixel_values, image_grid_thw,
-                                             mm_token_type_ids, latent_mask, latent_inputs, latent_fill_method)
+                                             mm_token_type_ids, latent_mask, latent_inputs, latent_fill_method,
+                                             latent_fused_steps)
     state = getattr(self, "_rollout_state", None)  # the trainer's RolloutState (set by MirageGRPOTrainer)
     if latent_inputs is not None and state is not None:
         state.slot_hidden = hidden[:, :-1][latent_mask[:, 1:]]
@@ -289,7 +291,7 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
                    for i in range(len(prompt_ids))],
             latent_sigma=self.args.latent_sigma if self.latent_objective == "gaussian" else None,
             suppress_token_ids=suppress, eos_token_ids=list(self.eos_token_ids), length_option="max_completion_length",
-            share_prompts=self.args.shared_prefix)
+            share_prompts=self.args.shared_prefix, fused_steps=self.args.latent_fused_steps)
         t0 = time.perf_counter()
         if self.use_vllm:
             out = self._vllm_rollout(RolloutBatch(batch), settings)
@@ -547,6 +549,7 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             if has_slots and self.latent_mode == "hidden":
                 inputs["latent_mask"] = chunk_slots
                 inputs["latent_fill_method"] = self.args.latent_fill
+                inputs["latent_fused_steps"] = self.args.latent_fused_steps
                 if gaussian:
                     v, n = values[start:end], chunk_slots.sum(1)
                     inputs["latent_inputs"] = v[torch.arange(v.shape[1], device=v.device)[None] < n[:, None]]

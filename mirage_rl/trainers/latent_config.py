@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..latent import LATENT_MODES, parse_latent_mode
+from ..fused_steps import FUSED_MODES
+from ..latent import FILL_METHODS, LATENT_MODES, parse_latent_mode
 
 #: ``latent_fill`` values (:func:`mirage_rl.latent.latent_fill`)
-LATENT_FILLS = ("auto", "cached", "multipass")
+LATENT_FILLS = FILL_METHODS
 
 
 @dataclass
@@ -22,9 +23,15 @@ class LatentFields:
             ``hidden``; GRPO uses the mode the checkpoint records, else ``hidden`` when it has latent tokens
             (:func:`mirage_rl.latent.resolve_latent_mode`).
         latent_fill (``str``, default ``"auto"``): how hidden latents are computed in training and scoring:
-            ``cached`` (KV cache, k single-column steps per block), ``multipass`` (cache-free, needed under gradient
-            checkpointing) or ``auto`` (multipass under gradient checkpointing, else cached)
-            (:func:`mirage_rl.latent.latent_fill`).
+            ``cached`` (KV cache, k single-column steps per block), ``keystore`` (the same steps with the keys in a
+            store: runs under non-reentrant gradient checkpointing), ``multipass`` (cache-free full forwards: runs
+            under any checkpointing) or ``auto`` (the fastest that runs: cached, keystore under gradient
+            checkpointing, multipass under reentrant checkpointing; the pick is logged)
+            (:func:`mirage_rl.latent.latent_fill`, :func:`mirage_rl.latent.resolve_fill`).
+        latent_fused_steps (``str``, default ``"off"``): the key-store fill's one-column steps compiled
+            (:mod:`mirage_rl.fused_steps`): ``off``, ``compile`` (``torch.compile``) or ``cudagraphs``
+            (``torch.compile(mode="reduce-overhead")``: CUDA graphs); not ``off`` makes ``auto`` pick the key store.
+            Opt-in until a GPU measurement says otherwise (``docs/GPU.md``).
         overwrite_output_dir (``bool``, default ``False``): write into an ``output_dir`` holding entries no mirage-rl
             run wrote (they are kept, never deleted); without it such a folder is refused before any work
             (:mod:`mirage_rl.outputs`).
@@ -36,6 +43,8 @@ class LatentFields:
     latent_mode: str | None = field(default=None, metadata={
         "help": f"One of {LATENT_MODES}; default: SFT hidden, GRPO the checkpoint's recorded mode."})
     latent_fill: str = field(default="auto", metadata={"help": f"One of {LATENT_FILLS}."})
+    latent_fused_steps: str = field(default="off", metadata={
+        "help": f"One of {FUSED_MODES}: the key-store latent fill's one-column steps compiled (opt-in)."})
     resume_from_checkpoint: str | None = field(default=None, metadata={
         "help": "Where training starts (README, resuming): unset or auto, the last complete checkpoint-N in output_dir "
                 "if there is one (a killed run restarted with the same command continues); true/last, that checkpoint, "
@@ -51,12 +60,18 @@ class LatentFields:
         """Validate the shared fields (call from ``__post_init__``, after TRL's).
 
         Raises:
-            ValueError: an unknown ``latent_mode`` or ``latent_fill``, or a run that trains zero steps.
+            ValueError: an unknown ``latent_mode``, ``latent_fill`` or ``latent_fused_steps`` (or fused steps with a
+                fill that has no key store), or a run that trains zero steps.
         """
         if self.latent_mode is not None:
             self.latent_mode = parse_latent_mode(self.latent_mode).value
         if self.latent_fill not in LATENT_FILLS:
             raise ValueError(f"latent_fill must be one of {LATENT_FILLS}, got {self.latent_fill!r}")
+        if self.latent_fused_steps not in FUSED_MODES:
+            raise ValueError(f"latent_fused_steps must be one of {FUSED_MODES}, got {self.latent_fused_steps!r}")
+        if self.latent_fused_steps != "off" and self.latent_fill in ("cached", "multipass"):
+            raise ValueError(f"latent_fused_steps: {self.latent_fused_steps} runs on the key store: set latent_fill "
+                             f"to auto or keystore (not {self.latent_fill})")
         check_training_length(self)
 
 

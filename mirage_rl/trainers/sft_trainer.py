@@ -173,7 +173,8 @@ class Stage2Trainer(LatentSFTTrainer):
         forward). Returns the CE terms on the answer tokens."""
         mask = latent_mask if self.args.latent_mode == "hidden" else None
         hidden = latent.latent_hidden_states(model, input_ids, attention_mask, pixel_values, image_grid_thw,
-                                             mm_token_type_ids, mask, method=self.args.latent_fill)
+                                             mm_token_type_ids, mask, method=self.args.latent_fill,
+                                             fused=self.args.latent_fused_steps)
         ce_sum, n_correct, n = answer_ce(model, hidden, labels)
         return LatentSFTOutput(ce_sum=ce_sum, n_correct=n_correct, n_tokens=n)
 

@@ -21,7 +21,11 @@ RECIPES = REPO / "recipes" / "vsp_spatial_planning"
                                          "> 0 or max_steps >= 1"),
     ("grpo", ["--num_train_epochs", "0"], "num_train_epochs=0.0 with max_steps=-1 trains nothing"),
     ("sft", ["--gamma", "-0.1"], "gamma must be >= 0 (the stage-1 weight of the CE loss; paper: 0.1), got -0.1"),
-    ("sft", ["--latent_fill", "cache"], "latent_fill must be one of ('auto', 'cached', 'multipass'), got 'cache'"),
+    ("sft", ["--latent_fill", "cache"],
+     "latent_fill must be one of ('auto', 'cached', 'keystore', 'multipass'), got 'cache'"),
+    ("sft", ["--latent_fused_steps", "on"], "latent_fused_steps must be one of ('off', 'compile', 'cudagraphs'), got 'on'"),
+    ("grpo", ["--latent_fill", "multipass", "--latent_fused_steps", "compile"],
+     "latent_fused_steps: compile runs on the key store: set latent_fill to auto or keystore (not multipass)"),
 ])
 def test_settings_that_train_on_nonsense_are_refused_at_start_up(cmd, extra, message, tmp_path, capsys):
     recipe = RECIPES / ("stage1_tiny.yaml" if cmd == "sft" else "grpo_tiny.yaml")
