@@ -201,3 +201,18 @@ def test_grpo_unshared_scoring_under_checkpointing(tiny_dir, grpo_rows, tmp_path
     keystore = score(trainer, out, False, grad=True)
     assert_same(keystore, multipass, 1e-10, order_floor(trainer, out, 8))
     assert keystore[2] < multipass[2] / 2  # decoder tokens run: k + 1 passes against one
+
+
+def test_configs_refuse_a_fill_that_cannot_run_with_their_checkpointing():
+    """At start-up, not at the first step: ``cached`` with gradient checkpointing, ``keystore`` with reentrant
+    checkpointing (what :func:`mirage_rl.latent.resolve_fill` would refuse)."""
+    from mirage_rl.trainers import MirageGRPOConfig, MirageSFTConfig
+
+    common = dict(output_dir="/tmp/unused", use_cpu=True, report_to="none", gradient_checkpointing=True)
+    for config in (MirageSFTConfig, MirageGRPOConfig):
+        with pytest.raises(ValueError, match="latent_fill: cached cannot run with gradient_checkpointing: true"):
+            config(latent_fill="cached", **common)
+        with pytest.raises(ValueError, match="latent_fill: keystore cannot run under reentrant gradient checkpoint"):
+            config(latent_fill="keystore", gradient_checkpointing_kwargs={"use_reentrant": True}, **common)
+        assert config(latent_fill="keystore", **common).latent_fill == "keystore"  # non-reentrant: transformers' default
+        assert config(latent_fill="cached", **{**common, "gradient_checkpointing": False}).latent_fill == "cached"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from ..fused_steps import FUSED_MODES
@@ -61,7 +62,8 @@ class LatentFields:
 
         Raises:
             ValueError: an unknown ``latent_mode``, ``latent_fill`` or ``latent_fused_steps`` (or fused steps with a
-                fill that has no key store), or a run that trains zero steps.
+                fill that has no key store; ``cached`` with gradient checkpointing; ``keystore`` with reentrant
+                checkpointing), or a run that trains zero steps.
         """
         if self.latent_mode is not None:
             self.latent_mode = parse_latent_mode(self.latent_mode).value
@@ -72,6 +74,17 @@ class LatentFields:
         if self.latent_fused_steps != "off" and self.latent_fill in ("cached", "multipass"):
             raise ValueError(f"latent_fused_steps: {self.latent_fused_steps} runs on the key store: set latent_fill "
                              f"to auto or keystore (not {self.latent_fill})")
+        if getattr(self, "gradient_checkpointing", False):  # what latent.resolve_fill would refuse at the first step
+            kwargs = self.gradient_checkpointing_kwargs or {}
+            if isinstance(kwargs, str):
+                kwargs = json.loads(kwargs)
+            if self.latent_fill == "cached":
+                raise ValueError("latent_fill: cached cannot run with gradient_checkpointing: true (checkpointed layers "
+                                 "get no KV cache): use latent_fill: auto or keystore")
+            if self.latent_fill == "keystore" and kwargs.get("use_reentrant") is True:
+                raise ValueError("latent_fill: keystore cannot run under reentrant gradient checkpointing "
+                                 "(gradient_checkpointing_kwargs use_reentrant: true sends no gradient through the key "
+                                 "store): use latent_fill: auto (multipass there) or use_reentrant: false")
         check_training_length(self)
 
 

@@ -43,7 +43,8 @@ class MirageSFTConfig(LatentFields, SFTConfig):
             at start-up.
 
     ``__post_init__`` refuses settings that would train on nonsense: ``num_train_epochs <= 0`` without
-    ``max_steps``, ``gamma < 0``, an unknown ``latent_fill``, ``max_length < 1``, ``latent_blocks < 0``.
+    ``max_steps``, ``gamma < 0``, an unknown ``latent_fill`` or ``latent_fused_steps`` (or one that cannot run with the
+    gradient checkpointing asked for), ``max_length < 1``, ``latent_blocks < 0``.
     """
 
     stage: int = field(default=2, metadata={"help": "Mirage stage: 1 or 2."})

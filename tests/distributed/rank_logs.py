@@ -28,9 +28,11 @@ class RankLog(TrainerCallback):
         out.mkdir(parents=True, exist_ok=True)
         acc = AcceleratorState()
         zero = acc.deepspeed_plugin.zero_stage if acc.deepspeed_plugin is not None else None
+        from mirage_rl import latent
+
         (out / f"rank{args.process_index}.json").write_text(json.dumps(
             {"world_size": args.world_size, "start_step": self.start_step, "distributed_type": str(acc.distributed_type), "zero_stage": zero,
-             "log_history": state.log_history}, indent=1))
+             "log_history": state.log_history, "latent_fills": sorted(m for m, _ in latent._fills_logged)}, indent=1))
 
 
 def main():

@@ -24,6 +24,8 @@ RECIPES = REPO / "recipes" / "vsp_spatial_planning"
     ("sft", ["--latent_fill", "cache"],
      "latent_fill must be one of ('auto', 'cached', 'keystore', 'multipass'), got 'cache'"),
     ("sft", ["--latent_fused_steps", "on"], "latent_fused_steps must be one of ('off', 'compile', 'cudagraphs'), got 'on'"),
+    ("sft", ["--latent_fill", "cached", "--gradient_checkpointing", "true"],
+     "latent_fill: cached cannot run with gradient_checkpointing: true (checkpointed layers get no KV cache)"),
     ("grpo", ["--latent_fill", "multipass", "--latent_fused_steps", "compile"],
      "latent_fused_steps: compile runs on the key store: set latent_fill to auto or keystore (not multipass)"),
 ])
