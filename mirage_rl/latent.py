@@ -10,6 +10,7 @@ hidden state of the previous position (Coconut-style recurrence, arXiv 2412.0676
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import math
@@ -355,7 +356,10 @@ def _fill_cached(lm, embeds, pos, attention_mask, latent_mask, prefix: KeyStore 
         if s > 0 and s in cols:  # this chunk starts at a latent column: feed the previous hidden state there
             first = torch.where(latent_mask[:, s, None], outs[-1][:, -1], chunk[:, 0])
             chunk = torch.cat([first[:, None], chunk[:, 1:]], 1)
-        outs.append(_lm_forward(lm, chunk, pos[..., s:e], attention_mask[:, :e], cache, prefix))
+        # a one-column chunk on a store (a shared prompt's latent steps) runs outside the checkpoint
+        unchecked = prefix_attention.unchecked(lm) if prefix is not None and e - s == 1 else contextlib.nullcontext()
+        with unchecked:
+            outs.append(_lm_forward(lm, chunk, pos[..., s:e], attention_mask[:, :e], cache, prefix))
     return torch.cat(outs, 1)
 
 

@@ -292,6 +292,23 @@ def use_prefix_attention(lm):
                 layer._gradient_checkpointing_func = fn
 
 
+@contextlib.contextmanager
+def unchecked(lm):
+    """Within the block the decoder layers of ``lm`` run without gradient checkpointing: for a chunk of one column,
+    whose activations are one column per layer, a recomputation would cost more than keeping them (issue 31)."""
+    flags = [(layer, vars(layer).get("gradient_checkpointing")) for layer in lm.layers]
+    for layer, _ in flags:
+        layer.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for layer, flag in flags:
+            if flag is None:
+                del layer.gradient_checkpointing
+            else:
+                layer.gradient_checkpointing = flag
+
+
 def unsupported(lm, backward: bool = True) -> str | None:
     """Why the text decoder ``lm`` cannot keep its keys in a store (share prompts, or run the key-store latent fill)
     now, or ``None`` when it can; ``backward``: gradients will flow (without them checkpointing plays no part).
