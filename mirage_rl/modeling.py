@@ -329,6 +329,24 @@ def load_processor(path: str | Path, trust_remote_code: bool = False) -> MirageP
     return MirageProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code, **extra)
 
 
+#: the checkpoints' ``model_type`` values mirage-rl trains and decodes
+SUPPORTED_MODEL_TYPES = ("qwen2_5_vl",)
+
+
+def check_model_type(config: dict, where: str) -> None:
+    """Refuse a checkpoint of another model family before ``from_pretrained`` would load it into Qwen2.5-VL's classes
+    (transformers only warns there, then runs with mismatched or fresh weights).
+
+    Raises:
+        ValueError: ``config["model_type"]`` is not in :data:`SUPPORTED_MODEL_TYPES`, naming it, ``where`` and what is
+            supported (a Qwen3-VL or Qwen3.5 checkpoint, say)."""
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{where}: model_type {model_type!r} is not supported; mirage-rl trains and decodes "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)} (Qwen2.5-VL) checkpoints: start from one, or from "
+                         "`mirage-rl create-model`")
+
+
 def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False,
                attn_implementation: str | None = None):
     """Load a ``Qwen2_5_VLForConditionalGeneration`` (safetensors only) and freeze its vision tower. A LoRA adapter
@@ -339,7 +357,8 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, trust
         FileNotFoundError: a local folder without ``config.json`` or without ``*.safetensors`` weights (pickled
             ``.bin`` weights are refused: loading them can run code); a path that does not exist, or a hub id not
             available offline (:func:`check_source`).
-        ValueError: a truncated or corrupted ``*.safetensors`` file (:func:`check_safetensors`).
+        ValueError: a truncated or corrupted ``*.safetensors`` file (:func:`check_safetensors`); a checkpoint of
+            another model family (:func:`check_model_type`).
     """
     extra = check_source(path, "model")
     local = Path(path)
@@ -352,6 +371,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, trust
         if not (local / "config.json").is_file():
             raise FileNotFoundError(f"{path}: no config.json; not a saved model folder (a stage's output_dir, or "
                                     "`mirage-rl create-model`)")
+        check_model_type(read_json(local / "config.json"), str(local / "config.json"))  # (a damaged one is named)
         if not any(local.glob("*.safetensors")):
             pickled = sorted(p.name for p in local.glob("*.bin"))
             raise FileNotFoundError(f"{path}: no *.safetensors weights{f' (only pickled {pickled})' if pickled else ''}; "
@@ -359,7 +379,10 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, trust
                                     "save_pretrained(safe_serialization=True)")
         for weights in sorted(local.glob("*.safetensors")):
             check_safetensors(weights)
-        read_json(local / "config.json")  # ValueError naming a damaged config
+    else:  # a hub id: its config (downloaded or cached) before its weights
+        from transformers import PretrainedConfig
+
+        check_model_type(PretrainedConfig.get_config_dict(str(path), **extra)[0], f"{path} (config.json)")
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
         attn_implementation=attn_implementation, **extra,

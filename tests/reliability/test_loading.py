@@ -144,3 +144,31 @@ def test_a_full_disk_during_the_final_save_removes_the_temp_folder(tiny_dir, sma
     err = capsys.readouterr().err
     assert f"no space left on device writing {out}" in err and "incomplete final save was removed" in err
     assert not list(tmp_path.glob(".s2.tmp-*")) and not (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_vl", "qwen3_5"])
+def test_a_checkpoint_of_another_model_family_is_refused_in_one_line(model_type, tiny_dir, vsp_dir, tmp_path, capsys,
+                                                                       offline_hub, monkeypatch):
+    """transformers would load it into Qwen2.5-VL's classes with a warning and mismatched weights; mirage-rl refuses
+    it before any weight is read, local folder or cached hub id, naming the model type and what is supported."""
+    import json
+
+    out = copy_model(tiny_dir, tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
+    expected = (rf"{out / 'config.json'}: model_type '{model_type}' is not supported; mirage-rl trains and decodes "
+                r"qwen2_5_vl")
+    with pytest.raises(ValueError, match=expected):
+        load_model(out)
+    assert main(["eval", "--model", str(out), "--benchmark_dir", str(vsp_dir / "maze_planning"), "--output_dir",
+                 str(tmp_path / "e"), "--limit", "1"]) == 1
+    err = capsys.readouterr().err
+    assert f"model_type '{model_type}' is not supported" in err and "Traceback" not in err and err.count("\n") == 1
+    cache = tmp_path / "hub"  # the same checkpoint as a cached hub id
+    repo = cache / "models--someorg--other"
+    shutil.copytree(out, repo / "snapshots" / ("b" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("b" * 40)
+    monkeypatch.setattr(offline_hub, "HF_HUB_CACHE", str(cache))
+    with pytest.raises(ValueError, match=rf"someorg/other \(config.json\): model_type '{model_type}' is not supported"):
+        load_model("someorg/other")
