@@ -30,13 +30,14 @@ as a text step, and with ``latent_fused_steps`` every step runs fused over the K
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from .prefix_attention import attention_implementation
 
 #: ``latent_fused_steps`` values: ``off`` (the step function runs as it is), ``compile`` (``torch.compile``, default
 #: mode) or ``cudagraphs`` (``torch.compile(mode="reduce-overhead")``: CUDA graphs)
@@ -134,16 +135,6 @@ def compiled_step(mode: str):
     raise ValueError(f"latent_fused_steps must be one of {FUSED_MODES}, got {mode!r}")
 
 
-@contextlib.contextmanager
-def _attention(config):
-    previous = config._attn_implementation
-    config._attn_implementation = ATTENTION_NAME
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
-
-
 def _padded(chunks: list[torch.Tensor], pad: int) -> torch.Tensor:
     """``(B, kv heads, sum q_i + pad, d)``: the chunks concatenated along the columns, ``pad`` zero columns after."""
     zeros = chunks[0].new_zeros(*chunks[0].shape[:2], pad, chunks[0].shape[-1])
@@ -178,11 +169,13 @@ def decode_step(lm, cache, x: torch.Tensor, position_ids: torch.Tensor, attentio
     run = tuple(x.new_zeros(B, kv, 1, d) for _ in layers)
     column = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=x.device)
     mask = _key_mask(attention_mask.bool(), P, pad)[:, None, None]
-    with _attention(lm.config):
+    with attention_implementation(lm.config, ATTENTION_NAME):
         hidden, keys, values = compiled_step(mode)(lm, x, position_ids, column, mask, prior_k, prior_v, run, run)
+    if mode == "cudagraphs":  # outputs of a replayed graph are overwritten by its next replay
+        hidden, keys, values = hidden.clone(), [k.clone() for k in keys], [v.clone() for v in values]
     for i, (k, v) in enumerate(zip(keys, values)):
-        cache.update(k.clone(), v.clone(), i)  # (clones: a replayed CUDA graph overwrites its outputs)
-    return hidden.clone() if mode == "cudagraphs" else hidden
+        cache.update(k, v, i)
+    return hidden
 
 
 def run_columns(lm, store, embeds, first_input, latent_mask, pos, attention_mask, mode: str) -> torch.Tensor:
@@ -210,7 +203,7 @@ def run_columns(lm, store, embeds, first_input, latent_mask, pos, attention_mask
     keys_real = _key_mask(attention_mask.bool(), P, pad)  # (B, P_pad + m)
     step = compiled_step(mode)
     outs, previous = [], first_input
-    with _attention(lm.config):
+    with attention_implementation(lm.config, ATTENTION_NAME):
         for j in range(m):
             x = torch.where(latent_mask[:, j, None], previous, embeds[:, j])[:, None]
             column = torch.arange(m, device=embeds.device).eq(j).view(1, 1, m, 1)

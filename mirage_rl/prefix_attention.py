@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass, field
+from unittest import mock
 
 import torch
 from transformers import AttentionInterface
@@ -254,7 +255,11 @@ AttentionInterface.register(ATTENTION_NAME, shared_prefix_attention)
 
 
 @contextlib.contextmanager
-def _implementation(config, name: str):
+def attention_implementation(config, name: str):
+    """Within the block the model of ``config`` uses the registered attention function ``name`` (the shared-prefix
+    and key-store attention here, the fused steps' in :mod:`mirage_rl.fused_steps`); the previous one is restored on
+    exit, also on errors. (``_attn_implementation`` is a property of the config: ``unittest.mock.patch.object``
+    would delete it on exit.)"""
     previous = config._attn_implementation
     config._attn_implementation = name
     try:
@@ -272,41 +277,27 @@ def use_prefix_attention(lm):
     backward looks nothing up. (Reentrant checkpointing, or one with a ``context_fn`` of its own, is left as it is:
     :func:`unsupported` refuses it where a backward follows.)"""
     config = lm.config
-    patched = []
-    if lm.training:
-        for layer in lm.layers:
-            fn = getattr(layer, "_gradient_checkpointing_func", None)
-            if (getattr(layer, "gradient_checkpointing", False) and isinstance(fn, functools.partial)
-                    and fn.keywords.get("use_reentrant") is False and "context_fn" not in fn.keywords):
-                patched.append((layer, vars(layer).get("_gradient_checkpointing_func")))
-                layer._gradient_checkpointing_func = functools.partial(
-                    fn, context_fn=lambda: (contextlib.nullcontext(), _implementation(config, ATTENTION_NAME)))
-    try:
-        with _implementation(config, ATTENTION_NAME):
-            yield
-    finally:
-        for layer, fn in patched:
-            if fn is None:
-                del layer._gradient_checkpointing_func
-            else:
-                layer._gradient_checkpointing_func = fn
+    with contextlib.ExitStack() as stack:
+        if lm.training:
+            for layer in lm.layers:
+                fn = getattr(layer, "_gradient_checkpointing_func", None)
+                if (getattr(layer, "gradient_checkpointing", False) and isinstance(fn, functools.partial)
+                        and fn.keywords.get("use_reentrant") is False and "context_fn" not in fn.keywords):
+                    stack.enter_context(mock.patch.object(layer, "_gradient_checkpointing_func", functools.partial(
+                        fn, context_fn=lambda: (contextlib.nullcontext(),
+                                                attention_implementation(config, ATTENTION_NAME)))))
+        stack.enter_context(attention_implementation(config, ATTENTION_NAME))
+        yield
 
 
 @contextlib.contextmanager
 def unchecked(lm):
     """Within the block the decoder layers of ``lm`` run without gradient checkpointing: for a chunk of one column,
     whose activations are one column per layer, a recomputation would cost more than keeping them (issue 31)."""
-    flags = [(layer, vars(layer).get("gradient_checkpointing")) for layer in lm.layers]
-    for layer, _ in flags:
-        layer.gradient_checkpointing = False
-    try:
+    with contextlib.ExitStack() as stack:
+        for layer in lm.layers:
+            stack.enter_context(mock.patch.object(layer, "gradient_checkpointing", False))
         yield
-    finally:
-        for layer, flag in flags:
-            if flag is None:
-                del layer.gradient_checkpointing
-            else:
-                layer.gradient_checkpointing = flag
 
 
 def unsupported(lm, backward: bool = True) -> str | None:

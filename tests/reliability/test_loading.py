@@ -54,15 +54,19 @@ def test_an_unreachable_hub_id_fails_within_seconds_saying_it_is_not_available_o
         load_processor("someorg/some-model")
 
 
+def cache_as_hub_id(folder: Path, cache: Path, hub_id: str, hub_constants, monkeypatch) -> None:
+    """Put ``folder`` into the hub cache ``cache`` as the model ``hub_id`` (``org/name``) and point the hub at it."""
+    repo = cache / f"models--{hub_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / ("a" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+
+
 def test_a_cached_hub_model_loads_offline(offline_hub, tiny_dir, tmp_path, monkeypatch):
     from mirage_rl.modeling import check_source
 
-    cache = tmp_path / "hub"
-    repo = cache / "models--someorg--tiny"
-    shutil.copytree(tiny_dir, repo / "snapshots" / ("a" * 40))
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("a" * 40)
-    monkeypatch.setattr(offline_hub, "HF_HUB_CACHE", str(cache))
+    cache_as_hub_id(tiny_dir, tmp_path / "hub", "someorg/tiny", offline_hub, monkeypatch)
     assert check_source("someorg/tiny") == {"local_files_only": True}  # cached: no download is tried
     assert load_model("someorg/tiny").config.latent_size == 4
 
@@ -164,11 +168,6 @@ def test_a_checkpoint_of_another_model_family_is_refused_in_one_line(model_type,
                  str(tmp_path / "e"), "--limit", "1"]) == 1
     err = capsys.readouterr().err
     assert f"model_type '{model_type}' is not supported" in err and "Traceback" not in err and err.count("\n") == 1
-    cache = tmp_path / "hub"  # the same checkpoint as a cached hub id
-    repo = cache / "models--someorg--other"
-    shutil.copytree(out, repo / "snapshots" / ("b" * 40))
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("b" * 40)
-    monkeypatch.setattr(offline_hub, "HF_HUB_CACHE", str(cache))
+    cache_as_hub_id(out, tmp_path / "hub", "someorg/other", offline_hub, monkeypatch)  # the same, as a cached hub id
     with pytest.raises(ValueError, match=rf"someorg/other \(config.json\): model_type '{model_type}' is not supported"):
         load_model("someorg/other")
