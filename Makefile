@@ -1,4 +1,5 @@
-# mirage-rl: `make demo [TASK=vsp_spatial_reasoning|jigsaw]` (the seeing tiny base, CPU, <= 25 min) and `make test`.
+# mirage-rl: `make demo [TASK=vsp_spatial_reasoning|jigsaw] [BACKBONE=qwen3_vl]` (the seeing tiny base, CPU, <= 25 min)
+# and `make test`.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -6,7 +7,12 @@ CLI    := $(BIN)/mirage-rl
 # the task of `make demo` / `make baselines`: vsp_spatial_planning (default), vsp_spatial_reasoning or jigsaw
 TASK    ?= vsp_spatial_planning
 RECIPES := recipes/$(TASK)
-DEMO_OUT := $(if $(filter vsp_spatial_planning,$(TASK)),outputs/demo,outputs/$(TASK)/demo)
+# the model family of `make demo` / `make baselines`: qwen2_5_vl (default) or qwen3_vl (its own seeing tiny base and
+# recipes *_demo_qwen3_vl.yaml)
+BACKBONE ?= qwen2_5_vl
+DEMO    := $(if $(filter qwen2_5_vl,$(BACKBONE)),demo,$(if $(filter qwen3_vl,$(BACKBONE)),demo_qwen3_vl,$(error BACKBONE must be qwen2_5_vl or qwen3_vl, got $(BACKBONE))))
+BASE    := recipes/vsp_spatial_planning/$(if $(filter qwen2_5_vl,$(BACKBONE)),base_small.yaml,base_small_$(BACKBONE).yaml)
+DEMO_OUT := $(if $(filter vsp_spatial_planning,$(TASK)),outputs/$(DEMO),outputs/$(TASK)/$(DEMO))
 # threads: each mirage-rl command sizes its OpenMP pool to the cores free when it starts (and lets waiting threads sleep
 # on a busy machine: OMP_WAIT_POLICY=PASSIVE), unless OMP_NUM_THREADS is set; tests and benchmarks pin 2 threads.
 # A malloc that does not thrash on dynamic shapes.
@@ -38,18 +44,18 @@ install-vllm: $(VENV)/.vllm
 demo: install
 	# the seeing tiny base and the training set: built once (<= 8 min on 2 idle cores) and reused while their
 	# configs, data and code are unchanged
-	$(CLI) base-model --config recipes/vsp_spatial_planning/base_small.yaml
+	$(CLI) base-model --config $(BASE)
 	$(CLI) build-data --config data/$(TASK)_small.yaml
 	# stage 1 -> stage 2 -> GRPO, evaluated after each; summary in $(DEMO_OUT)/pipeline_summary.md
-	$(CLI) pipeline --recipe_dir $(RECIPES) --variant demo
+	$(CLI) pipeline --recipe_dir $(RECIPES) --variant $(DEMO)
 
 # The two controls of the demo, same base, data and budget: Direct SFT (no latent block) and dummy latents (after
 # `make demo`, which trains the stage 1 they start from).
 baselines: install
-	$(CLI) sft --config $(RECIPES)/direct_sft_demo.yaml
-	$(CLI) eval --config $(RECIPES)/eval_demo.yaml --model $(DEMO_OUT)/direct_sft --output_dir $(DEMO_OUT)/eval_direct_sft
-	$(CLI) sft --config $(RECIPES)/dummy_latent_demo.yaml
-	$(CLI) eval --config $(RECIPES)/eval_demo.yaml --model $(DEMO_OUT)/dummy_latent --output_dir $(DEMO_OUT)/eval_dummy_latent
+	$(CLI) sft --config $(RECIPES)/direct_sft_$(DEMO).yaml
+	$(CLI) eval --config $(RECIPES)/eval_$(DEMO).yaml --model $(DEMO_OUT)/direct_sft --output_dir $(DEMO_OUT)/eval_direct_sft
+	$(CLI) sft --config $(RECIPES)/dummy_latent_$(DEMO).yaml
+	$(CLI) eval --config $(RECIPES)/eval_$(DEMO).yaml --model $(DEMO_OUT)/dummy_latent --output_dir $(DEMO_OUT)/eval_dummy_latent
 
 # The small from-scratch comparison of docs/RESULTS.md (CPU, 2 cores): VSP spatial planning (11 arms) and VSP spatial
 # reasoning (8 arms), 3 seeds each, one shared base; the latent arms evaluated with every latent intervention; rewrites

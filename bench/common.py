@@ -1,9 +1,9 @@
 """What the benchmark scripts share: the VSP rows, the model at a given ``--size``, timing summaries, the JSON report.
 
 Sizes: ``tiny`` is the offline default (``mirage_rl.tiny.create_tiny_model``, fp32, CPU). ``3b`` and ``7b`` are
-Qwen2.5-VL-3B/7B-shaped configs (text model, embedding and vision tower at the released sizes) with random
-weights, built in bf16 directly on the device, with the tiny offline tokenizer and processor (no hub access): timings
-of the real shapes without the real weights. They need a GPU.
+Qwen2.5-VL-3B/7B-shaped configs, ``8b`` a Qwen3-VL-8B-shaped one (text model, embedding and vision tower at the
+released sizes) with random weights, built in bf16 directly on the device, with the tiny offline tokenizer and
+processor of the same family (no hub access): timings of the real shapes without the real weights. They need a GPU.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MIRAGE_SHARED_DATA", REPO.parent / "shared" / "data"))
 
-# Qwen2.5-VL-3B/7B-Instruct config.json values (text model, vocabulary rows and vision tower) and the released
-# parameter counts they give (tests/test_bench.py checks them).
+# Qwen2.5-VL-3B/7B-Instruct and Qwen3-VL-8B-Instruct config.json values (text model, vocabulary rows and vision tower)
+# and the parameter counts they give (tests/test_bench.py checks them; 3b/7b: the released counts; 8b: 8,767,123,696,
+# the 8.77 B of the model card).
 SHAPES = {
     "3b": dict(text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                          num_key_value_heads=2, tie_word_embeddings=True, vocab_size=151936),
@@ -34,30 +35,49 @@ SHAPES = {
     "7b": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                          num_key_value_heads=4, tie_word_embeddings=False, vocab_size=152064),
                vision_out=3584, parameters=8_292_166_656),
+    "8b": dict(backbone="qwen3_vl",
+               text=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, tie_word_embeddings=False, vocab_size=151936),
+               vision_out=4096, parameters=8_767_123_696),
 }
 SIZES = ("tiny", *SHAPES)
 
 
+def size_backbone(size: str) -> str:
+    """The model family of ``size`` (``8b``: qwen3_vl; the others qwen2_5_vl; ``tiny``: the default)."""
+    return SHAPES.get(size, {}).get("backbone", "qwen2_5_vl")
+
+
 def shaped_config(size: str, tiny_config):
-    """The ``Qwen2_5_VLConfig`` of ``size`` (``3b``/``7b``), keeping the special-token ids of ``tiny_config`` (the
-    tokenizer in use). Raises ValueError for an unknown size."""
-    from transformers import Qwen2_5_VLConfig
+    """The config of ``size`` (``3b``/``7b``: ``Qwen2_5_VLConfig``; ``8b``: ``Qwen3VLConfig``), keeping the
+    special-token ids of ``tiny_config`` (the tokenizer in use). Raises ValueError for an unknown size."""
+    from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
 
     if size not in SHAPES:
         raise ValueError(f"--size {size!r}: choose one of {SIZES}")
     shape = SHAPES[size]
     tiny_text = tiny_config.get_text_config()
-    text = dict(shape["text"], max_position_embeddings=128000, rms_norm_eps=1e-6,
-                hidden_act="silu", bos_token_id=None, eos_token_id=tiny_text.eos_token_id,
-                pad_token_id=tiny_text.pad_token_id,
-                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
-    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=shape["vision_out"],
-                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                  fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu", in_chans=3)
+    common = dict(max_position_embeddings=128000, rms_norm_eps=1e-6, hidden_act="silu", bos_token_id=None,
+                  eos_token_id=tiny_text.eos_token_id, pad_token_id=tiny_text.pad_token_id)
+    if size_backbone(size) == "qwen3_vl":  # Qwen3-VL-8B-Instruct
+        cls = Qwen3VLConfig
+        text = dict(shape["text"], **common, rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                                                              "mrope_section": [24, 20, 20], "mrope_interleaved": True})
+        vision = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
+                      out_hidden_size=shape["vision_out"], patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                      num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24],
+                      hidden_act="gelu_pytorch_tanh", in_channels=3)
+    else:
+        cls = Qwen2_5_VLConfig
+        text = dict(shape["text"], **common,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
+        vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                      out_hidden_size=shape["vision_out"], patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                      window_size=112, fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu", in_chans=3)
     ids = {k: getattr(tiny_config, k) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
                                                 "vision_end_token_id")}
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=shape["text"][
-        "tie_word_embeddings"], **ids)
+    config = cls(text_config=text, vision_config=vision, tie_word_embeddings=shape["text"]["tie_word_embeddings"],
+                 **ids)
     for key in ("latent_size", "latent_token_ids", "latent_mode"):
         if hasattr(tiny_config, key):
             setattr(config, key, getattr(tiny_config, key))
@@ -65,26 +85,24 @@ def shaped_config(size: str, tiny_config):
     return config
 
 
-def bench_model_dir(size: str, latent_size: int | None, work: Path) -> Path:
-    """Create the tiny checkpoint (tokenizer, processor, latent tokens) for ``latent_size`` under ``work``; every size
-    starts from it. Returns its folder."""
+def bench_model_dir(size: str, latent_size: int | None, work: Path, backbone: str | None = None) -> Path:
+    """Create the tiny checkpoint (tokenizer, processor, latent tokens) of ``size``'s family (or ``backbone``) for
+    ``latent_size`` under ``work``; every size starts from it. Returns its folder."""
     from mirage_rl.tiny import create_tiny_model
 
-    out = work / f"tiny_k{latent_size}"
+    backbone = backbone or size_backbone(size)
+    out = work / (f"tiny_k{latent_size}" if backbone == "qwen2_5_vl" else f"tiny_{backbone}_k{latent_size}")
     if not (out / "config.json").exists():
-        create_tiny_model(out, latent_size=latent_size, seed=0)
+        create_tiny_model(out, latent_size=latent_size, seed=0, backbone=backbone)
     return out
 
 
 def load_bench_model(size: str, model_dir: Path, device: str):
     """``(model, processor)`` at ``size``: the tiny checkpoint as saved (fp32; bf16 on CUDA), or a ``3b``/``7b``-shaped
     model with random weights built in bf16 on ``device`` (vision tower frozen, as ``load_model`` does)."""
-    from transformers import (
-        AutoConfig,
-        GenerationConfig,
-        Qwen2_5_VLForConditionalGeneration,
-    )
+    from transformers import AutoConfig, GenerationConfig
 
+    from mirage_rl import backbones
     from mirage_rl.modeling import load_model, load_processor
 
     processor = load_processor(model_dir)
@@ -96,7 +114,7 @@ def load_bench_model(size: str, model_dir: Path, device: str):
     config = shaped_config(size, AutoConfig.from_pretrained(model_dir))  # only the tiny ids and tokens are reused
     torch.manual_seed(0)
     with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+        model = backbones.get(config.model_type).model_class._from_config(config, dtype=torch.bfloat16)
     model.generation_config = GenerationConfig.from_pretrained(model_dir)
     model.model.visual.requires_grad_(False)
     return model, processor

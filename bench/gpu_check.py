@@ -1,6 +1,7 @@
 """One prepared check that proves the GPU path: environment, bf16 and attention parity, speed and memory (issue 17).
 
     python bench/gpu_check.py --output_dir outputs/gpu_check                      # CUDA, Qwen2.5-VL-3B shapes
+    python bench/gpu_check.py --output_dir outputs/gpu_check_qwen3 --backbone qwen3_vl   # CUDA, Qwen3-VL-8B shapes
     python bench/gpu_check.py --output_dir outputs/gpu_check --size tiny --device cpu   # the same code on CPU
     python bench/gpu_check.py --output_dir DIR --size tiny --device cpu --quick         # fewer repeats (the CI test)
 
@@ -9,7 +10,8 @@ limit still leaves what it measured; progress goes to stderr with the elapsed se
 
 * ``env``: GPU name and memory, torch / CUDA / transformers / trl / deepspeed / peft versions, whether ``flash_attn``
   imports, the attention implementations tried, the exact command, the commit.
-* ``parity``: on the model of ``--size`` (``3b``: Qwen2.5-VL-3B shapes with random weights, seeded):
+* ``parity``: on the model of ``--size`` (default ``3b``: Qwen2.5-VL-3B shapes with random weights, seeded; with
+  ``--backbone qwen3_vl`` default ``8b``: Qwen3-VL-8B shapes, the tiny Qwen3-VL's tokenizer and processor):
   ``bf16_vs_fp32``: the latent fill in bf16 against fp32 on the same inputs, max / mean absolute logit difference at
   the answer's text positions after the latent block, for the cached and the multi-pass fill;
   ``attention``: SDPA (and FlashAttention-2 when it imports) against eager attention, in the working dtype, on the
@@ -34,8 +36,9 @@ limit still leaves what it measured; progress goes to stderr with the elapsed se
   the largest gap between the latents each fed, and tokens/s of each; ``skipped`` where vLLM does not import (the lent
   GPU machine has no vLLM: there it is not measured).
 * ``memory``: peak allocated GPU memory (CPU: the process's peak RSS) of each of the above, and whether one
-  7B-shaped stage-2 step with gradient checkpointing at batch 2 fits this GPU (``skipped`` on CPU, with ``--quick``
-  or when the time budget is spent).
+  7B-shaped stage-2 step with gradient checkpointing at batch 2 fits this GPU (``seven_b_stage2_gc_batch2``; with
+  ``--backbone qwen3_vl`` an 8B-shaped one, ``eight_b_stage2_gc_batch2``; ``skipped`` on CPU, with ``--quick`` or
+  when the time budget is spent).
 
 Every figure carries its unit in its key (``_ms``, ``_tokens_per_s``, ``_gib``, ``_nats``; ratios are ``_over_``).
 ``--size 3b``/``7b`` need a GPU: on CPU they are refused before anything is built.
@@ -60,7 +63,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from common import REPO, SIZES, bench_model_dir, build_rows, load_bench_model, run, sync
+from common import REPO, SIZES, bench_model_dir, build_rows, load_bench_model, run, size_backbone, sync
 
 ATTENTION = ("eager", "sdpa", "flash_attention_2")
 
@@ -171,7 +174,7 @@ def env_section(body: dict, args) -> None:
         "trl": version("trl"), "deepspeed": version("deepspeed"), "peft": version("peft"),
         "accelerate": version("accelerate"), "flash_attn_importable": importlib.util.find_spec("flash_attn") is not None,
         "attention_implementations_tried": attention_implementations(args.device),
-        "size": args.size, "device": args.device, "quick": args.quick,
+        "size": args.size, "backbone": args.backbone, "device": args.device, "quick": args.quick,
         "command": " ".join(["python", *sys.argv]), "commit": git_commit(REPO), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
     })
 
@@ -503,14 +506,15 @@ def profile_section(body: dict, args, trainers: dict) -> None:
                 body[variant][f"{key}_over_plain"] = body[variant][key] / body["plain"][key]
 
 
-def seven_b_fits(body: dict, args, model_dir: Path, rows) -> None:
-    """One 7B-shaped stage-2 step (AdamW, gradient checkpointing, batch 2) on this GPU: fits or the OOM message."""
+def seven_b_fits(body: dict, args, model_dir: Path, rows, size: str = "7b") -> None:
+    """One 7B-shaped (``size``) stage-2 step (AdamW, gradient checkpointing, batch 2) on this GPU: fits or the OOM
+    message."""
     import sft_step
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     try:
-        trainer, inputs, _ = sft_step.make_trainer("stage2", "7b", model_dir, rows, 2, args.device, True)
+        trainer, inputs, _ = sft_step.make_trainer("stage2", size, model_dir, rows, 2, args.device, True)
         body["step_ms"] = 1000 * sft_step.step(trainer, inputs, args.device)
         body["fits"] = True
     except torch.cuda.OutOfMemoryError as e:
@@ -561,13 +565,21 @@ def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True, help="where gpu_check.json and gpu_check.md go")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--size", default="3b", choices=SIZES, help="model shape (3b/7b need a GPU)")
+    parser.add_argument("--backbone", default="qwen2_5_vl", choices=["qwen2_5_vl", "qwen3_vl"],
+                        help="model family (issue 32): qwen2_5_vl (sizes 3b, 7b) or qwen3_vl (size 8b)")
+    parser.add_argument("--size", default=None, choices=SIZES,
+                        help="model shape (3b/7b/8b need a GPU); default 3b, or 8b with --backbone qwen3_vl")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and tokens (the CI test)")
     parser.add_argument("--time_budget_s", type=float, default=450.0,
                         help="the 7B memory check is skipped when less than 150 s of this budget is left")
     parser.add_argument("--grpo_prompts", type=int, default=2)
     parser.add_argument("--grpo_generations", type=int, default=4)
     args = parser.parse_args()
+    if args.size is None:
+        args.size = "8b" if args.backbone == "qwen3_vl" else "3b"
+    if args.size != "tiny" and size_backbone(args.size) != args.backbone:
+        sys.exit(f"gpu_check: --size {args.size} is a {size_backbone(args.size)} shape; with --backbone "
+                 f"{args.backbone} use {' or '.join(s for s in SIZES if s == 'tiny' or size_backbone(s) == args.backbone)}")
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         sys.exit(f"gpu_check: --device {args.device} but torch sees no CUDA device; on a CPU machine run "
@@ -583,7 +595,7 @@ def main() -> dict:
 
     from mirage_rl.modeling import LatentTokens
 
-    model_dir = bench_model_dir("tiny", 4, work)
+    model_dir = bench_model_dir("tiny", 4, work, args.backbone)
     rows = build_rows(8, work / "data", "bench/gpu_check.py")
     report.log(f"model: building {args.size} on {args.device}")
     model, processor = load_bench_model(args.size, model_dir, args.device)
@@ -648,14 +660,16 @@ def main() -> dict:
     gc.collect()
     with report.section("memory") as body:
         body.update(mem)
+        big = "8b" if args.backbone == "qwen3_vl" else "7b"
+        big_key = {"7b": "seven_b_stage2_gc_batch2", "8b": "eight_b_stage2_gc_batch2"}[big]
         left = args.time_budget_s - (time.perf_counter() - report.t0)
         if not cuda or args.quick or left < 150:
             why = "CPU" if not cuda else "--quick" if args.quick else f"{left:.0f} s of the time budget left"
-            body["seven_b_stage2_gc_batch2"] = {"skipped": why}
+            body[big_key] = {"skipped": why}
         else:
             torch.cuda.empty_cache()
-            body["seven_b_stage2_gc_batch2"] = {}
-            seven_b_fits(body["seven_b_stage2_gc_batch2"], args, model_dir, rows)
+            body[big_key] = {}
+            seven_b_fits(body[big_key], args, model_dir, rows, big)
     report.log(f"wrote {report.out / 'gpu_check.json'} and gpu_check.md")
     return report.data
 

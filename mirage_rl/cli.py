@@ -25,7 +25,7 @@ USAGE = """usage: mirage-rl <command> [--config FILE.yaml] [--key value ...]
 
 commands:
   build-data    render the VSP training set (Mirage train maps + generated maps) to a datasets folder
-  create-model  build the tiny offline Qwen2.5-VL (tokenizer, image processor, latent tokens), from scratch
+  create-model  build a tiny offline model (--backbone qwen2_5_vl|qwen3_vl; tokenizer, image processor, latent tokens)
   base-model    build (once, then cached) the seeing tiny base: create-model + perception pretraining
   sft           train Mirage stage 1 or stage 2 (or Direct SFT / dummy latents) from a recipe
   grpo          GRPO with latent-interleaved rollouts and reward plugins, from a recipe

@@ -16,6 +16,7 @@ from transformers import DynamicCache
 
 from . import fused_steps as fused
 from . import latent
+from .backbones import inject
 from .limits import check_new_tokens
 from .modeling import LatentTokens
 
@@ -187,15 +188,15 @@ def prefill(model, batch: dict, share_prompts: bool = True):
                                    batch.get("image_grid_thw"), batch.get("mm_token_type_ids"))
               if share_prompts and B > 1 else None)
     if groups is not None:
-        emb = latent.embed_inputs(model, ids[groups.reps], groups.pixel_values, groups.image_grid_thw)
+        emb, visual = latent.embed_inputs(model, ids[groups.reps], groups.pixel_values, groups.image_grid_thw)
         h = lm(inputs_embeds=emb, position_ids=pos[:, groups.reps], attention_mask=am[groups.reps],
-               past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+               past_key_values=cache, use_cache=True, **inject(visual)).last_hidden_state[:, -1]
         cache.batch_select_indices(groups.index)
         h = h[groups.index]
     else:
-        emb = latent.embed_inputs(model, ids, batch.get("pixel_values"), batch.get("image_grid_thw"))
+        emb, visual = latent.embed_inputs(model, ids, batch.get("pixel_values"), batch.get("image_grid_thw"))
         h = lm(inputs_embeds=emb, position_ids=pos, attention_mask=am, past_key_values=cache,
-               use_cache=True).last_hidden_state[:, -1]
+               use_cache=True, **inject(visual)).last_hidden_state[:, -1]
     return h, cache, nxt
 
 

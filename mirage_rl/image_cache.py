@@ -4,10 +4,12 @@ and phase.
 A GRPO generation batch repeats each prompt ``num_generations`` (G) times, and every phase of a step runs the model on
 the whole batch: the rollout prefill, the old and reference log-probs (TRL ``_generate_and_score_completions``) and
 the policy forward of the loss (TRL ``_compute_loss``). A frozen vision tower (Mirage keeps it frozen) would encode
-each prompt image G times in each of these phases. :class:`VisionFeatureCache`, installed on the Qwen2.5-VL backbone
+each prompt image G times in each of these phases. :class:`VisionFeatureCache`, installed on the model's backbone
 (policy and reference share one: their frozen towers are copies), wraps ``get_image_features``, the one call through
-which every path reaches the tower (``mirage_rl.latent.embed_inputs``, ``Qwen2_5_VLModel.forward``): distinct images
-are encoded once, in one tower call, and later calls with the same pixels reuse the features.
+which every path reaches the tower (``mirage_rl.latent.embed_inputs``, the backbone's own ``forward``): distinct images
+are encoded once, in one tower call, and later calls with the same pixels reuse the features (every output of the
+tower per image: the merged visual tokens, and the DeepStack features of a family that has them; the family splits and
+rebuilds the output object, :mod:`mirage_rl.backbones`).
 
 Before the tower, TRL runs the image processor on the prompt images twice per generation batch (``_tokenize_prompts``
 for the rollout, then ``_generate_and_score_completions`` for the forward passes), each time on every rollout's copy.
@@ -27,9 +29,9 @@ import functools
 import hashlib
 import torch
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from . import latent
+from . import backbones, latent
+from .backbones import ImageFeatures
 from .patching import is_patched, original, patch_method, unpatch_method
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -51,7 +53,7 @@ class VisionFeatureCache:
     """
 
     def __init__(self):
-        self._entries: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._entries: dict[tuple, list[tuple[torch.Tensor, ImageFeatures]]] = {}
         self.images_encoded = 0
         self.images_reused = 0
 
@@ -70,24 +72,27 @@ class VisionFeatureCache:
             patch_method(bb, "get_image_features", _cached_get_image_features)
         bb._mirage_vision_cache = self
 
-    def _find(self, key: tuple, pixels: torch.Tensor) -> torch.Tensor | None:
+    def _find(self, key: tuple, pixels: torch.Tensor) -> ImageFeatures | None:
         for stored, feats in self._entries.get(key, ()):
             if torch.equal(stored, pixels):
                 return feats
         return None
 
-    def image_features(self, encode, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> tuple:
+    def image_features(self, encode, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
+                       family: backbones.Backbone | None = None) -> list[ImageFeatures]:
         """The features of every image, encoding only those not seen since :meth:`clear`.
 
         Args:
             encode: the backbone's original ``get_image_features``.
             pixel_values: ``(P, C*T*p*p)`` flattened patches of N images. image_grid_thw: ``(N, 3)`` long.
+            family: the model's family, which splits ``encode``'s output per image (default Qwen2.5-VL's).
         Returns:
-            a tuple of N tensors ``(tokens_i, H)``, as ``get_image_features(...).pooler_output``.
+            N :class:`~mirage_rl.backbones.ImageFeatures` (merged tokens ``(tokens_i, H)`` and DeepStack features).
         """
+        family = family or backbones.get(backbones.DEFAULT)
         grids = [tuple(g) for g in image_grid_thw.tolist()]
         pieces = torch.split(pixel_values, [t * h * w for t, h, w in grids])
-        out: list[torch.Tensor | None] = [None] * len(grids)
+        out: list[ImageFeatures | None] = [None] * len(grids)
         pending: dict[tuple, list[tuple[torch.Tensor, list[int]]]] = {}  # key -> [(pixels, rows waiting)]
         for i, (pixels, grid) in enumerate(zip(pieces, grids)):
             key = _key(pixels, grid)
@@ -105,24 +110,26 @@ class VisionFeatureCache:
         todo = [(key, pixels, rows) for key, group in pending.items() for pixels, rows in group]
         if todo:
             first = [rows[0] for _, _, rows in todo]
-            feats = encode(torch.cat([p for _, p, _ in todo]), image_grid_thw[first], return_dict=True).pooler_output
+            feats = family.split_encoder_output(encode(torch.cat([p for _, p, _ in todo]), image_grid_thw[first],
+                                                       return_dict=True), image_grid_thw[first])
             self.images_encoded += len(todo)
             for (key, pixels, rows), f in zip(todo, feats):
                 self._entries.setdefault(key, []).append((pixels, f))
                 for i in rows:
                     out[i] = f
-        return tuple(out)
+        return out
 
 
 def _cached_get_image_features(self, pixel_values, image_grid_thw=None, **kwargs):
-    """``Qwen2_5_VLModel.get_image_features`` through the installed :class:`VisionFeatureCache` (bypassed while the
+    """The backbone's ``get_image_features`` through the installed :class:`VisionFeatureCache` (bypassed while the
     tower trains, or for calls with extra arguments)."""
     cache = self._mirage_vision_cache
     encode = original(self, "get_image_features")
     if (image_grid_thw is None or kwargs != {"return_dict": True}
             or any(p.requires_grad for p in self.visual.parameters())):
         return encode(pixel_values, image_grid_thw, **kwargs)
-    return BaseModelOutputWithPooling(pooler_output=cache.image_features(encode, pixel_values, image_grid_thw))
+    family = backbones.of(self)
+    return family.encoder_output(cache.image_features(encode, pixel_values, image_grid_thw, family))
 
 
 class ImageProcessingCache:

@@ -1,5 +1,8 @@
 """The latent core: input embeddings, mRoPE positions, helper-image targets and the latent fill.
 
+Family-agnostic: what differs between model families (vision features, DeepStack injection, positions, the eager
+attention function) is asked of :mod:`mirage_rl.backbones` (issue 32).
+
 Everything that trains or decodes with latent tokens calls these functions (one concept, one place).
 Shapes: ``B`` batch, ``L`` sequence length, ``H`` hidden size, ``k`` latent size.
 
@@ -21,9 +24,9 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
 
-from . import fused_steps, prefix_attention
+from . import backbones, fused_steps, prefix_attention
+from .backbones import ImageFeatures, VisualInjection, inject
 from .prefix_attention import KeyStore, SharedPrefix, use_prefix_attention
 
 logger = logging.getLogger(__name__)
@@ -100,14 +103,14 @@ def check_decoding_mode(mode, config=None, where: str = "model") -> None:
 
 
 def backbone(model):
-    """The ``Qwen2_5_VLModel`` (vision tower + decoder + mRoPE index) of a model, PEFT-wrapped or not
+    """The backbone ``model.model`` (vision tower + decoder + mRoPE index) of a model, PEFT-wrapped or not
     (the backbone itself is returned as is)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return inner if hasattr(inner, "get_rope_index") else inner.model
 
 
 def language_model(model):
-    """The decoder stack (``Qwen2_5_VLTextModel``) of a Qwen2.5-VL model, PEFT-wrapped or not."""
+    """The text decoder (``backbone(model).language_model``) of a model, PEFT-wrapped or not."""
     return backbone(model).language_model
 
 
@@ -131,41 +134,55 @@ def slot_masks(input_ids: torch.Tensor, start: int, pad: int, end: int, latent_s
     return window & (input_ids == pad), after & (input_ids == end)
 
 
-def image_features(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
-    """The merged visual tokens of each image: a list with one ``(t*h*w / merge^2, H)`` tensor per row of
-    ``image_grid_thw`` ``(N_images, 3)``, from the flattened patches ``pixel_values`` ``(P, C*T*p*p)``. The vision tower
-    runs without gradients unless it has trainable parameters (``train_vision_tower``; Mirage keeps it frozen). What
-    :func:`embed_inputs` scatters into the image tokens, and what the vLLM engine feeds vLLM as image embeddings."""
+def vision_features(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[ImageFeatures]:
+    """Each image through the vision tower: one :class:`~mirage_rl.backbones.ImageFeatures` per row of
+    ``image_grid_thw`` ``(N_images, 3)`` (merged visual tokens ``(t*h*w / merge^2, H)``, and the DeepStack features of
+    a family that has them), from the flattened patches ``pixel_values`` ``(P, C*T*p*p)``. The tower runs without
+    gradients unless it has trainable parameters (``train_vision_tower``; Mirage keeps it frozen)."""
     inner = backbone(model)
     trainable = torch.is_grad_enabled() and any(p.requires_grad for p in inner.visual.parameters())
     with torch.set_grad_enabled(trainable):
-        return list(inner.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output)
+        return backbones.of(inner).image_features(inner, pixel_values, image_grid_thw)
+
+
+def image_features(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
+    """The merged visual tokens of each image (:func:`vision_features`): what :func:`embed_inputs` scatters into the
+    image tokens, what stage 1 pools, and what the vLLM engine feeds vLLM as image embeddings."""
+    return [f.merged for f in vision_features(model, pixel_values, image_grid_thw)]
+
+
+class Embedded(NamedTuple):
+    """Input embeddings of a batch (:func:`embed_inputs`)."""
+
+    embeds: torch.Tensor  #: ``(B, L, H)``, the image features in the image tokens
+    visual: VisualInjection | None  #: what the decoder adds at the image tokens (DeepStack), or None
 
 
 def embed_inputs(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                 image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
-    """Token embeddings with the image features scattered into the image-token positions.
+                 image_grid_thw: torch.Tensor | None = None) -> Embedded:
+    """Token embeddings with the image features scattered into the image-token positions, and the family's visual
+    injection (every decoder call on these columns passes it: :func:`mirage_rl.backbones.inject`).
 
     Args:
         input_ids: ``(B, L)`` long.
         pixel_values: ``(P, C*T*p*p)`` float, the processor's flattened patches of all images, or None.
         image_grid_thw: ``(N_images, 3)`` long.
     Returns:
-        ``(B, L, H)`` in the embedding dtype. The vision tower runs without gradients unless it has trainable
-        parameters (``train_vision_tower``; Mirage keeps it frozen).
+        :class:`Embedded`: ``(B, L, H)`` in the embedding dtype, and the injection (None without images or DeepStack).
     Raises:
         ValueError: if the number of image tokens does not match the image features (a truncated prompt).
     """
     embeds = model.get_input_embeddings()(input_ids)
     if pixel_values is None:
-        return embeds
+        return Embedded(embeds, None)
     inner = backbone(model)
-    feats = torch.cat(image_features(model, pixel_values, image_grid_thw), 0).to(embeds.dtype)
+    features = vision_features(model, pixel_values, image_grid_thw)
+    feats = torch.cat([f.merged for f in features], 0).to(embeds.dtype)
     mask = input_ids == inner.config.image_token_id
     if int(mask.sum()) != feats.shape[0]:
         raise ValueError(f"{int(mask.sum())} image tokens in input_ids but {feats.shape[0]} image features: "
                          "was the prompt truncated? Raise max_length.")
-    return embeds.masked_scatter(mask.unsqueeze(-1), feats)
+    return Embedded(embeds.masked_scatter(mask.unsqueeze(-1), feats), backbones.of(inner).injection(mask, features))
 
 
 def position_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -175,13 +192,16 @@ def position_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
     Returns:
         ``(position_ids (3, B, L) long, next_position (B,) long)``; ``next_position`` is the position the
-        next generated token takes (Qwen2.5-VL's ``rope_deltas`` made explicit, so decode loops never rely
-        on ``model.model.rope_deltas`` state).
+        next generated token takes (the ``rope_deltas`` made explicit, so decode loops never rely on
+        ``model.model.rope_deltas`` state). Always explicit: a decoder given ``inputs_embeds`` and no positions would
+        compute 1-D ones, silently wrong for image tokens.
+    Raises:
+        ValueError: images without ``mm_token_type_ids`` (:meth:`mirage_rl.backbones.base.Backbone.rope_index`).
     """
     if image_grid_thw is not None:
-        pos, deltas = backbone(model).get_rope_index(
-            input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw,
-            attention_mask=attention_mask)
+        inner = backbone(model)
+        pos, deltas = backbones.of(inner).rope_index(inner, input_ids, attention_mask, mm_token_type_ids,
+                                                     image_grid_thw)
         nxt = attention_mask.sum(-1) + deltas.view(-1).to(attention_mask.device)
         return pos, nxt.long()
     pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -206,10 +226,9 @@ def helper_targets(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tens
     """
     if compress not in COMPRESS_MODES:
         raise ValueError(f"compress must be one of {COMPRESS_MODES}, got {compress!r}")
-    inner = backbone(model)
-    merge = inner.config.vision_config.spatial_merge_size
-    with torch.no_grad():
-        feats = inner.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output
+    merge = backbone(model).config.vision_config.spatial_merge_size
+    with torch.no_grad():  # the merged visual tokens only: DeepStack features have no input-space counterpart
+        feats = image_features(model, pixel_values, image_grid_thw)
     out = []
     for f, (t, h, w) in zip(feats, image_grid_thw.tolist()):
         if f.shape[0] < latent_size:
@@ -223,18 +242,20 @@ def helper_targets(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tens
     return torch.stack(out)
 
 
-def _lm_forward(lm, embeds, pos, attention_mask, cache=None, prefix: KeyStore | None = None):
+def _lm_forward(lm, embeds, pos, attention_mask, cache=None, prefix: KeyStore | None = None,
+                visual: VisualInjection | None = None):
     """The text decoder's last hidden states. With ``prefix`` (a key store, or a prompt shared by groups of rows),
     ``embeds`` are columns ``E - q..E-1`` after the ones it holds, ``attention_mask`` ``(B, E)`` the columns so far
     (after the shared prompt, if any), and no ``cache``: the earlier columns' keys are in ``prefix``
-    (:mod:`mirage_rl.prefix_attention`)."""
+    (:mod:`mirage_rl.prefix_attention`). ``visual``: the injection of exactly the columns of ``embeds``. Positions
+    ``pos`` are always explicit (never the decoder's default)."""
     if prefix is None:
         return lm(inputs_embeds=embeds, position_ids=pos, attention_mask=attention_mask, past_key_values=cache,
-                  use_cache=cache is not None).last_hidden_state
+                  use_cache=cache is not None, **inject(visual)).last_hidden_state
     mask = prefix.mask(attention_mask, attention_mask.shape[1] - embeds.shape[1])
     with use_prefix_attention(lm):
-        return lm(inputs_embeds=embeds, position_ids=pos, attention_mask={"full_attention": mask},
-                  use_cache=False).last_hidden_state
+        return lm(inputs_embeds=embeds, position_ids=pos, use_cache=False, **prefix_attention.decoder_mask(mask),
+                  **inject(visual)).last_hidden_state
 
 
 #: the latent fill methods (:func:`latent_fill`); ``auto`` picks one (:func:`resolve_fill`)
@@ -287,7 +308,8 @@ def resolve_fill(lm, method: str = "auto", fused: str = "off") -> tuple[str, str
 
 
 def latent_fill(model, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-                latent_mask: torch.Tensor, method: str = "auto", fused: str = "off") -> torch.Tensor:
+                latent_mask: torch.Tensor, method: str = "auto", fused: str = "off",
+                visual: VisualInjection | None = None) -> torch.Tensor:
     """Run the decoder where every latent slot's input is the last hidden state of the previous position.
 
     Args:
@@ -304,6 +326,7 @@ def latent_fill(model, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, 
             gradients (tested).
         fused: ``latent_fused_steps`` (:mod:`mirage_rl.fused_steps`): how the key store's one-column steps run:
             ``"off"`` (default) as they are, ``"compile"`` / ``"cudagraphs"`` compiled.
+        visual: the injection of ``inputs_embeds``' image tokens (:attr:`Embedded.visual`); every chunk gets its part.
     Returns:
         ``(B, L, H)`` last-layer hidden states (after the final norm), differentiable.
     Raises:
@@ -311,7 +334,7 @@ def latent_fill(model, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, 
     """
     lm = language_model(model)
     if not bool(latent_mask.any()):
-        return _lm_forward(lm, inputs_embeds, position_ids, attention_mask)
+        return _lm_forward(lm, inputs_embeds, position_ids, attention_mask, visual=visual)
     if bool(latent_mask[:, 0].any()):
         raise ValueError("a latent slot sits in column 0: it has no previous hidden state")
     requested = method
@@ -320,29 +343,33 @@ def latent_fill(model, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, 
         _fills_logged.add((method, reason))
         logger.info("latent_fill auto: %s (%s)", method, reason)
     if method == "multipass":
-        return _fill_multipass(lm, inputs_embeds, position_ids, attention_mask, latent_mask)
+        return _fill_multipass(lm, inputs_embeds, position_ids, attention_mask, latent_mask, visual)
     store = KeyStore.for_layers(len(lm.layers)) if method == "keystore" else None
     cols = aligned_columns(latent_mask)
     if cols is None:
-        return _fill_cached(lm, inputs_embeds, position_ids, attention_mask, latent_mask, store, fused)
-    return _fill_cached_aligned(lm, inputs_embeds, position_ids, attention_mask, latent_mask, cols, store, fused)
+        return _fill_cached(lm, inputs_embeds, position_ids, attention_mask, latent_mask, store, fused, visual)
+    return _fill_cached_aligned(lm, inputs_embeds, position_ids, attention_mask, latent_mask, cols, store, fused,
+                                visual)
 
 
-def _fill_cached(lm, embeds, pos, attention_mask, latent_mask, prefix: KeyStore | None = None, fused: str = "off"):
+def _fill_cached(lm, embeds, pos, attention_mask, latent_mask, prefix: KeyStore | None = None, fused: str = "off",
+                 visual: VisualInjection | None = None):
     """The chunked fill: with a KV cache, or with ``prefix`` its keys kept in a store (a
     :class:`~mirage_rl.prefix_attention.KeyStore`; a :class:`SharedPrefix`: a prompt shared by groups of rows, which
     the columns here continue). With a per-row key store each run of consecutive one-column chunks goes through
-    :func:`mirage_rl.fused_steps.run_columns`, compiled as ``fused`` says."""
+    :func:`mirage_rl.fused_steps.run_columns`, compiled as ``fused`` says. Every chunk gets its columns' part of
+    ``visual``; a column that holds an image token in some row never joins a run of fused steps."""
     L = embeds.shape[1]
     cols = latent_mask.any(0).nonzero().flatten().tolist()
     chunks = [(s, e) for s, e in zip([0] + cols, cols + [L]) if e > s]
     if type(prefix) is KeyStore:  # runs of one-column chunks go through the step function as one item
         merged: list[tuple[int, int, bool]] = []
         for s, e in chunks:
-            if e - s == 1 and s > 0 and merged and merged[-1][2] and merged[-1][1] == s:
+            step = e - s == 1 and s > 0 and (visual is None or visual.columns(s, e) is None)
+            if step and merged and merged[-1][2] and merged[-1][1] == s:
                 merged[-1] = (merged[-1][0], e, True)
             else:
-                merged.append((s, e, e - s == 1 and s > 0))
+                merged.append((s, e, step))
     else:
         merged = [(s, e, False) for s, e in chunks]
     cache = DynamicCache(config=lm.config) if prefix is None else None
@@ -359,7 +386,8 @@ def _fill_cached(lm, embeds, pos, attention_mask, latent_mask, prefix: KeyStore 
         # a one-column chunk on a store (a shared prompt's latent steps) runs outside the checkpoint
         unchecked = prefix_attention.unchecked(lm) if prefix is not None and e - s == 1 else contextlib.nullcontext()
         with unchecked:
-            outs.append(_lm_forward(lm, chunk, pos[..., s:e], attention_mask[:, :e], cache, prefix))
+            outs.append(_lm_forward(lm, chunk, pos[..., s:e], attention_mask[:, :e], cache, prefix,
+                                    visual.columns(s, e) if visual is not None else None))
     return torch.cat(outs, 1)
 
 
@@ -413,7 +441,7 @@ def aligned_columns(latent_mask: torch.Tensor) -> torch.Tensor | None:
 
 
 def _fill_cached_aligned(lm, embeds, pos, attention_mask, latent_mask, cols, prefix: KeyStore | None = None,
-                         fused: str = "off"):
+                         fused: str = "off", visual: VisualInjection | None = None):
     """:func:`_fill_cached` on the layout of :func:`aligned_columns`, mapped back to the original columns (gap
     columns go after a given ``prefix``, never into it)."""
     B, L, H = embeds.shape
@@ -427,20 +455,22 @@ def _fill_cached_aligned(lm, embeds, pos, attention_mask, latent_mask, cols, pre
     am[rows, cols] = attention_mask
     lmask = latent_mask.new_zeros(B, width)
     lmask[rows, cols] = latent_mask
-    hidden = _fill_cached(lm, e, p, am, lmask, prefix, fused)
+    moved = visual.realign(cols, width) if visual is not None else None
+    hidden = _fill_cached(lm, e, p, am, lmask, prefix, fused, moved)
     return hidden.gather(1, cols[..., None].expand(B, L, hidden.shape[-1]))
 
 
-def _fill_multipass(lm, embeds, pos, attention_mask, latent_mask):
+def _fill_multipass(lm, embeds, pos, attention_mask, latent_mask, visual: VisualInjection | None = None):
     passes = int(latent_mask.sum(1).max())
     last = int(latent_mask.any(0).nonzero().max())  # columns after the last slot never feed a slot
     cur = embeds
     mask3 = latent_mask[..., None]
     for _ in range(passes):
-        hidden = _lm_forward(lm, cur[:, :last], pos[..., :last], attention_mask[:, :last])
+        hidden = _lm_forward(lm, cur[:, :last], pos[..., :last], attention_mask[:, :last],
+                             visual=visual.columns(0, last) if visual is not None else None)
         shifted = torch.cat([hidden[:, :1], hidden], 1)  # shifted[:, j] = hidden[:, j - 1] for j >= 1
         cur = torch.cat([torch.where(mask3[:, :last + 1], shifted, embeds[:, :last + 1]), embeds[:, last + 1:]], 1)
-    return _lm_forward(lm, cur, pos, attention_mask)
+    return _lm_forward(lm, cur, pos, attention_mask, visual=visual)
 
 
 def latent_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -463,15 +493,16 @@ def latent_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.T
     Raises:
         ValueError: ``latent_inputs`` without ``latent_mask``, or a count that differs from the slots.
     """
-    emb = embed_inputs(model, input_ids, pixel_values, image_grid_thw)
+    emb, visual = embed_inputs(model, input_ids, pixel_values, image_grid_thw)
     pos, _ = position_ids(model, input_ids, attention_mask, mm_token_type_ids, image_grid_thw)
     if latent_inputs is not None:
         if latent_mask is None:
             raise ValueError(f"0 latent slots but {latent_inputs.shape[0]} latent vectors: pass latent_mask")
-        return _lm_forward(language_model(model), teacher_forced(emb, latent_mask, latent_inputs), pos, attention_mask)
+        return _lm_forward(language_model(model), teacher_forced(emb, latent_mask, latent_inputs), pos, attention_mask,
+                           visual=visual)
     if latent_mask is None:
-        return _lm_forward(language_model(model), emb, pos, attention_mask)
-    return latent_fill(model, emb, pos, attention_mask, latent_mask, method, fused)
+        return _lm_forward(language_model(model), emb, pos, attention_mask, visual=visual)
+    return latent_fill(model, emb, pos, attention_mask, latent_mask, method, fused, visual)
 
 
 def prefix_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_len: int,
@@ -592,15 +623,16 @@ def shared_prefix_hidden_states(model, input_ids: torch.Tensor, attention_mask: 
         raise ValueError(f"image tokens after the shared prefix (column {P} on): share more columns")
     reps, index = torch.unique(prefix_rows, sorted=True, return_inverse=True)
     pos, _ = position_ids(model, input_ids, attention_mask, mm_token_type_ids, image_grid_thw)
-    emb = embed_inputs(model, input_ids[reps, :P], prefix_pixel_values, prefix_image_grid_thw)
+    emb, visual = embed_inputs(model, input_ids[reps, :P], prefix_pixel_values, prefix_image_grid_thw)
     prefix = SharedPrefix.for_groups(len(lm.layers), attention_mask[reps, :P], index)
     mask = create_causal_mask(config=lm.config, inputs_embeds=emb, attention_mask=attention_mask[reps, :P],
                               past_key_values=None)  # the model's own prompt mask, as its forward builds it
-    implementation = ALL_ATTENTION_FUNCTIONS.get_interface(lm.config._attn_implementation, eager_attention_forward)
+    implementation = ALL_ATTENTION_FUNCTIONS.get_interface(lm.config._attn_implementation,
+                                                           backbones.of(lm).eager_attention)
     with use_prefix_attention(lm):  # the prompt: the model's attention, keys and values kept in ``prefix``
-        lm(inputs_embeds=emb, position_ids=pos[:, reps, :P],
-           attention_mask={"full_attention": prefix.prompt_mask(mask, implementation)}, use_cache=False)
-    emb = embed_inputs(model, input_ids[:, P:])
+        lm(inputs_embeds=emb, position_ids=pos[:, reps, :P], use_cache=False,
+           **prefix_attention.decoder_mask(prefix.prompt_mask(mask, implementation)), **inject(visual))
+    emb = embed_inputs(model, input_ids[:, P:]).embeds
     am, p = attention_mask[:, P:], pos[..., P:]
     if latent_inputs is not None:
         if latent_mask is None:

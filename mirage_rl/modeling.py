@@ -2,14 +2,15 @@
 
 * :class:`LatentTokens` reads the ids of ``<|latent_start|>``, ``<|latent_pad|>``, ``<|latent_end|>``
   from ``model.config.latent_token_ids``; no id is hard-coded anywhere in the project.
-* :func:`add_latent_tokens` adds the three tokens to any Qwen2.5-VL checkpoint (tiny or 7B) if they
+* :func:`add_latent_tokens` adds the three tokens to any supported checkpoint (tiny, 7B or 8B) if they
   are missing, resizes the embeddings and records ids and latent size in the config.
 * :func:`load_model` / :func:`load_processor` load checkpoints (local folders, hub ids, LoRA adapter folders merged
   into their base: :func:`load_adapter_model`, :func:`export_merged`). The tiny offline model is built by
   :mod:`mirage_rl.tiny`.
 
-The stock ``Qwen2_5_VLForConditionalGeneration`` class is used everywhere (a subclass would not reload
-its weights in transformers 5: checkpoint keys are renamed by class name).
+The family's stock ``*ForConditionalGeneration`` class is used everywhere, chosen from the checkpoint's
+``model_type`` (:mod:`mirage_rl.backbones`; a subclass would not reload its weights in transformers 5: checkpoint keys
+are renamed by class name).
 """
 
 from __future__ import annotations
@@ -22,73 +23,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
+from . import backbones
 from .atomic import atomic_directory, recover_directory
 from .lora import ADAPTER_CONFIG, ADAPTER_INFO, is_adapter_dir
 from .tokens import LATENT_END, LATENT_PAD, LATENT_START, LATENT_TOKENS  # noqa: F401 (the names modeling exports)
+from .backbones.base import PROCESSOR_CONFIG, QWEN_CHAT_TEMPLATE, VIDEO_PROCESSOR_CONFIG  # noqa: F401
+from .backbones.qwen2_5_vl import MirageProcessor  # noqa: F401 (Qwen2.5-VL's; every family's: mirage_rl.backbones)
 from .data.jsonl import read_json
-
-#: the processor files a saved checkpoint holds besides the tokenizer's (see :meth:`MirageProcessor.save_pretrained`)
-PROCESSOR_CONFIG = "processor_config.json"
-VIDEO_PROCESSOR_CONFIG = "video_preprocessor_config.json"
 
 logger = logging.getLogger(__name__)
 
-# Qwen2.5-VL's chat template (system prompt added when absent, images as vision_start/image_pad/vision_end).
-QWEN2_5_VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' %}{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif content['text'] is not none %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-class MirageProcessor(Qwen2_5_VLProcessor):
-    """``Qwen2_5_VLProcessor`` without the video processor (which needs torchvision).
-
-    Loads any Qwen2.5-VL processor folder (e.g. ``Qwen/Qwen2.5-VL-7B-Instruct``) for images and text.
-    """
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        # `get_attributes` reads this signature: without `video_processor` no video class is looked up
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, path, **kwargs):
-        from transformers import AutoImageProcessor, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        image_processor = AutoImageProcessor.from_pretrained(path, **kwargs)
-        template = getattr(tokenizer, "chat_template", None) or QWEN2_5_VL_CHAT_TEMPLATE
-        return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """As ``Qwen2_5_VLProcessor.save_pretrained``, and the folder reads as a stock Qwen2.5-VL processor: the
-        ``processor_class`` written is ``Qwen2_5_VLProcessor`` and a ``video_preprocessor_config.json`` (the video
-        processor's settings, from the image processor's) is added, so that vLLM (issue 30), which builds the stock
-        processor, can load the checkpoint. This class still loads it (it reads tokenizer and image processor)."""
-        out = super().save_pretrained(save_directory, *args, **kwargs)
-        folder = Path(save_directory)
-        config = folder / PROCESSOR_CONFIG
-        data = json.loads(config.read_text()) if config.is_file() else {}
-        data["processor_class"] = "Qwen2_5_VLProcessor"
-        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        ip = self.image_processor
-        video = {"video_processor_type": "Qwen2VLVideoProcessor", "processor_class": "Qwen2_5_VLProcessor",
-                 "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
-                 "image_mean": list(ip.image_mean), "image_std": list(ip.image_std),
-                 "rescale_factor": ip.rescale_factor, "patch_size": ip.patch_size, "merge_size": ip.merge_size,
-                 "temporal_patch_size": ip.temporal_patch_size, "size": dict(ip.size)}
-        (folder / VIDEO_PROCESSOR_CONFIG).write_text(json.dumps(video, indent=2, sort_keys=True) + "\n")
-        return out
+#: the tiny models' chat template (the name earlier releases exported)
+QWEN2_5_VL_CHAT_TEMPLATE = QWEN_CHAT_TEMPLATE
 
 
 @dataclass(frozen=True)
@@ -313,43 +260,62 @@ def check_processor_files(folder: str | Path) -> None:
             read_json(folder / name)  # ValueError naming a damaged file
 
 
-def load_processor(path: str | Path, trust_remote_code: bool = False) -> MirageProcessor:
-    """Load a Qwen2.5-VL processor (tokenizer + image processor) from a folder or hub id; code shipped with the
-    checkpoint runs only with ``trust_remote_code=True``.
+def checkpoint_backbone(path: str | Path, extra: dict | None = None) -> "backbones.Backbone":
+    """The family of the checkpoint at ``path`` (a local folder with a ``config.json``, an adapter folder: its base's,
+    or a hub id: its config, downloaded or cached), :data:`mirage_rl.backbones.DEFAULT` for a local folder without
+    ``config.json`` (a processor-only folder).
+
+    Raises:
+        ValueError: a checkpoint of an unsupported family (:func:`check_model_type`)."""
+    local = Path(path)
+    if local.is_dir():
+        if is_adapter_dir(local):
+            base = read_json(local / ADAPTER_CONFIG).get("base_model_name_or_path")
+            return checkpoint_backbone(base, check_source(base, "model")) if base else backbones.get(backbones.DEFAULT)
+        if not (local / "config.json").is_file():
+            return backbones.get(backbones.DEFAULT)
+        return check_model_type(read_json(local / "config.json"), str(local / "config.json"))
+    from transformers import PretrainedConfig
+
+    return check_model_type(PretrainedConfig.get_config_dict(str(path), **(extra or {}))[0], f"{path} (config.json)")
+
+
+def load_processor(path: str | Path, trust_remote_code: bool = False):
+    """Load the processor (tokenizer + image processor) of a checkpoint's family (:func:`checkpoint_backbone`) from
+    a folder or hub id; code shipped with the checkpoint runs only with ``trust_remote_code=True``.
 
     Raises:
         FileNotFoundError: a missing path or unreachable hub id (:func:`check_source`), or a local folder without
             tokenizer / image-processor files (:func:`check_processor_files`).
+        ValueError: a checkpoint of an unsupported family.
     """
     extra = check_source(path, "model")
     local = Path(path)
     if local.is_dir():
         recover_directory(local)
         check_processor_files(local)
-    return MirageProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code, **extra)
+    family = checkpoint_backbone(path, extra)
+    return family.processor_class.from_pretrained(str(path), trust_remote_code=trust_remote_code, **extra)
 
 
-#: the checkpoints' ``model_type`` values mirage-rl trains and decodes
-SUPPORTED_MODEL_TYPES = ("qwen2_5_vl",)
+#: the checkpoints' ``model_type`` values mirage-rl trains and decodes (:mod:`mirage_rl.backbones`)
+SUPPORTED_MODEL_TYPES = backbones.NAMES
 
 
-def check_model_type(config: dict, where: str) -> None:
-    """Refuse a checkpoint of another model family before ``from_pretrained`` would load it into Qwen2.5-VL's classes
-    (transformers only warns there, then runs with mismatched or fresh weights).
+def check_model_type(config: dict, where: str) -> "backbones.Backbone":
+    """The family of a checkpoint's ``config.json`` contents, or a refusal before ``from_pretrained`` would load another
+    family into the wrong classes (transformers only warns there, then runs with mismatched or fresh weights).
 
     Raises:
         ValueError: ``config["model_type"]`` is not in :data:`SUPPORTED_MODEL_TYPES`, naming it, ``where`` and what is
-            supported (a Qwen3-VL or Qwen3.5 checkpoint, say)."""
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{where}: model_type {model_type!r} is not supported; mirage-rl trains and decodes "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)} (Qwen2.5-VL) checkpoints: start from one, or from "
-                         "`mirage-rl create-model`")
+            supported (a Qwen3.5 checkpoint, say)."""
+    return backbones.get(config.get("model_type"), where)
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False,
                attn_implementation: str | None = None):
-    """Load a ``Qwen2_5_VLForConditionalGeneration`` (safetensors only) and freeze its vision tower. A LoRA adapter
+    """Load the family's ``*ForConditionalGeneration`` (:mod:`mirage_rl.backbones`, from the checkpoint's
+    ``model_type``; safetensors only) and freeze its vision tower. A LoRA adapter
     folder (a stage trained with ``use_peft: true``) loads as its base with the adapter merged
     (:func:`load_adapter_model`).
 
@@ -371,7 +337,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, trust
         if not (local / "config.json").is_file():
             raise FileNotFoundError(f"{path}: no config.json; not a saved model folder (a stage's output_dir, or "
                                     "`mirage-rl create-model`)")
-        check_model_type(read_json(local / "config.json"), str(local / "config.json"))  # (a damaged one is named)
+        family = check_model_type(read_json(local / "config.json"), str(local / "config.json"))  # (damaged: named)
         if not any(local.glob("*.safetensors")):
             pickled = sorted(p.name for p in local.glob("*.bin"))
             raise FileNotFoundError(f"{path}: no *.safetensors weights{f' (only pickled {pickled})' if pickled else ''}; "
@@ -382,8 +348,8 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, trust
     else:  # a hub id: its config (downloaded or cached) before its weights
         from transformers import PretrainedConfig
 
-        check_model_type(PretrainedConfig.get_config_dict(str(path), **extra)[0], f"{path} (config.json)")
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        family = check_model_type(PretrainedConfig.get_config_dict(str(path), **extra)[0], f"{path} (config.json)")
+    model = family.model_class.from_pretrained(
         str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
         attn_implementation=attn_implementation, **extra,
     )
@@ -407,7 +373,7 @@ def save_pretrained(model, processor, output_dir: str | Path, command: str = "sa
 
 
 def load_adapter_model(path, dtype, trust_remote_code: bool = False, attn_implementation: str | None = None):
-    """Base model + the adapter in ``path``, merged: a plain ``Qwen2_5_VLForConditionalGeneration`` whose
+    """Base model + the adapter in ``path``, merged: a plain ``*ForConditionalGeneration`` of the base's family whose
     ``name_or_path`` is ``path`` (so that an adapter trained on top records ``path`` as its base).
 
     The base (``adapter_config.json``'s ``base_model_name_or_path``) may itself be an adapter folder: it is loaded the

@@ -206,6 +206,7 @@ def shared_prefix_attention(module, query: torch.Tensor, key: torch.Tensor, valu
             :func:`mirage_rl.latent.shared_prefix_hidden_states`).
         RuntimeError: a completion chunk runs before an earlier one has (the chunks must go left to right).
     """
+    attention_mask = kwargs.pop(MASK_ARGUMENT, attention_mask)
     layer = module.layer_idx
     if isinstance(attention_mask, PromptMask):  # the prompt: the model's own attention; keep its keys and values
         prefix = attention_mask.prefix
@@ -252,6 +253,17 @@ def shared_prefix_attention(module, query: torch.Tensor, key: torch.Tensor, valu
 
 
 AttentionInterface.register(ATTENTION_NAME, shared_prefix_attention)
+
+#: the keyword through which a decoder call hands its :class:`PrefixAttentionMask` / :class:`PromptMask` to
+#: :func:`shared_prefix_attention`: every family's text model passes extra keywords down to its attention function,
+#: while only some take a prepared mask as ``attention_mask`` (Qwen3-VL's always rebuilds it, and an unregistered
+#: mask type becomes None there)
+MASK_ARGUMENT = "mirage_attention_mask"
+
+
+def decoder_mask(mask: "PrefixAttentionMask | PromptMask") -> dict:
+    """The keyword arguments of a decoder call that runs :func:`shared_prefix_attention` with ``mask`` (any family)."""
+    return {"attention_mask": None, MASK_ARGUMENT: mask}
 
 
 @contextlib.contextmanager

@@ -27,14 +27,42 @@ def vsp_dir():
     return VSP
 
 
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    """The tiny default, created by the same function as `mirage-rl create-model`."""
+#: the model families every test of the latent machinery runs on (issue 32)
+BACKBONES = ("qwen2_5_vl", "qwen3_vl")
+_TINY: dict[tuple, Path] = {}
+
+
+def tiny_model_dir(tmp_path_factory, backbone: str = "qwen2_5_vl", latent_size: int | None = 4) -> Path:
+    """The tiny model of ``backbone``, created once per session by the same function as `mirage-rl create-model`."""
     from mirage_rl.tiny import create_tiny_model
 
-    out = tmp_path_factory.mktemp("models") / "tiny"
-    create_tiny_model(out, latent_size=4, seed=0)
-    return out
+    key = (backbone, latent_size)
+    if key not in _TINY:
+        out = tmp_path_factory.mktemp("models") / f"tiny-{backbone}-{latent_size}"
+        create_tiny_model(out, latent_size=latent_size, seed=0, backbone=backbone)
+        _TINY[key] = out
+    return _TINY[key]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The tiny default (Qwen2.5-VL). A module whose tests run on every backbone overrides it with
+    ``tiny_dir = per_backbone_tiny_dir`` (:func:`per_backbone_tiny_dir`)."""
+    return tiny_model_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="session", params=BACKBONES)
+def per_backbone_tiny_dir(request, tmp_path_factory):
+    """The tiny model of each backbone in turn (the test runs once per family)."""
+    return tiny_model_dir(tmp_path_factory, request.param)
+
+
+@pytest.fixture()
+def any_tiny(per_backbone_tiny_dir):
+    """``(model, processor)`` of each backbone in turn."""
+    from mirage_rl.modeling import load_model, load_processor
+
+    return load_model(per_backbone_tiny_dir), load_processor(per_backbone_tiny_dir)
 
 
 @pytest.fixture(scope="session")

@@ -14,10 +14,12 @@ import pytest
 import torch
 
 from mirage_rl import latent
-from conftest import scramble
+from conftest import per_backbone_tiny_dir, scramble
 from test_grpo import grpo_rows, make_trainer, rollout  # noqa: F401  (grpo_rows: a fixture)
 from test_latent import _batch, _mixed_rows, _stagger
 from test_shared_prefix import assert_same, order_floor, score
+
+tiny_dir = per_backbone_tiny_dir  # every test here runs on each backbone
 
 
 def _set_checkpointing(model, mode: str | None):
@@ -30,13 +32,14 @@ def _set_checkpointing(model, mode: str | None):
 
 def _run(model, emb, pos, b, method, rows=None, fused="off"):
     """Hidden states and every parameter's gradient of a fixed weighting of them (rows ``rows`` only, in order)."""
-    am, mask = b["attention_mask"], b["latent_mask"]
+    am, mask, visual = b["attention_mask"], b["latent_mask"], b["visual"]
     if rows is not None:
         emb, pos, am, mask = emb[rows], pos[:, rows], am[rows], mask[rows]
+        visual = visual.rows(torch.as_tensor(rows)) if visual is not None else None
     model.zero_grad()
     # inputs that need a gradient, as token embeddings do (reentrant checkpointing sends none to a layer whose inputs
     # need none)
-    h = latent.latent_fill(model, emb.detach().requires_grad_(True), pos, am, mask, method, fused)
+    h = latent.latent_fill(model, emb.detach().requires_grad_(True), pos, am, mask, method, fused, visual)
     w = torch.linspace(-1, 1, h.shape[-1], dtype=h.dtype)
     (h * w * am[..., None]).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -81,7 +84,7 @@ def test_every_fill_equals_the_cached_fill_without_checkpointing(setup, mode, me
     assert _gap(g, ref["cached"][1]) <= 1e-6  # across methods: the multi-pass order (docstring)
     # the latents matter here: a fill whose slots read nothing (a dropped cache) differs by far more
     with torch.no_grad():
-        plain = latent._lm_forward(lm, emb, pos, b["attention_mask"])
+        plain = latent._lm_forward(lm, emb, pos, b["attention_mask"], visual=b["visual"])
     assert (plain - h_ref).abs()[real].max() > 1e-3
 
 

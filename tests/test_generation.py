@@ -6,6 +6,9 @@ from mirage_rl.generation import generate
 from mirage_rl.modeling import LatentTokens
 from conftest import scramble
 from test_latent import native_size_processor, rows_of_distinct_sizes
+from conftest import per_backbone_tiny_dir
+
+tiny_dir = per_backbone_tiny_dir  # every test here runs on each backbone
 
 
 @pytest.mark.parametrize("image_sizes", ["fixed", "native"])

@@ -140,3 +140,10 @@ def test_a_3b_check_on_cpu_is_refused_before_anything_is_built(tmp_path):
 def test_the_tiny_check_on_cuda(vsp_dir, tmp_path):
     proc = run_check(tmp_path / "check", "--size", "tiny", "--device", "cuda", "--quick")
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_a_shape_of_another_backbone_is_refused(tmp_path):
+    proc = run_check(tmp_path / "x", "--backbone", "qwen3_vl", "--size", "3b", "--device", "cpu")
+    assert proc.returncode == 1
+    assert "--size 3b is a qwen2_5_vl shape; with --backbone qwen3_vl use tiny or 8b" in proc.stderr
+    assert not (tmp_path / "x").exists()

@@ -112,8 +112,8 @@ def text_after_block(out, lt):
 # float32: the cached decode and the full-sequence recompute round differently (up to ~1.2e-5 measured on -1.1)
 @pytest.mark.parametrize("objective,dtype,tol", [("none", torch.float32, 3e-5), ("none", torch.float64, 1e-5),
                                                  ("gaussian", torch.float32, 3e-5)])
-def test_recomputed_logprobs_match_sampling_logprobs(tiny_dir, grpo_rows, tmp_path, objective, dtype, tol):
-    trainer, lt = make_trainer(tiny_dir, grpo_rows, tmp_path, dtype=dtype, latent_objective=objective)
+def test_recomputed_logprobs_match_sampling_logprobs(per_backbone_tiny_dir, grpo_rows, tmp_path, objective, dtype, tol):
+    trainer, lt = make_trainer(per_backbone_tiny_dir, grpo_rows, tmp_path, dtype=dtype, latent_objective=objective)
     out = rollout(trainer, grpo_rows)
     scored = (out["completion_mask"] * out["tool_mask"]).bool()
     after = text_after_block(out, lt)
@@ -252,15 +252,15 @@ def one_step(trainer, rows, n_prompts):
     return out, loss
 
 
-def test_vision_tower_encodes_each_prompt_image_once_per_generation_batch(tiny_dir, grpo_rows, tmp_path):
+def test_vision_tower_encodes_each_prompt_image_once_per_generation_batch(per_backbone_tiny_dir, grpo_rows, tmp_path):
     n_prompts = 3
     assert len({grpo_rows[i]["image"].tobytes() for i in range(n_prompts)}) == n_prompts  # distinct prompt images
     # beta > 0 (a reference forward) and generate_every > GA steps (old log-probs): every phase runs on images
     # shared_prefix off: each rollout's prompt runs its own forward, so this counts the image caches alone (the
     # shared prefix encodes each prompt image once per phase by itself: tests/test_shared_prefix.py)
     kw = dict(beta=0.1, num_iterations=2, per_device_train_batch_size=12, num_generations=4, shared_prefix=False)
-    cached, _ = make_trainer(tiny_dir, grpo_rows, tmp_path / "a", **kw)
-    plain, _ = make_trainer(tiny_dir, grpo_rows, tmp_path / "b", cache_prompt_images=False, **kw)
+    cached, _ = make_trainer(per_backbone_tiny_dir, grpo_rows, tmp_path / "a", **kw)
+    plain, _ = make_trainer(per_backbone_tiny_dir, grpo_rows, tmp_path / "b", cache_prompt_images=False, **kw)
     counts = {}
     for name, trainer in (("cached", cached), ("plain", plain)):
         seen, h1 = count_tower_images(trainer.model)
@@ -322,11 +322,11 @@ def test_trl_applies_the_importance_sampling_ratio_under_use_vllm_only_in_comput
 
 
 @pytest.mark.parametrize("mode", ["token_truncate", "sequence_mask"])
-def test_bf16_rollouts_get_the_importance_sampling_correction_with_its_analytic_gradient(tiny_dir, grpo_rows, tmp_path,
+def test_bf16_rollouts_get_the_importance_sampling_correction_with_its_analytic_gradient(per_backbone_tiny_dir, grpo_rows, tmp_path,
                                                                                        mode):
-    fp32, _ = make_trainer(tiny_dir, grpo_rows, tmp_path / "fp32")
+    fp32, _ = make_trainer(per_backbone_tiny_dir, grpo_rows, tmp_path / "fp32")
     assert fp32.rollout_is_correction is False  # fp32: sampled and recomputed log-probs agree to ~1e-5
-    trainer, lt = make_trainer(tiny_dir, grpo_rows, tmp_path, dtype=torch.bfloat16, vllm_importance_sampling_mode=mode,
+    trainer, lt = make_trainer(per_backbone_tiny_dir, grpo_rows, tmp_path, dtype=torch.bfloat16, vllm_importance_sampling_mode=mode,
                                vllm_importance_sampling_clip_max=1.02 if mode == "token_truncate" else 3.0)
     assert trainer.rollout_is_correction is True  # on by default when the policy is not fp32
     out = rollout(trainer, grpo_rows)

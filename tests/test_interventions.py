@@ -13,6 +13,9 @@ from mirage_rl import interventions as iv
 from mirage_rl.collator import LatentCollator
 from mirage_rl.generation import generate
 from mirage_rl.modeling import LatentTokens, load_model, load_processor
+from conftest import per_backbone_tiny_dir
+
+tiny_dir = per_backbone_tiny_dir  # every test here runs on each backbone
 
 
 @pytest.fixture(scope="module")

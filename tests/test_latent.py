@@ -7,13 +7,15 @@ from mirage_rl import latent
 from mirage_rl.collator import LatentCollator
 from mirage_rl.data.messages import LATENT_MARKER
 from mirage_rl.modeling import LatentTokens
-from conftest import scramble
+from conftest import per_backbone_tiny_dir, scramble
+
+tiny_dir = per_backbone_tiny_dir  # every test here runs on each backbone
 
 
 def _batch(model, processor, rows, **kw):
     c = LatentCollator(processor, LatentTokens.from_config(model.config), "hidden", **kw)
     b = c(rows)
-    emb = latent.embed_inputs(model, b["input_ids"], b["pixel_values"], b["image_grid_thw"])
+    emb, b["visual"] = latent.embed_inputs(model, b["input_ids"], b["pixel_values"], b["image_grid_thw"])
     pos, _ = latent.position_ids(model, b["input_ids"], b["attention_mask"], b["mm_token_type_ids"], b["image_grid_thw"])
     return b, emb, pos
 
@@ -22,7 +24,7 @@ def _full_forward_with(model, emb, pos, b, hidden):
     """One plain forward whose latent inputs are the given hidden states of the previous positions."""
     shifted = torch.cat([hidden[:, :1], hidden[:, :-1]], 1)
     e = torch.where(b["latent_mask"][..., None], shifted, emb)
-    return latent._lm_forward(latent.language_model(model), e, pos, b["attention_mask"])
+    return latent._lm_forward(latent.language_model(model), e, pos, b["attention_mask"], visual=b["visual"])
 
 
 def _mixed_rows(small_rows):
@@ -43,9 +45,9 @@ def rows_of_distinct_sizes(rows, n=4):
 
 def native_size_processor(processor):
     """A pixel budget under which maps of different sizes keep different visual-token grids."""
-    from transformers import Qwen2VLImageProcessorPil
-
-    processor.image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=400 * 400)
+    ip = processor.image_processor
+    processor.image_processor = type(ip)(min_pixels=56 * 56, max_pixels=400 * 400, patch_size=ip.patch_size,
+                                         merge_size=ip.merge_size, image_mean=ip.image_mean, image_std=ip.image_std)
     return processor
 
 
@@ -65,13 +67,67 @@ def test_cached_fill_equals_full_forward(tiny, small_rows, layout):
         first = [int(r.nonzero()[0]) for r in b["latent_mask"]]
         assert len(set(first)) == 1  # left padding aligns the first slot of every row
     with torch.no_grad():
-        h = latent.latent_fill(model, emb, pos, b["attention_mask"], b["latent_mask"], "cached")
+        h = latent.latent_fill(model, emb, pos, b["attention_mask"], b["latent_mask"], "cached", visual=b["visual"])
         full = _full_forward_with(model, emb, pos, b, h)
     assert (h - full).abs().max() < 1e-5
     # the latents really matter: a fill with the pad embedding differs
     with torch.no_grad():
-        plain = latent._lm_forward(latent.language_model(model), emb, pos, b["attention_mask"])
+        plain = latent._lm_forward(latent.language_model(model), emb, pos, b["attention_mask"], visual=b["visual"])
     assert (plain - h).abs().max() > 1e-3
+
+
+def _stock_hidden(model, b):
+    """The model's own forward (transformers' code: its positions, its DeepStack), last hidden states."""
+    keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+    return model.model(**{k: b[k] for k in keys}).last_hidden_state
+
+
+@pytest.mark.parametrize("method", ["cached", "keystore", "multipass"])
+def test_fill_equals_the_stock_forward_before_the_first_slot(tiny, small_rows, method):
+    # Every decoder call on image tokens gets its columns' positions and DeepStack injection: before the first slot
+    # (where the slots' inputs cannot reach yet) the fill is the model's own forward, for every fill method.
+    model, processor = tiny
+    scramble(model, std=0.1)
+    model.eval()
+    b, emb, pos = _batch(model, processor, _mixed_rows(small_rows))
+    first = int(b["latent_mask"].any(0).nonzero().min())
+    with torch.no_grad():
+        stock = _stock_hidden(model, b)
+        ours = latent.latent_hidden_states(model, b["input_ids"], b["attention_mask"], b["pixel_values"],
+                                           b["image_grid_thw"], b["mm_token_type_ids"], b["latent_mask"],
+                                           method=method)
+    real = b["attention_mask"].bool()
+    real[:, first:] = False
+    assert int((b["input_ids"][real] == model.config.image_token_id).sum()) > 0
+    assert (stock - ours)[real].abs().max() < 1e-5
+
+
+def test_qwen3_vl_fails_without_deepstack_or_explicit_positions(tmp_path_factory, small_rows, monkeypatch):
+    # The two silent traps of Qwen3-VL (issue 32): the equality above fails when DeepStack is skipped, and when the
+    # decoder gets text positions instead of get_rope_index's (the "logits off by 0.12, no warning" case).
+    from conftest import tiny_model_dir
+    from mirage_rl import backbones
+    from mirage_rl.modeling import load_model, load_processor
+
+    folder = tiny_model_dir(tmp_path_factory, "qwen3_vl")
+    model, processor = load_model(folder), load_processor(folder)
+    scramble(model, std=0.1)
+    model.eval()
+    b, emb, pos = _batch(model, processor, [small_rows[0], small_rows[1]])
+    args = (model, b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"], b["mm_token_type_ids"])
+    real = b["attention_mask"].bool()
+    with torch.no_grad():
+        stock = _stock_hidden(model, b)
+        assert (latent.latent_hidden_states(*args) - stock)[real].abs().max() < 1e-5
+        with monkeypatch.context() as m:  # DeepStack skipped
+            m.setattr(backbones.qwen3_vl.Qwen3VL, "injection", lambda self, mask, features: None)
+            assert (latent.latent_hidden_states(*args) - stock)[real].abs().max() > 1e-2
+        with monkeypatch.context() as m:  # 1-D text positions
+            text = lambda model, ids, am, *a: ((am.long().cumsum(-1) - 1).clamp(min=0).expand(3, -1, -1), am.sum(-1))
+            m.setattr(latent, "position_ids", text)
+            assert (latent.latent_hidden_states(*args) - stock)[real].abs().max() > 1e-2
+    with pytest.raises(ValueError, match="mm_token_type_ids"):
+        latent.position_ids(model, b["input_ids"], b["attention_mask"], None, b["image_grid_thw"])
 
 
 def test_cached_fill_gradients_equal_multipass(tiny, small_rows):
@@ -84,7 +140,8 @@ def test_cached_fill_gradients_equal_multipass(tiny, small_rows):
     grads = {}
     for method in ("cached", "multipass"):
         model.zero_grad()
-        h = latent.latent_fill(model, emb.detach(), pos, b["attention_mask"], b["latent_mask"], method)
+        h = latent.latent_fill(model, emb.detach(), pos, b["attention_mask"], b["latent_mask"], method,
+                               visual=b["visual"])
         (h * torch.linspace(-1, 1, h.shape[-1], dtype=h.dtype)).sum().backward()
         grads[method] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert grads["cached"].keys() == grads["multipass"].keys() and grads["cached"]
@@ -115,10 +172,12 @@ def _stagger(b, emb, pos, shifts):
     width = b["input_ids"].shape[1] + max(shifts)
     out = {"attention_mask": b["attention_mask"].new_zeros(len(shifts), width),
            "latent_mask": b["latent_mask"].new_zeros(len(shifts), width)}
+    cols = torch.arange(b["input_ids"].shape[1])[None] + torch.tensor(shifts)[:, None]
+    out["visual"] = b["visual"].realign(cols, width) if b["visual"] is not None else None
     e, p = emb.new_zeros(len(shifts), width, emb.shape[-1]), pos.new_zeros(3, len(shifts), width)
     for i, s in enumerate(shifts):
         n = b["input_ids"].shape[1]
-        for key in out:
+        for key in ("attention_mask", "latent_mask"):
             out[key][i, s:s + n] = b[key][i]
         e[i, s:s + n], p[:, i, s:s + n] = emb[i], pos[:, i]
     return out, e, p
@@ -147,9 +206,10 @@ def test_misaligned_blocks_are_realigned_into_k_steps_per_block(tiny, small_rows
             calls.clear()
             e = emb.detach().requires_grad_(True)
             if method == "unaligned":
-                h = latent._fill_cached(latent.language_model(model), e, pos, b["attention_mask"], mask)
+                h = latent._fill_cached(latent.language_model(model), e, pos, b["attention_mask"], mask,
+                                        visual=b["visual"])
             else:
-                h = latent.latent_fill(model, e, pos, b["attention_mask"], mask, method)
+                h = latent.latent_fill(model, e, pos, b["attention_mask"], mask, method, visual=b["visual"])
             (h * torch.linspace(-1, 1, h.shape[-1], dtype=h.dtype)).sum().backward()
             outs[method], grads[method] = (h.detach(), len(calls)), e.grad
     finally:

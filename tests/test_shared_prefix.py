@@ -7,11 +7,16 @@ hard: the *unshared* computation differs from itself by up to ~5e-8 (fp64) / ~2e
 gradient entry when only the order of its rows changes (measured, the ``floor`` below). So every parameter's
 gradient is held to ``max(1e-10 | 1e-5, 10 x floor)``, still far below what a detached prefix would change."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from mirage_rl import latent
 from test_grpo import grpo_rows, make_trainer, rollout, text_after_block  # noqa: F401  (grpo_rows: a fixture)
+from conftest import per_backbone_tiny_dir
+
+tiny_dir = per_backbone_tiny_dir  # every test here runs on each backbone
 
 
 def scoring_batch(out):
@@ -85,8 +90,11 @@ def order_floor(trainer, out, n: int) -> float:
                                                  ("none", torch.float32, 1e-5)])
 def test_shared_prefix_scores_and_gradients_equal_the_unshared_ones(tiny_dir, grpo_rows, tmp_path, objective, dtype,
                                                                      tol):
+    # the tiny Qwen3-VL opens a block in every rollout at the default bias of <|latent_start|>: a lower one leaves rows
+    # without a block (measured: 10 of 12 with a block, first slots at 6 distinct steps)
+    bias = 4.0 if "qwen3_vl" in Path(tiny_dir).name else 8.0
     trainer, lt = make_trainer(tiny_dir, grpo_rows, tmp_path, dtype=dtype, latent_objective=objective,
-                               per_device_train_batch_size=12, num_generations=4)
+                               per_device_train_batch_size=12, num_generations=4, start_bias=bias)
     out = rollout(trainer, grpo_rows, n_prompts=3)
     # the rollouts exercise what matters: blocks opened at different steps, text scored after a block, no block
     slots, _ = trainer._completion_slot_masks(out["prompt_ids"], out["completion_ids"])

@@ -48,8 +48,9 @@ def checkpoint_problem(path: str | Path, device: str = "cpu") -> str | None:
     if not config_file.is_file():
         return f"{folder} has no config.json"
     config = read_json(config_file)
-    if config.get("model_type") != "qwen2_5_vl":
-        return f"{config_file}: model_type {config.get('model_type')!r}; the vLLM engine runs Qwen2.5-VL (qwen2_5_vl)"
+    if config.get("model_type") != "qwen2_5_vl":  # Qwen3-VL: not yet (its image embeddings carry DeepStack; issue 32)
+        return (f"{config_file}: model_type {config.get('model_type')!r}; the vLLM engine runs Qwen2.5-VL (qwen2_5_vl) "
+                "only so far: decode this model with the HF engine (--engine hf; GRPO: use_vllm: false)")
     proc = folder / PROCESSOR_CONFIG
     cls = read_json(proc).get("processor_class") if proc.is_file() else None
     if cls is not None and cls not in STOCK_PROCESSORS:

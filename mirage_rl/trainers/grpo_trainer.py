@@ -55,7 +55,7 @@ def _latent_backbone_forward(self, input_ids=None, attention_mask=None, pixel_va
                              latent_fused_steps="off",
                              prefix_rows=None, prefix_len=None, prefix_pixel_values=None, prefix_image_grid_thw=None,
                              **kwargs):
-    """``Qwen2_5_VLModel.forward`` with latent slots: installed on the backbone instance, called by TRL's fused
+    """The backbone's ``forward`` (``model.model``) with latent slots: installed on the backbone instance, called by TRL's fused
     LM head (``add_fused_lm_head``) with ``latent_mask`` (and, for Gaussian latents, ``latent_inputs``), and with
     ``prefix_rows`` / ``prefix_len`` / ``prefix_pixel_values`` / ``prefix_image_grid_thw`` when rows share their
     prompt (:func:`mirage_rl.latent.shared_prefix_hidden_states`; ``pixel_values`` is then ``None`` and
@@ -134,7 +134,8 @@ def _latent_vllm(colocate: bool, latent_decoding: bool, dtype: torch.dtype):
 class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
     """``GRPOTrainer`` whose rollouts interleave latent steps (see the module docstring).
 
-    Args: as ``GRPOTrainer``; ``model`` must be a loaded Qwen2.5-VL model (not a path) with latent tokens unless
+    Args: as ``GRPOTrainer``; ``model`` must be a loaded model of a supported family (:mod:`mirage_rl.backbones`;
+    not a path) with latent tokens unless
     ``latent_mode`` is ``none``; ``processing_class`` its processor (the tokenizer pads on the left).
     Raises:
         ValueError: a model given as a path, a missing processor, a latent mode the checkpoint cannot run, or
@@ -519,7 +520,7 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         """
         if any(x is not None for x in (pixel_attention_mask, spatial_shapes, num_tiles, image_sizes, token_type_ids,
                                        image_position_ids)):
-            raise ValueError("MirageGRPOTrainer supports Qwen2.5-VL-style image inputs (pixel_values, image_grid_thw)")
+            raise ValueError("MirageGRPOTrainer supports Qwen-style image inputs (pixel_values, image_grid_thw)")
         # Lines marked "TRL 1.16" follow TRL's method (trl/trainer/grpo_trainer.py) for Qwen-style image inputs; the
         # rest is the latent fill and the Gaussian slot log-density. Diff them against the next TRL when upgrading.
         batch_size = batch_size or input_ids.size(0)  # TRL 1.16
