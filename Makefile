@@ -65,7 +65,7 @@ results: install
 	$(CLI) results --config recipes/vsp_spatial_reasoning/results_small.yaml
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 # timing scripts (tiny model, CPU: about 4 minutes); each prints one JSON object, figures in bench/README.md
 bench: install

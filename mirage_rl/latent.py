@@ -147,8 +147,16 @@ def vision_features(model, pixel_values: torch.Tensor, image_grid_thw: torch.Ten
 
 def image_features(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
     """The merged visual tokens of each image (:func:`vision_features`): what :func:`embed_inputs` scatters into the
-    image tokens, what stage 1 pools, and what the vLLM engine feeds vLLM as image embeddings."""
+    image tokens and what stage 1 pools."""
     return [f.merged for f in vision_features(model, pixel_values, image_grid_thw)]
+
+
+def image_embeds(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
+    """Each image's vision features packed into one tensor (:meth:`mirage_rl.backbones.base.Backbone.packed`: the
+    merged visual tokens, then the DeepStack features along the last dim): what the vLLM engine feeds vLLM as
+    ``image_embeds``."""
+    family = backbones.of(backbone(model))
+    return [family.packed(f) for f in vision_features(model, pixel_values, image_grid_thw)]
 
 
 class Embedded(NamedTuple):

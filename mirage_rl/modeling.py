@@ -349,7 +349,8 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, trust
         from transformers import PretrainedConfig
 
         family = check_model_type(PretrainedConfig.get_config_dict(str(path), **extra)[0], f"{path} (config.json)")
-    model = family.model_class.from_pretrained(
+    model_class = family.model_class  # the family's stock class
+    model = model_class.from_pretrained(
         str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
         attn_implementation=attn_implementation, **extra,
     )

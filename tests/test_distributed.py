@@ -145,6 +145,38 @@ def test_zero3_stage2_under_gradient_checkpointing(single, tiny_dir, small_datas
 
 @pytest.mark.deepspeed
 @requires_deepspeed
+def test_qwen3_vl_zero3_stage2_with_checkpointing_equals_one_process_and_resumes(tmp_path_factory, small_dataset_dir,
+                                                                                 tmp_path):
+    """The second backbone (issue 32) through the 8B recipes' path: stage 2 on 2 ZeRO-3 ranks with gradient
+    checkpointing (the key-store fill, DeepStack at the image tokens) has the losses and gradient norms of one process
+    without checkpointing; stopped after step 2 and relaunched, it continues to the same curve."""
+    from conftest import tiny_model_dir
+
+    model = tiny_model_dir(tmp_path_factory, "qwen3_vl")
+
+    def args(out, batch, max_steps=STEPS, save=False):
+        a = sft_args(2, model, small_dataset_dir, out, batch)
+        a[a.index("--max_steps") + 1] = str(max_steps)
+        if save:
+            a[a.index("--save_strategy") + 1] = "steps"
+            a += ["--save_steps", "2"]
+        return a + ["--lr_scheduler_type", "constant"]
+
+    (reference,) = launch("sft", args(tmp_path / "single", 4), tmp_path / "l0", None)
+    full = launch("sft", args(tmp_path / "full", 2) + ["--gradient_checkpointing", "true"], tmp_path / "l1", "zero3")
+    assert all(r["zero_stage"] == 3 and r["latent_fills"] == ["keystore"] for r in full)
+    assert_same_steps(full, reference)
+    gc = ["--gradient_checkpointing", "true"]
+    launch("sft", args(tmp_path / "part", 2, 2, save=True) + gc, tmp_path / "l2", "zero3")
+    (resumed, _) = launch("sft", args(tmp_path / "part", 2, save=True) + gc + ["--replace_output_dir", "true"],
+                          tmp_path / "l3", "zero3")
+    assert resumed["start_step"] == 2 and len(steps(resumed)) == STEPS
+    for got, ref in zip(steps(resumed), steps(full[0])):
+        assert got == pytest.approx(ref, rel=1e-5)
+
+
+@pytest.mark.deepspeed
+@requires_deepspeed
 def test_zero3_stage1_from_a_stock_checkpoint(stock_dir, small_dataset_dir, tmp_path):
     """The 7B entry path: stage 1 adds the latent tokens (resize + mean rows) to a model loaded sharded by ZeRO-3;
     losses, gradient norms and the saved weights equal one process's."""

@@ -55,6 +55,21 @@ def test_vllm_checkpoint_problems_are_one_line_each(tiny_dir, tmp_path):
         assert "\n" not in text
 
 
+def test_a_qwen3_vl_checkpoint_reads_as_stock_for_vllm_and_qwen3_5_is_refused(tmp_path_factory, tmp_path):
+    from conftest import tiny_model_dir
+
+    folder = tiny_model_dir(tmp_path_factory, "qwen3_vl")
+    assert checkpoint_problem(folder) is None
+    assert json.loads((folder / "processor_config.json").read_text())["processor_class"] == "Qwen3VLProcessor"
+    video = json.loads((folder / "video_preprocessor_config.json").read_text())
+    assert video["video_processor_type"] == "Qwen3VLVideoProcessor" and video["patch_size"] == 16
+    other = tmp_path / "qwen3_5"
+    shutil.copytree(folder, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "qwen3_5"}))
+    assert checkpoint_problem(other).endswith("model_type 'qwen3_5'; the vLLM engine runs qwen2_5_vl, qwen3_vl")
+
+
 def test_collapse_image_tokens_keeps_one_per_image():
     assert collapse_image_tokens([1, 9, 9, 9, 2, 3, 9, 9, 4], 9) == [1, 9, 2, 3, 9, 4]
     assert collapse_image_tokens([1, 2], None) == [1, 2]

@@ -89,5 +89,5 @@ def test_recipes_follow_one_naming_rule_and_a_missing_one_lists_the_variants():
     assert recipe_path(folder, "direct_sft_grpo", "small").is_file()
     assert not list(folder.glob("small_*.yaml"))  # the old prefix rule is gone
     # direct_sft's variants are not confused with direct_sft_grpo's
-    with pytest.raises(FileNotFoundError, match=r"direct_sft_huge\.yaml.*variants in .*: \['demo', 'qwen2.5_vl_7b', 'small', 'tiny'\]"):
+    with pytest.raises(FileNotFoundError, match=r"direct_sft_huge\.yaml.*variants in .*: \['demo', 'demo_qwen3_vl', 'qwen2.5_vl_7b', 'qwen3_vl_8b', 'small', 'tiny'\]"):
         recipe_path(folder, "direct_sft", "huge")

@@ -25,8 +25,8 @@ def _train(trainer_cls, model, processor, rows, args):
     return trainer, unchanged, logs
 
 
-def test_stage1_then_stage2_from_the_saved_checkpoint(tiny, small_rows, tmp_path):
-    model, processor = tiny
+def test_stage1_then_stage2_from_the_saved_checkpoint(any_tiny, small_rows, tmp_path):
+    model, processor = any_tiny  # each backbone
     _, unchanged, logs = _train(Stage1Trainer, model, processor, small_rows, _config(tmp_path, stage=1))
     assert not unchanged, f"parameters that did not change in stage 1: {unchanged}"
     assert logs and all({"ce_loss", "cos_loss", "mean_token_accuracy"} <= set(h) for h in logs)

@@ -197,6 +197,11 @@ class Backbone:
         out = inner.get_image_features(pixel_values, image_grid_thw, return_dict=True)
         return self.split_encoder_output(out, image_grid_thw)
 
+    def packed(self, features: ImageFeatures) -> torch.Tensor:
+        """One image's features as one ``(n, H * (1 + D))`` tensor: the merged visual tokens, then each of the ``D``
+        DeepStack features along the last dim (what vLLM takes as an image's ``image_embeds``; ``(n, H)`` without)."""
+        return torch.cat([features.merged, *features.deepstack], -1) if features.deepstack else features.merged
+
     def injection(self, image_mask: torch.Tensor, features: list[ImageFeatures]) -> VisualInjection | None:
         """What the decoder adds at the image positions ``image_mask`` ``(B, L)`` bool after its first layers (None for
         a family without DeepStack)."""

@@ -117,7 +117,7 @@ def build_engine(name: str, model, processor, latent_tokens, model_path, latent:
     from .vllm_engine import VLLMEngine
 
     return VLLMEngine.load(model_path, processor, latent_tokens,
-                           image_features=lambda pv, grid: latent_core.image_features(model, pv, grid), latent=latent,
+                           image_features=lambda pv, grid: latent_core.image_embeds(model, pv, grid), latent=latent,
                            dtype=str(model.dtype).removeprefix("torch."), max_num_seqs=max_num_seqs,
                            option=f"{option} vllm")
 

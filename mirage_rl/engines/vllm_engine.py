@@ -28,7 +28,9 @@ from . import HF_ONLY_INTERVENTIONS, DecodeSettings, RolloutBatch, RolloutEngine
 
 WORKER = {"cpu": "mirage_rl.engines.vllm_runner.LatentCPUWorker",
           "cuda": "mirage_rl.engines.vllm_runner.LatentGPUWorker"}
-STOCK_PROCESSORS = ("Qwen2_5_VLProcessor",)
+#: the families vLLM serves with the latent runner, and their stock processors
+VLLM_MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl")
+STOCK_PROCESSORS = ("Qwen2_5_VLProcessor", "Qwen3VLProcessor")
 MIN_CPU_HEAD_DIM = 32  # vLLM's CPU attention (v1/attention/backends/cpu_attn.py)
 
 logger = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 def checkpoint_problem(path: str | Path, device: str = "cpu") -> str | None:
     """Why vLLM cannot load the checkpoint folder ``path`` (one line), or None. Checks: a full model (not a LoRA
-    adapter folder), a Qwen2.5-VL config, a stock ``processor_class`` and ``video_preprocessor_config.json`` (vLLM
+    adapter folder), a Qwen2.5-VL or Qwen3-VL config, a stock ``processor_class`` and ``video_preprocessor_config.json`` (vLLM
     builds the stock processor), and on CPU a head dimension of at least 32."""
     folder = Path(path)
     if not folder.is_dir():
@@ -48,17 +50,17 @@ def checkpoint_problem(path: str | Path, device: str = "cpu") -> str | None:
     if not config_file.is_file():
         return f"{folder} has no config.json"
     config = read_json(config_file)
-    if config.get("model_type") != "qwen2_5_vl":  # Qwen3-VL: not yet (its image embeddings carry DeepStack; issue 32)
-        return (f"{config_file}: model_type {config.get('model_type')!r}; the vLLM engine runs Qwen2.5-VL (qwen2_5_vl) "
-                "only so far: decode this model with the HF engine (--engine hf; GRPO: use_vllm: false)")
+    if config.get("model_type") not in VLLM_MODEL_TYPES:
+        return (f"{config_file}: model_type {config.get('model_type')!r}; the vLLM engine runs "
+                f"{', '.join(VLLM_MODEL_TYPES)}")
     proc = folder / PROCESSOR_CONFIG
     cls = read_json(proc).get("processor_class") if proc.is_file() else None
     if cls is not None and cls not in STOCK_PROCESSORS:
         return (f"{proc}: processor_class {cls!r} is not a stock class, which vLLM needs; re-save the processor with "
-                f"this mirage-rl (MirageProcessor.save_pretrained writes Qwen2_5_VLProcessor)")
+                f"this mirage-rl (its save_pretrained writes the stock class)")
     if not (folder / VIDEO_PROCESSOR_CONFIG).is_file():
-        return (f"{folder} has no {VIDEO_PROCESSOR_CONFIG}, which vLLM's Qwen2.5-VL processor reads; re-save the "
-                f"processor with this mirage-rl (MirageProcessor.save_pretrained writes it)")
+        return (f"{folder} has no {VIDEO_PROCESSOR_CONFIG}, which vLLM's stock processor reads; re-save the "
+                f"processor with this mirage-rl (its save_pretrained writes it)")
     text = config.get("text_config", config)
     heads, hidden = text.get("num_attention_heads"), text.get("hidden_size")
     head_dim = text.get("head_dim") or (hidden // heads if heads and hidden else None)
@@ -238,10 +240,11 @@ class VLLMEngine(RolloutEngine):
         return out
 
     def _row_image_features(self, batch: RolloutBatch) -> list:
-        """Per row, vLLM's image-embedding input (``{"image_embeds": (n, H), "image_grid_thw": (m, 3)}``) or None.
+        """Per row, vLLM's image-embedding input (``{"image_embeds": (n, H'), "image_grid_thw": (m, 3)}``) or None.
 
-        The merged visual tokens come from ``image_features`` (the policy's own vision tower through
-        :func:`mirage_rl.latent.image_features`) on the batch's ``pixel_values``: the pixels and features the HF engine
+        The features come from ``image_features`` (the policy's own vision tower through
+        :func:`mirage_rl.latent.image_embeds`: the merged visual tokens, ``H' = H``, and on Qwen3-VL its DeepStack
+        features after them, ``H' = H * (1 + D)``, as vLLM's Qwen3-VL takes them) on the batch's ``pixel_values``: the pixels and features the HF engine
         and the trainer's scoring use. vLLM's own vision path is not used: its image processor resizes with torchvision
         (other pixels than the collator's PIL path) and its vision tower gave features 0.3 apart from transformers' on
         the tiny model (measured; a real difference on that config, whatever its cause), which breaks parity."""

@@ -332,7 +332,7 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         if self._vllm_engine is None:
             policy = self.accelerator.unwrap_model(self.model)
             self._vllm_engine = VLLMEngine(self.vllm_generation.llm, self.processing_class, self.latent_tokens,
-                                           image_features=lambda pv, grid: latent.image_features(policy, pv, grid))
+                                           image_features=lambda pv, grid: latent.image_embeds(policy, pv, grid))
         out = self._vllm_engine.rollout(batch, settings)
         device = self.accelerator.device
         for name in ("sequences", "logprobs", "latents"):

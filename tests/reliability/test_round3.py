@@ -629,8 +629,11 @@ def test_the_readme_create_model_line_states_the_real_defaults():
     from mirage_rl.commands.create_model import CreateModelArguments
 
     line = next(x for x in (REPO / "README.md").read_text().splitlines() if x.startswith("mirage-rl create-model"))
+    from mirage_rl import backbones
+
     d = CreateModelArguments()
-    assert f"--rope_theta {d.rope_theta:g}" in line and f"--max_pixels {d.max_pixels}" in line
+    assert f"--backbone {d.backbone}" in line and f"--max_pixels {backbones.get(d.backbone).tiny_pixels()[1]}" in line
+    assert f"--rope_theta {d.rope_theta:g}" in line
     assert f"--latent_size {d.latent_size}" in line and f"--hidden_size {d.hidden_size}" in line
 
 

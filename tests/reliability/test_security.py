@@ -96,7 +96,7 @@ def test_trust_remote_code_reaches_the_loaders_only_from_the_recipe(tiny_dir, mo
 
 def test_weights_load_with_use_safetensors():
     loaders = [(p, n) for p in SOURCES for name, n in calls(p) if isinstance(name, tuple) and name[1] == "from_pretrained"
-               and name[0].endswith("ForConditionalGeneration")]
+               and (name[0].endswith("ForConditionalGeneration") or name[0] == "model_class")]
     assert loaders
     for p, node in loaders:
         kw = {k.arg: k.value for k in node.keywords}
