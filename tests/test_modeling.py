@@ -69,3 +69,22 @@ def test_rope_theta_and_pixels_reach_the_checkpoint(tmp_path):
     assert grid.tolist() == [[1, 8, 8]]  # 112 x 112 px: 8 x 8 patches of 14 px, 4 x 4 visual tokens
     with pytest.raises(ValueError, match="min_pixels=.*max_pixels"):
         create_tiny_model(tmp_path / "bad", hidden_size=32, min_pixels=200 * 200, max_pixels=100 * 100)
+
+
+def test_the_processor_loads_without_torchvision(per_backbone_tiny_dir, monkeypatch):
+    """transformers 5.17 without torchvision (a plain `make install`: only the vLLM extra brings it) makes
+    AutoImageProcessor a placeholder that raises on use; both families' processors are read without it, with PIL's
+    image processor (the demo failed at its first load before)."""
+    import transformers
+
+    from mirage_rl.modeling import load_processor
+
+    class Placeholder:
+        @classmethod
+        def from_pretrained(cls, *a, **k):
+            raise ImportError("AutoImageProcessor requires the Torchvision library")
+
+    monkeypatch.setattr(transformers, "AutoImageProcessor", Placeholder)
+    processor = load_processor(per_backbone_tiny_dir)
+    assert type(processor.image_processor).__name__ == "Qwen2VLImageProcessorPil"
+    assert processor.image_processor.patch_size == (16 if "qwen3_vl" in per_backbone_tiny_dir.name else 14)

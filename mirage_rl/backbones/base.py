@@ -122,6 +122,8 @@ class NoVideoProcessorMixin:
 
     stock_name = ""
     video_processor_type = ""
+    #: the image processor class every checkpoint of the family is read with (PIL backend)
+    image_processor_class = "Qwen2VLImageProcessorPil"
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         # `get_attributes` reads this signature: without `video_processor` no video class is looked up
@@ -129,10 +131,15 @@ class NoVideoProcessorMixin:
 
     @classmethod
     def from_pretrained(cls, path, **kwargs):
-        from transformers import AutoImageProcessor, AutoTokenizer
+        import transformers
+        from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        image_processor = AutoImageProcessor.from_pretrained(path, **kwargs)
+        # the PIL image processor, whatever the folder names: the torchvision one needs torchvision (no CPU build
+        # here), and without it transformers 5.17 makes AutoImageProcessor itself a placeholder that raises; the
+        # collator, the tests and every figure use PIL's resize
+        options = {k: v for k, v in kwargs.items() if k != "trust_remote_code"}
+        image_processor = getattr(transformers, cls.image_processor_class).from_pretrained(path, **options)
         template = getattr(tokenizer, "chat_template", None) or QWEN_CHAT_TEMPLATE
         return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
 
