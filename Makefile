@@ -1,4 +1,5 @@
-# mirage-rl: `make demo [TASK=vsp_spatial_reasoning|jigsaw] [BACKBONE=qwen3_vl]` (the seeing tiny base, CPU, <= 25 min)
+# mirage-rl: `make demo [TASK=vsp_spatial_reasoning|jigsaw] [BACKBONE=qwen3_vl]` (the seeing tiny base, CPU, <= 25 min;
+# BACKBONE=qwen3_vl: 33 min on a fresh clone)
 # and `make test`.
 PYTHON ?= python3
 VENV   := .venv

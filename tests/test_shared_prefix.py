@@ -16,7 +16,7 @@ from mirage_rl import latent
 from test_grpo import grpo_rows, make_trainer, rollout, text_after_block  # noqa: F401  (grpo_rows: a fixture)
 from conftest import per_backbone_tiny_dir
 
-tiny_dir = per_backbone_tiny_dir  # every test here runs on each backbone
+each = per_backbone_tiny_dir  # the exactness tests run on each backbone; the bookkeeping ones on the default
 
 
 def scoring_batch(out):
@@ -88,12 +88,12 @@ def order_floor(trainer, out, n: int) -> float:
 
 @pytest.mark.parametrize("objective,dtype,tol", [("none", torch.float64, 1e-10), ("gaussian", torch.float64, 1e-10),
                                                  ("none", torch.float32, 1e-5)])
-def test_shared_prefix_scores_and_gradients_equal_the_unshared_ones(tiny_dir, grpo_rows, tmp_path, objective, dtype,
+def test_shared_prefix_scores_and_gradients_equal_the_unshared_ones(each, grpo_rows, tmp_path, objective, dtype,
                                                                      tol):
     # the tiny Qwen3-VL opens a block in every rollout at the default bias of <|latent_start|>: a lower one leaves rows
     # without a block (measured: 10 of 12 with a block, first slots at 6 distinct steps)
-    bias = 4.0 if "qwen3_vl" in Path(tiny_dir).name else 8.0
-    trainer, lt = make_trainer(tiny_dir, grpo_rows, tmp_path, dtype=dtype, latent_objective=objective,
+    bias = 4.0 if "qwen3_vl" in Path(each).name else 8.0
+    trainer, lt = make_trainer(each, grpo_rows, tmp_path, dtype=dtype, latent_objective=objective,
                                per_device_train_batch_size=12, num_generations=4, start_bias=bias)
     out = rollout(trainer, grpo_rows, n_prompts=3)
     # the rollouts exercise what matters: blocks opened at different steps, text scored after a block, no block
@@ -124,8 +124,8 @@ def test_rows_of_a_group_need_not_be_adjacent_nor_complete(tiny_dir, grpo_rows, 
     assert alone[2] == score(trainer, out, False, rows=[0, 4, 8])[2]
 
 
-def test_a_prompt_that_ends_in_latent_start_beside_one_that_does_not(tiny_dir, grpo_rows, tmp_path):
-    trainer, lt = make_trainer(tiny_dir, grpo_rows, tmp_path, dtype=torch.float64, per_device_train_batch_size=8,
+def test_a_prompt_that_ends_in_latent_start_beside_one_that_does_not(each, grpo_rows, tmp_path):
+    trainer, lt = make_trainer(each, grpo_rows, tmp_path, dtype=torch.float64, per_device_train_batch_size=8,
                                num_generations=4)
     out = rollout_out = rollout(trainer, grpo_rows, n_prompts=2)
     k, pad_id = lt.latent_size, trainer.processing_class.tokenizer.pad_token_id
@@ -186,10 +186,10 @@ def test_sharing_is_skipped_where_it_cannot_run(tiny_dir, grpo_rows, tmp_path):
         lm.config.layer_types = ["full_attention"] * len(lm.layers)
 
 
-def test_gradient_checkpointing_shares_too(tiny_dir, grpo_rows, tmp_path):
+def test_gradient_checkpointing_shares_too(each, grpo_rows, tmp_path):
     """Under (non-reentrant) gradient checkpointing the recomputed layers read the keys their first run stored: the
     shared scoring's log-probs and gradients equal the unshared ones (which run the multi-pass fill there)."""
-    trainer, _ = make_trainer(tiny_dir, grpo_rows, tmp_path, dtype=torch.float64, gradient_checkpointing=True,
+    trainer, _ = make_trainer(each, grpo_rows, tmp_path, dtype=torch.float64, gradient_checkpointing=True,
                               per_device_train_batch_size=12, num_generations=4)
     out = rollout(trainer, grpo_rows, n_prompts=3)
     # as Trainer.train does (no kwargs: transformers' default, non-reentrant)
@@ -203,10 +203,10 @@ def test_gradient_checkpointing_shares_too(tiny_dir, grpo_rows, tmp_path):
     assert shared[2] < unshared[2] / 2  # the prompts ran once per group (the unshared fill runs several passes)
 
 @pytest.mark.parametrize("beta", [0.0, 0.1])
-def test_lora_policy_and_the_reference_share_too(tiny_dir, grpo_rows, tmp_path, beta):
+def test_lora_policy_and_the_reference_share_too(each, grpo_rows, tmp_path, beta):
     """LoRA adapters (as ``mirage-rl grpo`` configures them) and, with ``beta > 0``, the reference: old, reference and loss
     log-probs of one GRPO step are those of the unshared computation, and so is the loss's gradient."""
-    trainer, _ = make_trainer(tiny_dir, grpo_rows, tmp_path, dtype=torch.float64, lora=True, beta=beta,
+    trainer, _ = make_trainer(each, grpo_rows, tmp_path, dtype=torch.float64, lora=True, beta=beta,
                               per_device_train_batch_size=8, num_generations=4, num_iterations=2)
     assert any("lora_" in n for n, p in trainer.model.named_parameters() if p.requires_grad)
     outs, losses, grads = {}, {}, {}
@@ -226,8 +226,8 @@ def test_lora_policy_and_the_reference_share_too(tiny_dir, grpo_rows, tmp_path, 
     assert grad_gap(grads[True], grads[False]) <= max(1e-10, 10 * order_floor(trainer, outs[False], 8))
 
 
-def test_rollouts_prefill_each_prompt_once_and_sample_the_same_tokens(tiny_dir, grpo_rows, tmp_path):
-    trainer, _ = make_trainer(tiny_dir, grpo_rows, tmp_path, per_device_train_batch_size=12, num_generations=4,
+def test_rollouts_prefill_each_prompt_once_and_sample_the_same_tokens(each, grpo_rows, tmp_path):
+    trainer, _ = make_trainer(each, grpo_rows, tmp_path, per_device_train_batch_size=12, num_generations=4,
                               latent_objective="gaussian")
     outs, prefill = {}, {}
     for shared in (True, False):
