@@ -49,7 +49,7 @@ class LatentCollator:
     prompt; a batch may mix rows of one and of several images) and ``answer`` (+ ``helper_image`` for stage 1).
 
     Args:
-        processor: a Qwen2.5-VL processor (tokenizer + image processor).
+        processor: the model's processor (tokenizer + image processor; any backbone).
         latent_tokens: ids and k (from the model config); None only with ``latent_mode="none"``.
         latent_mode: ``"hidden"`` / ``"dummy"`` keep the latent block, ``"none"`` drops it (Direct SFT).
         stage: 1 adds ``helper_pixel_values``/``helper_image_grid_thw`` (one helper image per latent block).

@@ -132,24 +132,14 @@ def test_two_ranks_match_one_process(launcher, stage, single, tiny_dir, small_da
 
 @pytest.mark.deepspeed
 @requires_deepspeed
-def test_zero3_stage2_under_gradient_checkpointing(single, tiny_dir, small_dataset_dir, tmp_path):
-    """Stage 2 as the 7B recipes train it: ZeRO-3 and (non-reentrant) gradient checkpointing, under which the latent
-    fill keeps its keys in a key store and runs its one-column steps outside the checkpointed layers (issue 31). Its
-    losses and gradient norms are those of one process without checkpointing."""
-    reference, _ = single(2)
-    records = launch("sft", sft_args(2, tiny_dir, small_dataset_dir, tmp_path / "out", 2) +
-                     ["--gradient_checkpointing", "true"], tmp_path / "logs", "zero3")
-    assert all(r["zero_stage"] == 3 and r["latent_fills"] == ["keystore"] for r in records)  # what latent_fill auto ran
-    assert_same_steps(records, reference)
-
-
-@pytest.mark.deepspeed
-@requires_deepspeed
 def test_qwen3_vl_zero3_stage2_with_checkpointing_equals_one_process_and_resumes(tmp_path_factory, small_dataset_dir,
                                                                                  tmp_path):
-    """The second backbone (issue 32) through the 8B recipes' path: stage 2 on 2 ZeRO-3 ranks with gradient
-    checkpointing (the key-store fill, DeepStack at the image tokens) has the losses and gradient norms of one process
-    without checkpointing; stopped after step 2 and relaunched, it continues to the same curve."""
+    """Stage 2 as the 7B / 8B recipes train it, on the second backbone (issue 32): 2 ZeRO-3 ranks with (non-reentrant)
+    gradient checkpointing, under which the latent fill keeps its keys in a key store and runs its one-column steps
+    outside the checkpointed layers (issue 31), with DeepStack at the image tokens, have the losses and gradient norms
+    of one process without checkpointing; stopped after step 2 and relaunched, the run continues to the same curve.
+    (This replaced the Qwen2.5-VL form of the checkpointed test, to keep CI within 30 minutes: the key-store path is
+    the same code on both; Qwen2.5-VL keeps its ZeRO-2/3 equality and resume tests.)"""
     from conftest import tiny_model_dir
 
     model = tiny_model_dir(tmp_path_factory, "qwen3_vl")

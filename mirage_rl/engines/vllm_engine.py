@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .. import backbones
 from ..data.jsonl import read_json
 from ..generation import GenerationOutput
 from ..modeling import PROCESSOR_CONFIG, VIDEO_PROCESSOR_CONFIG, LatentTokens
@@ -28,9 +29,9 @@ from . import HF_ONLY_INTERVENTIONS, DecodeSettings, RolloutBatch, RolloutEngine
 
 WORKER = {"cpu": "mirage_rl.engines.vllm_runner.LatentCPUWorker",
           "cuda": "mirage_rl.engines.vllm_runner.LatentGPUWorker"}
-#: the families vLLM serves with the latent runner, and their stock processors
-VLLM_MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl")
-STOCK_PROCESSORS = ("Qwen2_5_VLProcessor", "Qwen3VLProcessor")
+#: the families vLLM serves with the latent runner (every backbone), and their stock processors
+VLLM_MODEL_TYPES = backbones.NAMES
+STOCK_PROCESSORS = tuple(b.stock_processor for b in backbones.BACKBONES.values())
 MIN_CPU_HEAD_DIM = 32  # vLLM's CPU attention (v1/attention/backends/cpu_attn.py)
 
 logger = logging.getLogger(__name__)

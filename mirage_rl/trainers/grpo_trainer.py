@@ -279,8 +279,9 @@ class MirageGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             else:
                 batch[k] = torch.as_tensor(v)
         batch = {k: v.to(device) for k, v in batch.items()}
-        suppress = [i for i in (getattr(self.model.config, "image_token_id", None),
-                                getattr(self.model.config, "video_token_id", None)) if i is not None]
+        config = self.accelerator.unwrap_model(self.model).config  # (a wrapped model: DDP has no config)
+        suppress = [i for i in (getattr(config, "image_token_id", None),
+                                getattr(config, "video_token_id", None)) if i is not None]
         suppress += self._suppress_extra
         # one random stream per row of the global generation batch: N ranks sample what one process samples
         mode = "train" if self.model.training else "eval"

@@ -628,7 +628,8 @@ def test_help_names_the_command_lists_config_and_says_each_thing_once(capsys):
 def test_the_readme_create_model_line_states_the_real_defaults():
     from mirage_rl.commands.create_model import CreateModelArguments
 
-    line = next(x for x in (REPO / "README.md").read_text().splitlines() if x.startswith("mirage-rl create-model"))
+    line = next(x for x in (REPO / "README.md").read_text().splitlines()
+                if x.startswith("mirage-rl create-model") and "options and defaults" in x)
     from mirage_rl import backbones
 
     d = CreateModelArguments()
