@@ -173,10 +173,14 @@ class Backbone:
     eager_attention: Callable | None = None  #: the family's eager attention function
 
     # ---- model and processor classes -----------------------------------------------------------------------------
+    model_class_name: str = ""  #: the stock ``*ForConditionalGeneration`` class in ``transformers``
+
     @property
     def model_class(self):
         """The stock ``*ForConditionalGeneration`` class (a subclass would not reload its weights in transformers 5)."""
-        raise NotImplementedError
+        import transformers
+
+        return getattr(transformers, self.model_class_name)
 
     @property
     def processor_class(self):

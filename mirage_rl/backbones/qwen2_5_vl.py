@@ -30,12 +30,7 @@ class Qwen25VL(Backbone):
     token_pixels = 28
     tiny_dir = "outputs/models/tiny-qwen2.5-vl"
     eager_attention = staticmethod(eager_attention_forward)
-
-    @property
-    def model_class(self):
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
-        return Qwen2_5_VLForConditionalGeneration
+    model_class_name = "Qwen2_5_VLForConditionalGeneration"
 
     @property
     def processor_class(self):

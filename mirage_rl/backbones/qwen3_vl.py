@@ -42,12 +42,7 @@ class Qwen3VL(Backbone):
     token_pixels = 32
     tiny_dir = "outputs/models/tiny-qwen3-vl"
     eager_attention = staticmethod(eager_attention_forward)
-
-    @property
-    def model_class(self):
-        from transformers import Qwen3VLForConditionalGeneration
-
-        return Qwen3VLForConditionalGeneration
+    model_class_name = "Qwen3VLForConditionalGeneration"
 
     @property
     def processor_class(self):
