@@ -27,6 +27,34 @@ def vsp_dir():
     return VSP
 
 
+#: the torch.distributed rendezvous a process reads from its environment
+RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _each_test_starts_without_a_leaked_rendezvous():
+    """Every test starts from the rendezvous environment the session started with.
+
+    TRL's vLLM colocate mode writes ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` and ``MASTER_ADDR``/``MASTER_PORT`` into
+    ``os.environ`` for vLLM's external launcher (trl/generation/vllm_generation.py, ``ensure_master_addr_port``) and
+    never takes them back. In one process the next ``TrainingArguments`` resets accelerate's state, reads
+    ``LOCAL_RANK`` and wraps its model in DistributedDataParallel (accelerate ``PartialState._prepare_backend``), and
+    every subprocess a later test starts inherits them: once the backbone parametrization ran test_vllm's colocate
+    tests before test_gpu_check, its checks failed only in the full suite. Restore them, and accelerate's state."""
+    before = {key: os.environ.get(key) for key in RENDEZVOUS}
+    yield
+    if all(os.environ.get(key) == value for key, value in before.items()):
+        return
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 #: the model families every test of the latent machinery runs on (issue 32)
 BACKBONES = ("qwen2_5_vl", "qwen3_vl")
 _TINY: dict[tuple, Path] = {}
