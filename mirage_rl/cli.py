@@ -77,12 +77,25 @@ def end_process_group() -> None:
     pytorch/pytorch#190489 and torch's *Shutdown* docs (pytorch/pytorch#122358). Called on success only: a rank
     that raised leaves the group to the launcher, as torchtitan does (pytorch/torchtitan#1342). Uses
     ``accelerate.PartialState.destroy_process_group`` (what ``Accelerator.end_training`` calls); a no-op when no
-    group was started (one process)."""
+    group was started (one process).
+
+    Before it, every rank waits for the others (the main rank writes the final model and its manifest after the last
+    collective, while the other ranks would already be tearing down), and Python's garbage is collected, so that
+    objects holding collective work are freed while the interpreter is fully alive (pytorch/pytorch#179291
+    describes gloo work freed during finalization aborting the process; mosaicml/streaming#186 synchronizes before
+    destroying for the same reason). The abort was seen again once in CI after the destroy alone (a ZeRO-3 rank,
+    after its checkpoint save) and not in 51 repeats of that run here, so this ordering is hardening, not a
+    reproduced fix."""
     torch = sys.modules.get("torch")  # a command that never imported torch started no group
     if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        import gc
+
         from accelerate.state import PartialState
 
-        PartialState().destroy_process_group()
+        state = PartialState()
+        state.wait_for_everyone()
+        gc.collect()
+        state.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
