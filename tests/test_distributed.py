@@ -167,6 +167,22 @@ def test_qwen3_vl_zero3_stage2_with_checkpointing_equals_one_process_and_resumes
 
 @pytest.mark.deepspeed
 @requires_deepspeed
+def test_qwen3_vl_zero2_stage1_equals_one_process(tmp_path_factory, small_dataset_dir, tmp_path):
+    """Stage 1 on the second backbone (issue 32) under ZeRO-2: the helper image's merged visual tokens, computed by the
+    vision tower (with its DeepStack layers) on each rank, give 2 ranks the losses (CE + cosine) and gradient norms of
+    one process on the same global batch. With the ZeRO-3 stage-2 test above, Qwen3-VL runs both ZeRO stages and
+    both training stages on 2 ranks."""
+    from conftest import tiny_model_dir
+
+    model = tiny_model_dir(tmp_path_factory, "qwen3_vl")
+    (reference,) = launch("sft", sft_args(1, model, small_dataset_dir, tmp_path / "single", 4), tmp_path / "l0", None)
+    records = launch("sft", sft_args(1, model, small_dataset_dir, tmp_path / "out", 2), tmp_path / "l1", "zero2")
+    assert len(records) == 2 and all(r["world_size"] == 2 and r["zero_stage"] == 2 for r in records)
+    assert_same_steps(records, reference)
+
+
+@pytest.mark.deepspeed
+@requires_deepspeed
 def test_zero3_stage1_from_a_stock_checkpoint(stock_dir, small_dataset_dir, tmp_path):
     """The 7B entry path: stage 1 adds the latent tokens (resize + mean rows) to a model loaded sharded by ZeRO-3;
     losses, gradient norms and the saved weights equal one process's."""
